@@ -1,0 +1,93 @@
+"""Build fusedformer: one import package from two folders, plus the C++/CUDA extension.
+
+    transformer/  -> fusedformer          (the model layer and public API)
+    kernels/      -> fusedformer.kernels  (ops: Triton kernels, oracle, dispatch)
+    csrc/         -> fusedformer._C       (pybind11: C++ CPU kernels, CUDA kernels when possible)
+
+Environment:
+    FUSEDFORMER_SKIP_CUDA_BUILD=1   build the CPU kernels only, even when nvcc and CUDA torch exist
+    FUSEDFORMER_CUDA_ARCHS="80;90a" the CUDA architectures to build for
+    MAX_JOBS                        parallel compile jobs (ninja)
+"""
+import glob
+import os
+import shutil
+
+from setuptools import setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _cuda_build_reason() -> str | None:
+    """None when the CUDA sources should be built, else why not."""
+    import torch
+
+    if os.environ.get("FUSEDFORMER_SKIP_CUDA_BUILD", "0") == "1":
+        return "FUSEDFORMER_SKIP_CUDA_BUILD=1"
+    if torch.version.cuda is None:
+        return "torch is a CPU build"
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    if CUDA_HOME is None or shutil.which(os.path.join(CUDA_HOME, "bin", "nvcc")) is None:
+        return "nvcc not found"
+    return None
+
+
+def _gencode_flags(archs: str) -> list[str]:
+    flags = []
+    for arch in archs.replace(",", ";").split(";"):
+        arch = arch.strip()
+        if arch:
+            flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
+    return flags
+
+
+def _extension():
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension
+
+    cpu_sources = sorted(glob.glob("csrc/cpu/*.cpp")) + ["csrc/bindings.cpp"]
+    cxx_flags = ["-O3", "-fopenmp"]  # the C++ standard comes from torch (C++20 for 2.13)
+    include_dirs = [os.path.join(ROOT, "csrc")]
+    reason = _cuda_build_reason()
+    if reason is None:
+        archs = os.environ.get("FUSEDFORMER_CUDA_ARCHS", "80;90a")
+        nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo",
+                      "--expt-relaxed-constexpr", "-U__CUDA_NO_HALF_OPERATORS__",
+                      "-U__CUDA_NO_HALF_CONVERSIONS__", "-U__CUDA_NO_BFLOAT16_CONVERSIONS__",
+                      *_gencode_flags(archs)]
+        return CUDAExtension(
+            "fusedformer._C",
+            cpu_sources + sorted(glob.glob("csrc/cuda/*.cu")),
+            include_dirs=include_dirs,
+            define_macros=[("FUSEDFORMER_WITH_CUDA", "1")],
+            extra_compile_args={"cxx": cxx_flags, "nvcc": nvcc_flags},
+            extra_link_args=["-fopenmp"],
+        )
+    print(f"fusedformer: building the CPU extension only ({reason})")
+    return CppExtension(
+        "fusedformer._C",
+        cpu_sources,
+        include_dirs=include_dirs,
+        define_macros=[("FUSEDFORMER_CUDA_SKIP_REASON", f'"{reason}"')],
+        extra_compile_args={"cxx": cxx_flags},
+        extra_link_args=["-fopenmp"],
+    )
+
+
+def _cmdclass():
+    from torch.utils.cpp_extension import BuildExtension
+
+    return {"build_ext": BuildExtension.with_options(use_ninja=True)}
+
+
+setup(
+    name="fusedformer",
+    version="0.1.0",
+    description="Fused Triton and CUDA C++ kernels for Transformers: attention, LayerNorm, FFN",
+    python_requires=">=3.10",
+    packages=["fusedformer", "fusedformer.kernels"],
+    package_dir={"fusedformer": "transformer", "fusedformer.kernels": "kernels"},
+    ext_modules=[_extension()],
+    cmdclass=_cmdclass(),
+    entry_points={"console_scripts": ["fusedformer = fusedformer.cli:main"]},
+)

@@ -1,0 +1,69 @@
+"""fusedformer: fused Triton and CUDA C++ kernels for Transformers in PyTorch.
+
+Functional API (same contracts on every backend; see DESIGN.md section 3):
+    scaled_dot_product_attention  drop-in for torch.nn.functional.scaled_dot_product_attention
+    attention                     the same, optionally returning the log-sum-exp
+    scaled_masked_softmax         softmax(scores * scale + mask), causal optional
+    layer_norm                    torch.nn.functional.layer_norm, optional fused residual add
+    ffn                           act(x w1ᵀ + b1) w2ᵀ + b2 with relu / gelu / gelu_tanh / swiglu
+Backends: set_backend(name), use_backend(name) (a context manager), available_backends(),
+info(). The plain-PyTorch reference Transformer lives in fusedformer.reference.
+"""
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+from typing import Any
+
+import torch
+
+from .kernels import (
+    available_backends,
+    backend_status,
+    ffn,
+    get_backend,
+    layer_norm,
+    scaled_dot_product_attention,
+    scaled_masked_softmax,
+    set_backend,
+    use_backend,
+)
+from .kernels.ops import attention
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "attention",
+    "available_backends",
+    "ffn",
+    "get_backend",
+    "info",
+    "layer_norm",
+    "scaled_dot_product_attention",
+    "scaled_masked_softmax",
+    "set_backend",
+    "use_backend",
+]
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def info() -> dict[str, Any]:
+    """What this installation can do: versions, the device, and for every backend whether it
+    is available (and why not) and which ops it implements."""
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu only"
+    return {
+        "fusedformer": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda or "none",
+        "triton": _version("triton"),
+        "device": device,
+        "backend": get_backend(),
+        "backends": backend_status(),
+    }
