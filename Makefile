@@ -13,7 +13,7 @@ MAX_JOBS  ?= 2
 GPU_PY    ?= python3
 OUT       ?= gpu-results
 
-.PHONY: demo test bench gpu-check clean
+.PHONY: demo test build bench gpu-check clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -23,6 +23,8 @@ $(STAMP): requirements.txt
 $(BUILT): $(STAMP) setup.py $(CSRC)
 	MAX_JOBS=$(MAX_JOBS) $(PY) -m pip install -q --no-build-isolation --no-deps -e .
 	touch $@
+
+build: $(BUILT)
 
 demo: $(BUILT)
 	$(PY) -m fusedformer demo
