@@ -1,0 +1,152 @@
+"""The public API around the ops: backend choice, info, errors, the CLI, and the package
+working without its compiled extension."""
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import fusedformer
+from fusedformer.kernels import dispatch
+
+
+def test_public_names():
+    for name in ("scaled_dot_product_attention", "attention", "scaled_masked_softmax", "layer_norm",
+                 "ffn", "set_backend", "use_backend", "available_backends", "info"):
+        assert callable(getattr(fusedformer, name)), name
+
+
+def test_use_backend_nests_and_restores():
+    assert fusedformer.get_backend() == "auto"
+    with fusedformer.use_backend("reference"):
+        assert fusedformer.get_backend() == "reference"
+        with fusedformer.use_backend("cpu"):
+            assert fusedformer.get_backend() == "cpu"
+        assert fusedformer.get_backend() == "reference"
+    assert fusedformer.get_backend() == "auto"
+
+
+def test_set_backend_then_auto():
+    fusedformer.set_backend("reference")
+    try:
+        assert fusedformer.get_backend() == "reference"
+    finally:
+        fusedformer.set_backend("auto")
+    assert fusedformer.get_backend() == "auto"
+
+
+def test_unknown_backend_is_a_clear_error():
+    with pytest.raises(ValueError, match=r"backend must be one of \('auto', 'reference', 'cpu', 'cuda', 'triton'\), got 'fast'"):
+        fusedformer.set_backend("fast")
+    with pytest.raises(ValueError, match="backend must be one of"):
+        fusedformer.layer_norm(torch.randn(2, 4), 4, backend="nope")
+
+
+def test_backend_env_var(monkeypatch):
+    with fusedformer.use_backend("auto"):
+        pass
+    token = dispatch._current.set(None)
+    try:
+        monkeypatch.setenv("FUSEDFORMER_BACKEND", "reference")
+        assert fusedformer.get_backend() == "reference"
+        monkeypatch.setenv("FUSEDFORMER_BACKEND", "warp-drive")
+        with pytest.raises(ValueError, match="got 'warp-drive'"):
+            fusedformer.get_backend()
+    finally:
+        dispatch._current.reset(token)
+
+
+def test_info_reports_every_backend():
+    info = fusedformer.info()
+    assert set(info["backends"]) == {"reference", "cpu", "cuda", "triton"}
+    assert info["backends"]["reference"] == {"available": True, "reason": "", "ops": ["attention", "softmax", "layer_norm", "ffn"]}
+    for name, status in info["backends"].items():
+        assert status["available"] or status["reason"], f"{name} unavailable without a reason"
+    if not torch.cuda.is_available():
+        assert not info["backends"]["cuda"]["available"]
+    assert "reference" in fusedformer.available_backends()
+
+
+def test_op_a_backend_lacks_is_a_clear_error(monkeypatch):
+    """Ask a backend for an op it does not implement: the error names op and backend."""
+    real = dispatch._status
+
+    def without_ffn(name):
+        ok, why, ops = real(name)
+        return (ok, why, tuple(o for o in ops if o != "ffn")) if name == "cpu" else (ok, why, ops)
+
+    monkeypatch.setattr(dispatch, "_status", without_ffn)
+    if not real("cpu")[0]:
+        pytest.skip("cpu backend unavailable")
+    x = torch.randn(3, 8)
+    with pytest.raises(ValueError, match="ffn: backend 'cpu' does not implement this op"):
+        fusedformer.ffn(x, torch.randn(16, 8), None, torch.randn(8, 16), None, backend="cpu")
+
+
+def test_auto_falls_back_with_one_warning(monkeypatch):
+    real = dispatch._status
+    monkeypatch.setattr(dispatch, "_status",
+                        lambda name: (False, "pretend missing", ()) if name == "cpu" else real(name))
+    dispatch._warn_fallback.cache_clear()
+    x = torch.randn(3, 8)
+    with pytest.warns(UserWarning, match="backend 'cpu' skipped \\(pretend missing\\); using 'reference'"):
+        fusedformer.layer_norm(x, 8)
+    assert dispatch.resolve("layer_norm", x.device) == "reference"
+
+
+def test_wrong_device_for_backend_is_a_clear_error():
+    x = torch.randn(2, 8)
+    with pytest.raises(ValueError, match="backend 'cuda' is not available|backend 'cuda' cannot run here"):
+        fusedformer.layer_norm(x, 8, backend="cuda")
+
+
+def test_import_and_reference_backend_without_the_extension():
+    """With fusedformer._C unloadable the package imports, says why, and reference works."""
+    code = (
+        "import sys, torch\n"
+        "sys.modules['fusedformer._C'] = None\n"  # makes `import fusedformer._C` raise ImportError
+        "import fusedformer\n"
+        "st = fusedformer.info()['backends']\n"
+        "assert not st['cpu']['available'] and 'did not load' in st['cpu']['reason'], st['cpu']\n"
+        "assert fusedformer.available_backends()[0] == 'reference'\n"
+        "y = fusedformer.layer_norm(torch.randn(3, 5), 5)\n"
+        "assert torch.allclose(y.mean(-1), torch.zeros(3), atol=1e-6)\n"
+        "try:\n"
+        "    fusedformer.layer_norm(torch.randn(3, 5), 5, backend='cpu')\n"
+        "except ValueError as e:\n"
+        "    assert \"backend 'cpu' is not available\" in str(e), e\n"
+        "else:\n"
+        "    raise AssertionError('no error')\n"
+        "print('ok')\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_nothing_heavy_at_import():
+    """The extension and the Triton kernel modules load on first use. (triton itself may be
+    imported by torch._dynamo, which torch.compiler.assume_constant_result pulls in.)"""
+    code = ("import sys, fusedformer\n"
+            "loaded = [m for m in ('fusedformer._C', 'fusedformer.kernels.attention',\n"
+            "          'fusedformer.kernels.softmax', 'fusedformer.kernels.layer_norm',\n"
+            "          'fusedformer.kernels.ffn', 'fusedformer.kernels.triton_backend') if m in sys.modules]\n"
+            "assert not loaded, f'loaded at import time: {loaded}'\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_cli_info_and_check(capsys):
+    from fusedformer.cli import main
+
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "reference" in out and "available" in out
+    assert main(["check", "--op", "layer_norm", "--dtype", "float32"]) == 0
+    out = capsys.readouterr().out
+    assert "layer_norm  reference  float32" in out and "all checks passed" in out
+    if "cpu" in fusedformer.available_backends():
+        assert "layer_norm  cpu        float32" in out
+
+
+def test_cli_entry_point_runs():
+    out = subprocess.run([sys.executable, "-m", "fusedformer", "info"], capture_output=True, text=True)
+    assert out.returncode == 0 and "backend" in out.stdout, out.stderr
