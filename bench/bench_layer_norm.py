@@ -1,0 +1,61 @@
+"""LayerNorm (+ residual) benchmarks: fusedformer's backends vs torch eager on this device.
+
+Napkin math (the floor is memory traffic; S = bytes per element of the storage dtype):
+    fwd with residual: read x, residual; write h, y          = 4 * M * N * S  (+ weight/bias)
+    bwd with residual: read dy, dh, h; write dx              = 4 * M * N * S  (+ mean/rstd)
+GB/s = bytes / time; on a GPU, compare with the copy bandwidth measured in the same run.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedformer
+
+SHAPES = [(4096, 768), (2048, 4096), (512, 8192)]
+DTYPES = [torch.float32, torch.bfloat16]
+PROVIDERS = ["fusedformer-cpu", "torch"]
+
+
+def _inputs(shape, dtype):
+    m, n = shape
+    x = torch.randn(m, n, dtype=dtype, requires_grad=True)
+    r = torch.randn(m, n, dtype=dtype, requires_grad=True)
+    w = torch.randn(n, dtype=dtype, requires_grad=True)
+    b = torch.randn(n, dtype=dtype, requires_grad=True)
+    return x, r, w, b
+
+
+def _fwd(provider, x, r, w, b):
+    n = x.shape[-1]
+    if provider == "torch":
+        h = x + r
+        return F.layer_norm(h, (n,), w, b), h
+    return fusedformer.layer_norm(x, n, w, b, residual=r, backend=provider.split("-")[1])
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_layer_norm_residual(benchmark, provider, dtype, shape, mode):
+    if provider == "fusedformer-cpu" and "cpu" not in fusedformer.available_backends():
+        pytest.skip("cpu backend unavailable")
+    x, r, w, b = _inputs(shape, dtype)
+    dy = torch.randn_like(x)
+    m, n = shape
+    nbytes = 4 * m * n * x.element_size() * (2 if mode == "fwd+bwd" else 1)
+
+    def run():
+        if mode == "fwd":
+            with torch.no_grad():
+                return _fwd(provider, x, r, w, b)
+        y, h = _fwd(provider, x, r, w, b)
+        torch.autograd.backward((y, h), (dy, dy))
+        return y
+
+    benchmark.extra_info.update(provider=provider, dtype=str(dtype), shape=shape, mode=mode,
+                                bytes=nbytes)
+    benchmark.pedantic(run, rounds=10, warmup_rounds=2, iterations=1)
+    benchmark.extra_info["GB/s"] = nbytes / benchmark.stats.stats.median / 1e9
