@@ -30,7 +30,8 @@ Launcher contract (every backend implements the same signatures, same saved tens
         pre-activation, saved for backward
     ffn_bwd(dy, x, w1, b1, w2, pre, activation, dropout_p, seed) -> (dx, dw1, db1, dw2, db2)
         db1 / db2: (0,) when the bias is None
-Dropout: `seed` is an int; a backend must draw the same keep-mask in forward and backward for
+Every output is a new contiguous tensor (the fake implementations promise exactly that to
+torch.compile). Dropout: `seed` is an int; a backend must draw the same keep-mask in forward and backward for
 the same seed, and expose it as <op>_dropout_mask(...) so tests can hand it to the oracle.
 """
 from __future__ import annotations
@@ -89,8 +90,8 @@ def _layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tens
 @_layer_norm_fwd.register_fake
 def _(x, residual, weight, bias, eps, backend):
     stats = x.new_empty((x.shape[0],), dtype=torch.float32)
-    h = torch.empty_like(x) if residual is not None else x.new_empty((0,))
-    return torch.empty_like(x), h, stats, torch.empty_like(stats)
+    h = x.new_empty(x.shape) if residual is not None else x.new_empty((0,))
+    return x.new_empty(x.shape), h, stats, stats.new_empty(stats.shape)
 
 
 @torch.library.custom_op("fusedformer::layer_norm_bwd", mutates_args=())
@@ -105,7 +106,7 @@ def _(dy, dh, h, weight, mean, rstd, need_dweight, need_dbias, backend):
     n = h.shape[1]
     dw = h.new_empty((n,) if need_dweight and weight is not None else (0,))
     db = h.new_empty((n,) if need_dbias else (0,))
-    return torch.empty_like(h), dw, db
+    return h.new_empty(h.shape), dw, db
 
 
 def _layer_norm_setup(ctx, inputs, output):
@@ -209,7 +210,7 @@ def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: 
 
 @_attention_bwd.register_fake
 def _(do, q, k, v, o, lse, mask, scale, is_causal, dropout_p, seed, backend):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _attention_setup(ctx, inputs, output):
@@ -322,7 +323,7 @@ def _softmax_fwd(x: Tensor, mask: Optional[Tensor], scale: float, is_causal: boo
 
 @_softmax_fwd.register_fake
 def _(x, mask, scale, is_causal, backend):
-    return torch.empty_like(x)
+    return x.new_empty(x.shape)
 
 
 @torch.library.custom_op("fusedformer::softmax_bwd", mutates_args=())
@@ -332,7 +333,7 @@ def _softmax_bwd(dy: Tensor, y: Tensor, scale: float, backend: str) -> Tensor:
 
 @_softmax_bwd.register_fake
 def _(dy, y, scale, backend):
-    return torch.empty_like(y)
+    return y.new_empty(y.shape)
 
 
 def _softmax_setup(ctx, inputs, output):
@@ -406,7 +407,7 @@ def _ffn_bwd(dy: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor
 def _(dy, x, w1, b1, w2, b2, pre, activation, dropout_p, seed, backend):
     db1 = w1.new_empty((w1.shape[0],) if b1 is not None else (0,))
     db2 = w2.new_empty((w2.shape[0],) if b2 is not None else (0,))
-    return torch.empty_like(x), torch.empty_like(w1), db1, torch.empty_like(w2), db2
+    return x.new_empty(x.shape), w1.new_empty(w1.shape), db1, w2.new_empty(w2.shape), db2
 
 
 def _ffn_setup(ctx, inputs, output):

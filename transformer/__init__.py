@@ -7,7 +7,12 @@ Functional API (same contracts on every backend; see DESIGN.md section 3):
     layer_norm                    torch.nn.functional.layer_norm, optional fused residual add
     ffn                           act(x w1ᵀ + b1) w2ᵀ + b2 with relu / gelu / gelu_tanh / swiglu
 Backends: set_backend(name), use_backend(name) (a context manager), available_backends(),
-info(). The plain-PyTorch reference Transformer lives in fusedformer.reference.
+info().
+Modules: fusedformer.nn (drop-in MultiheadAttention, LayerNorm, FeedForward,
+TransformerEncoderLayer / DecoderLayer); patch(model) / unpatch(model) swap them into an
+existing model; patch_sdpa() routes torch's F.scaled_dot_product_attention to the fused op.
+Models: fusedformer.models (GPT, EncoderDecoder on the fused ops) and their plain-PyTorch
+twins in fusedformer.reference.
 """
 from __future__ import annotations
 
@@ -29,19 +34,28 @@ from .kernels import (
     use_backend,
 )
 from .kernels.ops import attention
+from . import nn
+from .patch import PatchReport, patch, patch_sdpa, sdpa_patched, unpatch, unpatch_sdpa
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "PatchReport",
     "attention",
     "available_backends",
     "ffn",
     "get_backend",
     "info",
     "layer_norm",
+    "nn",
+    "patch",
+    "patch_sdpa",
     "scaled_dot_product_attention",
     "scaled_masked_softmax",
+    "sdpa_patched",
     "set_backend",
+    "unpatch",
+    "unpatch_sdpa",
     "use_backend",
 ]
 

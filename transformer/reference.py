@@ -988,7 +988,9 @@ def _check_class_ids(name: str, ids: object, num_classes: int) -> None:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(ids).__name__}")
     if ids.dtype != torch.long:
         raise TypeError(f"{name} must be int64 (torch.long) ids, got {ids.dtype}")
-    if ids.numel() and ids.device.type != "meta":
+    # The range check reads the values (a device sync, data-dependent): skipped while
+    # torch.compile traces, where it would force a graph break.
+    if ids.numel() and ids.device.type != "meta" and not torch.compiler.is_compiling():
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= num_classes:
             raise ValueError(f"{name} must hold ids in [0, {num_classes}), "
