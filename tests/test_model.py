@@ -5,18 +5,14 @@ fused GPT and EncoderDecoder against a float64 reference model, within the Flash
 (PyTorch's own error = the reference model run in the same dtype); a short training run; the
 seeds' cases (padding, causal prefix, KV cache == recompute) on the fused path; torch.compile.
 """
-import copy
-
 import pytest
 import torch
 from conftest import assert_close, assert_rule
 
 from fusedformer import models, reference
-from fusedformer.kernels import testing
 from fusedformer.kernels.dispatch import backend_status
+from fusedformer.parity import MODEL_OPS, check_encoder_decoder, check_gpt, encoder_decoder_pair, gpt_pair
 from fusedformer.train import stdlib_corpus
-
-MODEL_OPS = ("attention", "layer_norm", "ffn")
 
 
 def _require(backend: str) -> None:
@@ -31,80 +27,25 @@ def _require(backend: str) -> None:
 BACKENDS = ["reference", "cpu", "triton"]
 
 
-def _gpt_pair(backend, dtype):
-    torch.manual_seed(0)
-    ref = reference.GPT.from_preset("gpt-tiny", n_layer=2, block_size=32)
-    fused = models.GPT(ref.config, backend=backend)
-    fused.load_state_dict(ref.state_dict())
-    return ref, fused.to(dtype)
-
-
-def _ed_pair(backend, dtype):
-    torch.manual_seed(0)
-    ref = reference.EncoderDecoder.from_preset("transformer-tiny", dropout=0.0)
-    fused = models.EncoderDecoder(ref.config, backend=backend)
-    fused.load_state_dict(ref.state_dict())
-    return ref, fused.to(dtype)
-
-
-def _loss_and_grads(model, *inputs):
-    model.zero_grad(set_to_none=True)
-    logits, loss = model(*inputs)
-    loss.backward()
-    grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-    return logits.detach(), loss.detach(), grads
-
-
-def _rule(ref, fused, dtype, inputs):
-    """Fused (dtype) and reference (dtype) vs reference (float64): logits, loss, every grad."""
-    same = copy.deepcopy(ref).to(dtype)
-    wide = copy.deepcopy(ref).double()
-    f = _loss_and_grads(fused, *inputs)
-    p = _loss_and_grads(same, *inputs)
-    t = _loss_and_grads(wide, *inputs)
-    # Whole-model errors are compared as RMS: in bf16 one gradient element's max error varies
-    # by rounding luck (measured: fc1.weight grad of the encoder-decoder, max 0.032 fused vs
-    # 0.012 PyTorch, while the mean errors were 5e-4 and alike); the per-op tests hold the
-    # max-error rule.
-    rows = [testing.compare("logits", f[0], p[0], t[0], stat="rms"),
-            testing.compare("loss", f[1], p[1], t[1], stat="rms")]
-    assert set(f[2]) == set(t[2]), "fused and reference models disagree on which params get grads"
-    rows += [testing.compare(f"d {n}", f[2][n], p[2][n], t[2][n], stat="rms") for n in t[2]]
-    assert_rule(rows)
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_gpt_matches_reference(backend, dtype):
     _require(backend)
-    ref, fused = _gpt_pair(backend, dtype)
-    idx = torch.randint(0, 256, (3, 24))
-    targets = torch.randint(0, 256, (3, 24))
-    mask = torch.ones(3, 24, dtype=torch.bool)
-    mask[1, 17:] = False  # a padded sequence
-    targets[1, 17:] = -100
-    _rule(ref, fused, dtype, (idx, targets, mask))
+    assert_rule(check_gpt(backend, dtype))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 def test_encoder_decoder_matches_reference(backend, dtype):
     _require(backend)
-    ref, fused = _ed_pair(backend, dtype)
-    cfg = ref.config
-    src = torch.randint(3, cfg.src_vocab_size, (3, 11))
-    tgt = torch.randint(3, cfg.tgt_vocab_size, (3, 9))
-    src[0, 7:] = cfg.pad_token_id  # source padding
-    tgt[2, 6:] = cfg.pad_token_id  # target padding
-    tgt_in, targets = tgt[:, :-1], tgt[:, 1:]
-    _rule(ref, fused, dtype, (src, tgt_in, targets))
+    assert_rule(check_encoder_decoder(backend, dtype))
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_gpt_training_curve_matches_reference(backend):
     """30 AdamW steps from the same init and data: per-step losses and final parameters."""
     _require(backend)
-    ref, fused = _gpt_pair(backend, torch.float32)
+    ref, fused = gpt_pair(backend, torch.float32)
     corpus = stdlib_corpus(200_000)
     starts = torch.randint(0, corpus.numel() - 26, (30, 4), generator=torch.Generator().manual_seed(1))
     data = torch.stack([torch.stack([corpus[s:s + 25] for s in row]) for row in starts.tolist()]).long()
@@ -130,7 +71,7 @@ def test_gpt_training_curve_matches_reference(backend):
 def test_seed_cases_on_the_fused_path(backend):
     """Causal prefix invariance, padded batch 4/5/3 == each alone, KV cache == recompute."""
     _require(backend)
-    _, gpt = _gpt_pair(backend, torch.float32)
+    _, gpt = gpt_pair(backend, torch.float32)
     gpt.eval()
     idx = torch.randint(0, 256, (2, 12))
     full, _ = gpt(idx)
@@ -154,7 +95,7 @@ def test_seed_cases_on_the_fused_path(backend):
     prompt = idx[:, :5]
     assert torch.equal(gpt.generate(prompt, 6, use_cache=True), gpt.generate(prompt, 6, use_cache=False))
 
-    ref, ed = _ed_pair(backend, torch.float32)
+    ref, ed = encoder_decoder_pair(backend, torch.float32)
     ed.eval()
     src = torch.randint(3, ref.config.src_vocab_size, (2, 7))
     assert torch.equal(ed.greedy_decode(src, 6, use_cache=True), ed.greedy_decode(src, 6, use_cache=False))
@@ -176,7 +117,7 @@ def test_torch_compile_fullgraph_gpt():
     """Every op is a registered custom op: the whole fused GPT compiles without a break."""
     torch._dynamo.reset()
     backend = "cpu" if all(op in backend_status()["cpu"]["ops"] for op in MODEL_OPS) else "reference"
-    _, fused = _gpt_pair(backend, torch.float32)
+    _, fused = gpt_pair(backend, torch.float32)
     idx, targets = torch.randint(0, 256, (2, 16)), torch.randint(0, 256, (2, 16))
     compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
     logits, loss = compiled(idx, targets)

@@ -3,7 +3,8 @@
     info    versions, device, and every backend: available or not (and why), ops implemented
     check   every available backend against the float64 oracle, forward and backward, on fresh
             random inputs; one row per (op, backend, dtype) with the worst tensor's error and
-            the FlashAttention-rule bound (2x PyTorch's own same-dtype error + floor)
+            the FlashAttention-rule bound (2x PyTorch's own same-dtype error + floor);
+            --model adds fused-vs-reference GPT and EncoderDecoder (logits, loss, gradients)
     demo    info + check + a few hundred steps of the reference gpt-tiny on bytes of this
             machine's Python standard library, printing the loss as it falls
 On a machine without a GPU the triton backend runs interpreted (TRITON_INTERPRET=1).
@@ -81,8 +82,35 @@ def cmd_check(args: argparse.Namespace) -> int:
                 print(f"{op:<11} {backend:<10} {str(dtype)[6:]:<9} {worst.name:<12} "
                       f"{worst.err:>10.3g} {worst.bound:>10.3g}  {'pass' if ok else 'FAIL'}"
                       f"  ({time.perf_counter() - started:.1f}s)")
+    if args.model:
+        failures += _check_models(status, backends, dtypes)
     print(f"\n{'all checks passed' if not failures else f'{failures} check(s) failed'}")
     return 1 if failures else 0
+
+
+def _check_models(status: dict, backends: list[str], dtypes: list[torch.dtype]) -> int:
+    """Fused GPT / EncoderDecoder vs the reference models (logits, loss, every gradient)."""
+    from fusedformer.parity import MODEL_CHECKS, MODEL_OPS
+
+    print("\nfused models vs the float64 reference model: logits, loss and every parameter "
+          "gradient (RMS errors)")
+    print(f"{'model':<15} {'backend':<10} {'dtype':<9} {'worst tensor':<36} {'rms error':>10} "
+          f"{'bound':>10}  result")
+    failures = 0
+    for model, check in MODEL_CHECKS.items():
+        for backend in backends:
+            if not all(op in status[backend]["ops"] for op in MODEL_OPS) or backend == "cuda":
+                continue
+            for dtype in dtypes:
+                if dtype == torch.float16:
+                    continue  # the reference models are trained in fp32 / bf16
+                rows = check(backend, dtype)
+                worst = max(rows, key=lambda c: (not c.ok, c.err / c.bound if c.bound else 0))
+                ok = all(c.ok for c in rows)
+                failures += not ok
+                print(f"{model:<15} {backend:<10} {str(dtype)[6:]:<9} {worst.name[:36]:<36} "
+                      f"{worst.err:>10.3g} {worst.bound:>10.3g}  {'pass' if ok else 'FAIL'}")
+    return failures
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -112,6 +140,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.add_argument("--dtype", action="append", choices=list(DTYPES),
                        help="check only this dtype (repeatable)")
         p.add_argument("--seed", type=int, default=0)
+        p.add_argument("--model", action="store_true",
+                       help="also compare the fused GPT and EncoderDecoder with the reference models")
         if name == "demo":
             p.add_argument("--steps", type=int, default=300, help="training steps")
         p.set_defaults(fn=fn)
