@@ -10,7 +10,8 @@ Backends: set_backend(name), use_backend(name) (a context manager), available_ba
 info().
 Modules: fusedformer.nn (drop-in MultiheadAttention, LayerNorm, FeedForward,
 TransformerEncoderLayer / DecoderLayer); patch(model) / unpatch(model) swap them into an
-existing model; patch_sdpa() routes torch's F.scaled_dot_product_attention to the fused op.
+existing model; patch_sdpa() routes torch's F.scaled_dot_product_attention to the fused op;
+register_hf_attention() makes attn_implementation="fusedformer" work in HF transformers.
 Models: fusedformer.models (GPT, EncoderDecoder on the fused ops) and their plain-PyTorch
 twins in fusedformer.reference.
 """
@@ -35,6 +36,7 @@ from .kernels import (
 )
 from .kernels.ops import attention
 from . import nn
+from .hf import register_hf_attention
 from .patch import PatchReport, patch, patch_sdpa, sdpa_patched, unpatch, unpatch_sdpa
 
 __version__ = "0.1.0"
@@ -50,6 +52,7 @@ __all__ = [
     "nn",
     "patch",
     "patch_sdpa",
+    "register_hf_attention",
     "scaled_dot_product_attention",
     "scaled_masked_softmax",
     "sdpa_patched",
