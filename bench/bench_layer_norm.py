@@ -12,18 +12,16 @@ import torch
 import torch.nn.functional as F
 
 import fusedformer
+from bench.common import DEVICE, ON_GPU, fused_providers, measure
 
-SHAPES = [(4096, 768), (2048, 4096), (512, 8192)]
-DTYPES = [torch.float32, torch.bfloat16]
-PROVIDERS = ["fusedformer-cpu", "torch"]
+SHAPES = [(16384, 2048), (4096, 8192), (2048, 65536)] if ON_GPU else [(4096, 768), (2048, 4096), (512, 8192)]
+DTYPES = [torch.bfloat16, torch.float32] if ON_GPU else [torch.float32, torch.bfloat16]
 
 
 def _inputs(shape, dtype):
     m, n = shape
-    x = torch.randn(m, n, dtype=dtype, requires_grad=True)
-    r = torch.randn(m, n, dtype=dtype, requires_grad=True)
-    w = torch.randn(n, dtype=dtype, requires_grad=True)
-    b = torch.randn(n, dtype=dtype, requires_grad=True)
+    x, r = (torch.randn(m, n, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(2))
+    w, b = (torch.randn(n, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(2))
     return x, r, w, b
 
 
@@ -32,16 +30,14 @@ def _fwd(provider, x, r, w, b):
     if provider == "torch":
         h = x + r
         return F.layer_norm(h, (n,), w, b), h
-    return fusedformer.layer_norm(x, n, w, b, residual=r, backend=provider.split("-")[1])
+    return fusedformer.layer_norm(x, n, w, b, residual=r, backend=provider.split("-", 1)[1])
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
+@pytest.mark.parametrize("provider", fused_providers("layer_norm") + ["torch"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 def test_layer_norm_residual(benchmark, provider, dtype, shape, mode):
-    if provider == "fusedformer-cpu" and "cpu" not in fusedformer.available_backends():
-        pytest.skip("cpu backend unavailable")
     x, r, w, b = _inputs(shape, dtype)
     dy = torch.randn_like(x)
     m, n = shape
@@ -55,7 +51,4 @@ def test_layer_norm_residual(benchmark, provider, dtype, shape, mode):
         torch.autograd.backward((y, h), (dy, dy))
         return y
 
-    benchmark.extra_info.update(provider=provider, dtype=str(dtype), shape=shape, mode=mode,
-                                bytes=nbytes)
-    benchmark.pedantic(run, rounds=10, warmup_rounds=2, iterations=1)
-    benchmark.extra_info["GB/s"] = nbytes / benchmark.stats.stats.median / 1e9
+    measure(benchmark, run, provider=provider, dtype=str(dtype), shape=shape, mode=mode, bytes=nbytes)

@@ -1,0 +1,67 @@
+"""Attention benchmarks: fusedformer's backends vs torch's SDPA (each backend on a GPU).
+
+FLOPs (DESIGN.md section 6): forward 4 * B * H * LQ * LK * D, half when causal; backward 2.5x
+forward. Report TFLOP/s and, on a GPU, the ratio to SDPA-flash measured in the same run.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fusedformer
+from bench.common import DEVICE, ON_GPU, fused_providers, measure
+
+if ON_GPU:  # the issue's target grid: bf16, D = 128, H * D = 2048, B * T = 16k
+    SHAPES = [(4, 16, 4096, 128), (2, 16, 8192, 128), (1, 16, 16384, 128), (8, 32, 2048, 64)]
+    DTYPES = [torch.bfloat16]
+    PEERS = ["sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math"]
+else:
+    SHAPES = [(1, 8, 512, 64), (2, 4, 1024, 64)]
+    DTYPES = [torch.float32]
+    PEERS = ["sdpa"]
+
+
+def _sdpa_context(provider: str):
+    if provider == "sdpa":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kind = {"sdpa-flash": SDPBackend.FLASH_ATTENTION, "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
+            "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-math": SDPBackend.MATH}[provider]
+    return sdpa_kernel([kind])
+
+
+@pytest.mark.parametrize("provider", fused_providers("attention") + PEERS)
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=str)
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+def test_attention(benchmark, provider, causal, dtype, shape, mode):
+    b, h, t, d = shape
+    if provider == "sdpa-math" and t > 4096:
+        pytest.skip("the math backend materializes B*H*T*T scores")
+    q, k, v = (torch.randn(b, h, t, d, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(3))
+    do = torch.randn_like(q)
+    flops = 4 * b * h * t * t * d * (0.5 if causal else 1.0) * (3.5 if mode == "fwd+bwd" else 1.0)
+
+    def attend():
+        if provider.startswith("fusedformer-"):
+            return fusedformer.attention(q, k, v, is_causal=causal, backend=provider.split("-", 1)[1])
+        with _sdpa_context(provider):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    def run():
+        if mode == "fwd":
+            with torch.no_grad():
+                return attend()
+        attend().backward(do)
+
+    try:
+        run()
+    except RuntimeError as e:  # an SDPA backend that does not take this shape/dtype here
+        pytest.skip(f"{provider}: {e}")
+    measure(benchmark, run, provider=provider, dtype=str(dtype), shape=shape, mode=mode,
+            causal=causal, flops=flops)
