@@ -6,16 +6,23 @@
 // torch-free kernel (csrc/cpu/*.cpp or csrc/cuda/*.cu) on the current stream.
 #include <torch/extension.h>
 
+#include <array>
 #include <optional>
 #include <string>
 #include <tuple>
+#include <vector>
 
 #include "common.h"
+#include "attention.h"  // Attention
 #include "layer_norm.h"
+#include "softmax.h"  // Softmax
+#include "ffn.h"  // FFN
+#include "philox.h"  // Attention
 
 #ifdef FUSEDFORMER_WITH_CUDA
 #include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAException.h>
 #endif
 
 namespace ff = fusedformer;
@@ -111,7 +118,13 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& x_, cons
   if (x.is_cpu()) {
     ff::layer_norm_fwd_cpu(p);
   } else {
+#ifdef FUSEDFORMER_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(x.device());
+    ff::layer_norm_fwd_cuda(p, at::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+#else
     no_cuda("layer_norm_fwd");
+#endif
   }
   return {y, h, mean, rstd};
 }
@@ -145,7 +158,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy_, const OptTe
     dbias.zero_();
     return {dx, dweight, dbias};
   }
-  const int64_t groups = ff::layer_norm_bwd_groups(rows);
+  const int64_t groups = h.is_cpu() ? ff::layer_norm_bwd_groups(rows) : ff::layer_norm_bwd_groups_cuda(rows);
   Tensor partial = (need_dweight || need_dbias)
                        ? new_output({2, groups, cols}, h.options().dtype(at::kFloat))
                        : torch::empty({0}, h.options().dtype(at::kFloat));
@@ -168,9 +181,458 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy_, const OptTe
   if (h.is_cpu()) {
     ff::layer_norm_bwd_cpu(p);
   } else {
+#ifdef FUSEDFORMER_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(h.device());
+    ff::layer_norm_bwd_cuda(p, at::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+#else
     no_cuda("layer_norm_bwd");
+#endif
   }
   return {dx, dweight, dbias};
+}
+
+// ---------------------------------------------------------------------------------------
+// Attention
+
+// The kernels need a unit last-dim stride (any batch/head/row strides): gradients arrive as
+// stride-0 expanded tensors and transposed views are common, so copy only when needed.
+Tensor unit_last_stride(const Tensor& t) {
+  return t.size(-1) <= 1 || t.stride(-1) == 1 ? t : t.contiguous();
+}
+
+void check_attention_input(const Tensor& t, const char* op, const char* name, const char* dims) {
+  TORCH_CHECK(t.dim() == 4, op, ": ", name, " must be 4-D ", dims, ", got ", t.dim(), "-D");
+}
+
+// The mask as the kernels read it: bool (True = attend) or additive in q's dtype, 4-D and
+// broadcastable to (B, HQ, LQ, LK); a broadcast dim gets stride 0.
+ff::AttentionMask attention_mask(const OptTensor& mask, const Tensor& q, int64_t b, int64_t hq,
+                                 int64_t lq, int64_t lk, const char* op) {
+  ff::AttentionMask m;
+  if (!mask.has_value()) return m;
+  const Tensor& t = *mask;
+  TORCH_CHECK(t.dim() == 4, op, ": mask must be 4-D (B|1, HQ|1, LQ|1, LK|1), got ", t.dim(), "-D");
+  TORCH_CHECK(t.device() == q.device(), op, ": mask must be on the same device as q (",
+              q.device(), "), got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kBool || t.scalar_type() == q.scalar_type(), op,
+              ": mask must be bool (True = attend) or ", q.scalar_type(),
+              " (the dtype of q, added to the scores), got ", t.scalar_type());
+  const int64_t full[4] = {b, hq, lq, lk};
+  int64_t strides[4];
+  for (int i = 0; i < 4; ++i) {
+    TORCH_CHECK(t.size(i) == full[i] || t.size(i) == 1, op, ": mask of shape ", t.sizes(),
+                " does not broadcast to the scores (B, HQ, LQ, LK) = ", at::IntArrayRef(full, 4));
+    strides[i] = t.size(i) == 1 ? 0 : t.stride(i);
+  }
+  m.kind = t.scalar_type() == at::kBool ? ff::MaskKind::kBool : ff::MaskKind::kAdditive;
+  m.ptr = t.data_ptr();
+  m.batch_stride = strides[0];
+  m.head_stride = strides[1];
+  m.row_stride = strides[2];
+  m.col_stride = strides[3];
+  return m;
+}
+
+// Checks shared by forward and backward; returns (b, hq, hkv, lq, lk, d).
+std::array<int64_t, 6> check_attention_qkv(const Tensor& q, const Tensor& k, const Tensor& v,
+                                           double dropout_p, const char* op) {
+  check_attention_input(q, op, "q", "(B, HQ, LQ, D)");
+  check_attention_input(k, op, "k", "(B, HKV, LK, D)");
+  check_attention_input(v, op, "v", "(B, HKV, LK, D)");
+  to_dtype(q, "q");
+  check_like(k, q, "k", "q");
+  check_like(v, q, "v", "q");
+  const int64_t b = q.size(0), hq = q.size(1), lq = q.size(2), d = q.size(3);
+  const int64_t hkv = k.size(1), lk = k.size(2);
+  CHECK_SHAPE(k, b, hkv, lk, d);
+  CHECK_SHAPE(v, b, hkv, lk, d);
+  TORCH_CHECK(hkv > 0, op, ": k and v must have at least one head, got shape ", k.sizes());
+  TORCH_CHECK(hq % hkv == 0, op, ": query heads (", hq, ") must be a multiple of key/value heads (",
+              hkv, ")");
+  TORCH_CHECK(d >= 1 && d <= ff::kAttentionMaxHeadDim, op, ": head dim must be in [1, ",
+              ff::kAttentionMaxHeadDim, "], got ", d);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ",
+              dropout_p);
+  return {b, hq, hkv, lq, lk, d};
+}
+
+std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q_, const Tensor& k_, const Tensor& v_,
+                                         const OptTensor& mask, double scale, bool is_causal,
+                                         double dropout_p, int64_t seed) {
+  const auto [b, hq, hkv, lq, lk, d] = check_attention_qkv(q_, k_, v_, dropout_p, "attention_fwd");
+  const c10::OptionalDeviceGuard guard(q_.device());
+  Tensor q = unit_last_stride(q_), k = unit_last_stride(k_), v = unit_last_stride(v_);
+  Tensor o = new_output({b, hq, lq, d}, q.options());
+  Tensor lse = new_output({b, hq, lq}, q.options().dtype(at::kFloat));
+  if (o.numel() == 0) return {o, lse};
+
+  ff::AttentionFwdParams p{};
+  p.dtype = to_dtype(q, "q");
+  p.b = b; p.hq = hq; p.hkv = hkv; p.lq = lq; p.lk = lk; p.d = d;
+  p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr(); p.o = o.data_ptr();
+  p.q_batch_stride = q.stride(0); p.q_head_stride = q.stride(1); p.q_row_stride = q.stride(2);
+  p.k_batch_stride = k.stride(0); p.k_head_stride = k.stride(1); p.k_row_stride = k.stride(2);
+  p.v_batch_stride = v.stride(0); p.v_head_stride = v.stride(1); p.v_row_stride = v.stride(2);
+  p.o_batch_stride = o.stride(0); p.o_head_stride = o.stride(1); p.o_row_stride = o.stride(2);
+  p.mask = attention_mask(mask, q, b, hq, lq, lk, "attention_fwd");
+  p.scale = static_cast<float>(scale);
+  p.is_causal = is_causal;
+  p.dropout_p = static_cast<float>(dropout_p);
+  p.seed = static_cast<uint64_t>(seed);
+  p.lse = lse.data_ptr<float>();
+  if (q.is_cpu()) {
+    ff::attention_fwd_cpu(p);
+  } else {
+#ifdef FUSEDFORMER_WITH_CUDA
+    ff::attention_fwd_cuda(p, at::cuda::getCurrentCUDAStream());
+#else
+    no_cuda("attention_fwd");
+#endif
+  }
+  return {o, lse};
+}
+
+std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& do_, const Tensor& q_,
+                                                 const Tensor& k_, const Tensor& v_,
+                                                 const Tensor& o_, const Tensor& lse_,
+                                                 const OptTensor& mask, double scale,
+                                                 bool is_causal, double dropout_p, int64_t seed) {
+  const auto [b, hq, hkv, lq, lk, d] = check_attention_qkv(q_, k_, v_, dropout_p, "attention_bwd");
+  check_like(do_, q_, "do", "q");
+  check_like(o_, q_, "o", "q");
+  const at::IntArrayRef q_shape = q_.sizes();  // do and o: (B, HQ, LQ, D) like q
+  TORCH_CHECK(do_.sizes() == q_shape, "attention_bwd: do must have the shape of q (b, hq, lq, d) = ",
+              q_shape, ", got ", do_.sizes());
+  TORCH_CHECK(o_.sizes() == q_shape, "attention_bwd: o must have the shape of q (b, hq, lq, d) = ",
+              q_shape, ", got ", o_.sizes());
+  TORCH_CHECK(lse_.scalar_type() == at::kFloat && lse_.device() == q_.device(),
+              "attention_bwd: lse must be float32 on the device of q, got ", lse_.scalar_type(),
+              " on ", lse_.device());
+  TORCH_CHECK(lse_.sizes() == at::IntArrayRef({b, hq, lq}),
+              "attention_bwd: lse must have shape (b, hq, lq) = ", at::IntArrayRef({b, hq, lq}),
+              ", got ", lse_.sizes());
+  const c10::OptionalDeviceGuard guard(q_.device());
+  Tensor q = unit_last_stride(q_), k = unit_last_stride(k_), v = unit_last_stride(v_);
+  Tensor o = unit_last_stride(o_), g = unit_last_stride(do_), lse = lse_.contiguous();
+  Tensor dq = new_output({b, hq, lq, d}, q.options());
+  Tensor dk = new_output({b, hkv, lk, d}, q.options());
+  Tensor dv = new_output({b, hkv, lk, d}, q.options());
+  Tensor delta = new_output({b, hq, lq}, q.options().dtype(at::kFloat));
+  if (dq.numel() == 0 && dk.numel() == 0) return {dq, dk, dv};
+
+  ff::AttentionBwdParams p{};
+  p.dtype = to_dtype(q, "q");
+  p.b = b; p.hq = hq; p.hkv = hkv; p.lq = lq; p.lk = lk; p.d = d;
+  p.q = q.data_ptr(); p.k = k.data_ptr(); p.v = v.data_ptr(); p.o = o.data_ptr();
+  p.do_ = g.data_ptr(); p.dq = dq.data_ptr(); p.dk = dk.data_ptr(); p.dv = dv.data_ptr();
+  p.q_batch_stride = q.stride(0); p.q_head_stride = q.stride(1); p.q_row_stride = q.stride(2);
+  p.k_batch_stride = k.stride(0); p.k_head_stride = k.stride(1); p.k_row_stride = k.stride(2);
+  p.v_batch_stride = v.stride(0); p.v_head_stride = v.stride(1); p.v_row_stride = v.stride(2);
+  p.o_batch_stride = o.stride(0); p.o_head_stride = o.stride(1); p.o_row_stride = o.stride(2);
+  p.do_batch_stride = g.stride(0); p.do_head_stride = g.stride(1); p.do_row_stride = g.stride(2);
+  p.dq_batch_stride = dq.stride(0); p.dq_head_stride = dq.stride(1); p.dq_row_stride = dq.stride(2);
+  p.dk_batch_stride = dk.stride(0); p.dk_head_stride = dk.stride(1); p.dk_row_stride = dk.stride(2);
+  p.dv_batch_stride = dv.stride(0); p.dv_head_stride = dv.stride(1); p.dv_row_stride = dv.stride(2);
+  p.mask = attention_mask(mask, q, b, hq, lq, lk, "attention_bwd");
+  p.scale = static_cast<float>(scale);
+  p.is_causal = is_causal;
+  p.dropout_p = static_cast<float>(dropout_p);
+  p.seed = static_cast<uint64_t>(seed);
+  p.lse = lse.data_ptr<float>();
+  p.delta = delta.data_ptr<float>();
+  if (q.is_cpu()) {
+    ff::attention_bwd_cpu(p);
+  } else {
+#ifdef FUSEDFORMER_WITH_CUDA
+    ff::attention_bwd_cuda(p, at::cuda::getCurrentCUDAStream());
+#else
+    no_cuda("attention_bwd");
+#endif
+  }
+  return {dq, dk, dv};
+}
+
+// The dropout keep-mask (B, HQ, LQ, LK) that attention_fwd/bwd draw for `seed` (csrc/philox.h),
+// on the CPU: for the tests, which hand it to the oracle.
+Tensor attention_dropout_mask(int64_t seed, int64_t b, int64_t hq, int64_t lq, int64_t lk,
+                              double dropout_p) {
+  TORCH_CHECK(b >= 0 && hq >= 0 && lq >= 0 && lk >= 0,
+              "attention_dropout_mask: sizes must be >= 0, got (", b, ", ", hq, ", ", lq, ", ", lk, ")");
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0,
+              "attention_dropout_mask: dropout_p must be in [0, 1), got ", dropout_p);
+  Tensor keep = torch::empty({b, hq, lq, lk}, at::TensorOptions().dtype(at::kBool));
+  bool* out = keep.data_ptr<bool>();
+  const float pf = static_cast<float>(dropout_p);
+  const int64_t rows = b * hq * lq;
+#pragma omp parallel for schedule(static)
+  for (int64_t row = 0; row < rows; ++row) {
+    const int64_t bi = row / (hq * lq), h = row / lq % hq, i = row % lq;
+    for (int64_t j = 0; j < lk; ++j)
+      out[row * lk + j] = ff::dropout_keep(static_cast<uint64_t>(seed), bi, h, i, j, hq, lq, lk, pf);
+  }
+  return keep;
+}
+
+// ---------------------------------------------------------------------------------------
+// Softmax (scaled + masked)
+
+Tensor softmax_fwd(const Tensor& x_, const OptTensor& mask_, double scale, bool is_causal) {
+  TORCH_CHECK(x_.dim() == 4, "softmax_fwd: x must be 4-D (B, H, LQ, LK), got ", x_.dim(), "-D");
+  const ff::DType dtype = to_dtype(x_, "x");
+  Tensor x = x_.contiguous();
+  Tensor y = new_output_like(x);
+
+  ff::SoftmaxFwdParams p{};
+  p.dtype = dtype;
+  p.b = x.size(0);
+  p.h = x.size(1);
+  p.lq = x.size(2);
+  p.lk = x.size(3);
+  p.scale = static_cast<float>(scale);
+  p.is_causal = is_causal;
+  p.x = x.data_ptr();
+  p.y = y.data_ptr();
+  p.mask_kind = ff::SoftmaxMaskKind::kNone;
+  Tensor mask;  // an expanded view of mask_ (stride 0 on broadcast dims): nothing is copied
+  if (mask_) {
+    TORCH_CHECK(mask_->device() == x.device(), "softmax_fwd: mask must be on the same device as x (",
+                x.device(), "), got ", mask_->device());
+    TORCH_CHECK(mask_->scalar_type() == at::kBool || mask_->scalar_type() == x.scalar_type(),
+                "softmax_fwd: mask must be bool (True = keep) or ", x.scalar_type(),
+                " (added to the scores), got ", mask_->scalar_type());
+    TORCH_CHECK(mask_->dim() == 4, "softmax_fwd: mask must be 4-D (B|1, H|1, LQ|1, LK|1), got ",
+                mask_->dim(), "-D");
+    for (int d = 0; d < 4; ++d)
+      TORCH_CHECK(mask_->size(d) == x.size(d) || mask_->size(d) == 1, "softmax_fwd: mask of shape ",
+                  mask_->sizes(), " does not broadcast to x's shape ", x.sizes(), " (dim ", d, ")");
+    mask = mask_->expand(x.sizes());
+    p.mask_kind = mask.scalar_type() == at::kBool ? ff::SoftmaxMaskKind::kBool : ff::SoftmaxMaskKind::kAdditive;
+    p.mask = mask.data_ptr();
+    p.mask_batch_stride = mask.stride(0);
+    p.mask_head_stride = mask.stride(1);
+    p.mask_row_stride = mask.stride(2);
+    p.mask_col_stride = mask.stride(3);
+  }
+  if (x.numel() == 0) return y;
+  if (x.is_cpu()) {
+    ff::softmax_fwd_cpu(p);
+  } else {
+#ifdef FUSEDFORMER_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(x.device());
+    ff::softmax_fwd_cuda(p, at::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+#else
+    no_cuda("softmax_fwd");
+#endif
+  }
+  return y;
+}
+
+Tensor softmax_bwd(const Tensor& dy_, const Tensor& y_, double scale) {
+  TORCH_CHECK(y_.dim() >= 1, "softmax_bwd: y must have at least 1 dim (..., LK), got a scalar");
+  const ff::DType dtype = to_dtype(y_, "y");
+  check_like(dy_, y_, "dy", "y");
+  TORCH_CHECK(dy_.sizes() == y_.sizes(), "softmax_bwd: dy must have the shape of y ", y_.sizes(),
+              ", got ", dy_.sizes());
+  Tensor y = y_.contiguous(), dy = dy_.contiguous();
+  Tensor dx = new_output_like(y);
+  if (y.numel() == 0) return dx;
+  ff::SoftmaxBwdParams p{};
+  p.dtype = dtype;
+  p.cols = y.size(-1);
+  p.rows = y.numel() / p.cols;
+  p.scale = static_cast<float>(scale);
+  p.dy = dy.data_ptr();
+  p.y = y.data_ptr();
+  p.dx = dx.data_ptr();
+  if (y.is_cpu()) {
+    ff::softmax_bwd_cpu(p);
+  } else {
+#ifdef FUSEDFORMER_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(y.device());
+    ff::softmax_bwd_cuda(p, at::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+#else
+    no_cuda("softmax_bwd");
+#endif
+  }
+  return dx;
+}
+
+// ---------------------------------------------------------------------------------------
+// FFN: act(x w1ᵀ + b1) w2ᵀ + b2
+
+ff::FfnActivation to_activation(const std::string& name, const char* op) {
+  if (name == "relu") return ff::FfnActivation::kRelu;
+  if (name == "gelu") return ff::FfnActivation::kGelu;
+  if (name == "gelu_tanh") return ff::FfnActivation::kGeluTanh;
+  if (name == "swiglu") return ff::FfnActivation::kSwiglu;
+  TORCH_CHECK(false, op, ": activation must be one of relu, gelu, gelu_tanh, swiglu, got '", name, "'");
+}
+
+struct FfnDims {
+  int64_t m, c, f, f1;
+};
+
+// The checks shared by forward and backward; returns the sizes.
+FfnDims check_ffn(const char* op, const Tensor& x, const Tensor& w1, const OptTensor& b1,
+                  const Tensor& w2, const OptTensor& b2, ff::FfnActivation act, double dropout_p) {
+  TORCH_CHECK(x.dim() == 2, op, ": x must be 2-D (M, C), got ", x.dim(), "-D");
+  TORCH_CHECK(w1.dim() == 2, op, ": w1 must be 2-D (F1, C), got ", w1.dim(), "-D");
+  TORCH_CHECK(w2.dim() == 2, op, ": w2 must be 2-D (C, F), got ", w2.dim(), "-D");
+  to_dtype(x, "x");
+  check_like(w1, x, "w1", "x");
+  check_like(w2, x, "w2", "x");
+  if (b1) check_like(*b1, x, "b1", "x");
+  if (b2) check_like(*b2, x, "b2", "x");
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  FfnDims d{x.size(0), x.size(1), 0, w1.size(0)};
+  TORCH_CHECK(d.c > 0, op, ": x must have C > 0 columns, got shape ", x.sizes());
+  TORCH_CHECK(d.f1 > 0, op, ": w1 must have at least one row, got shape ", w1.sizes());
+  const bool swiglu = act == ff::FfnActivation::kSwiglu;
+  TORCH_CHECK(!swiglu || d.f1 % 2 == 0, op, ": w1 must have an even number of rows (gate and up ",
+              "halves) for swiglu, got shape ", w1.sizes());
+  d.f = swiglu ? d.f1 / 2 : d.f1;
+  const int64_t m = d.m, c = d.c, f = d.f, f1 = d.f1;
+  CHECK_SHAPE(w1, f1, c);
+  CHECK_SHAPE(w2, c, f);
+  if (b1) CHECK_SHAPE(*b1, f1);
+  if (b2) CHECK_SHAPE(*b2, c);
+  (void)m;
+  return d;
+}
+
+// fp32 view of a tensor for the CPU twin's ATen GEMMs (fp32 accumulation and output, as the
+// GPU's tensor-core GEMMs).
+Tensor f32(const Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
+
+std::tuple<Tensor, Tensor> ffn_fwd(const Tensor& x_, const Tensor& w1_, const OptTensor& b1_,
+                                   const Tensor& w2_, const OptTensor& b2_, const std::string& activation,
+                                   double dropout_p, int64_t seed) {
+  const ff::FfnActivation act = to_activation(activation, "ffn_fwd");
+  const FfnDims d = check_ffn("ffn_fwd", x_, w1_, b1_, w2_, b2_, act, dropout_p);
+  Tensor x = x_.contiguous(), w1 = w1_.contiguous(), w2 = w2_.contiguous();
+  OptTensor b1 = contiguous(b1_), b2 = contiguous(b2_);
+  Tensor y = new_output({d.m, d.c}, x.options());
+  Tensor pre = new_output({d.m, d.f1}, x.options());
+  if (d.m == 0) return {y, pre};
+  Tensor hidden = torch::empty({d.m, d.f}, x.options());  // workspace, not returned
+
+  ff::FfnFwdParams p{};
+  p.dtype = to_dtype(x, "x");
+  p.act = act;
+  p.m = d.m;
+  p.c = d.c;
+  p.f = d.f;
+  p.dropout_p = static_cast<float>(dropout_p);
+  p.seed = static_cast<uint64_t>(seed);
+  p.x = x.data_ptr();
+  p.w1 = w1.data_ptr();
+  p.b1 = ptr_or_null(b1);
+  p.w2 = w2.data_ptr();
+  p.b2 = ptr_or_null(b2);
+  p.y = y.data_ptr();
+  p.pre = pre.data_ptr();
+  p.hidden = hidden.data_ptr();
+  if (x.is_cpu()) {
+    Tensor acc1 = at::matmul(f32(x), f32(w1).t()).contiguous();  // (M, F1) fp32
+    p.acc1 = acc1.data_ptr<float>();
+    ff::ffn_fwd_epilogue_cpu(p);
+    Tensor h32 = f32(hidden);
+    y.copy_(b2 ? at::addmm(f32(*b2), h32, f32(w2).t()) : at::matmul(h32, f32(w2).t()));
+  } else {
+#ifdef FUSEDFORMER_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(x.device());
+    ff::ffn_fwd_cuda(p, at::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+#else
+    no_cuda("ffn_fwd");
+#endif
+  }
+  return {y, pre};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_bwd(
+    const Tensor& dy_, const Tensor& x_, const Tensor& w1_, const OptTensor& b1_, const Tensor& w2_,
+    const OptTensor& b2_, const Tensor& pre_, const std::string& activation, double dropout_p,
+    int64_t seed) {
+  const ff::FfnActivation act = to_activation(activation, "ffn_bwd");
+  const FfnDims d = check_ffn("ffn_bwd", x_, w1_, b1_, w2_, b2_, act, dropout_p);
+  const int64_t m = d.m, c = d.c, f1 = d.f1;
+  Tensor dy = dy_.contiguous(), x = x_.contiguous(), w1 = w1_.contiguous(), w2 = w2_.contiguous();
+  Tensor pre = pre_.contiguous();
+  check_like(dy, x, "dy", "x");
+  check_like(pre, x, "pre", "x");
+  CHECK_SHAPE(dy, m, c);
+  CHECK_SHAPE(pre, m, f1);
+  Tensor dx = new_output_like(x), dw1 = new_output_like(w1), dw2 = new_output_like(w2);
+  Tensor db1 = new_output({b1_ ? f1 : 0}, x.options()), db2 = new_output({b2_ ? c : 0}, x.options());
+  if (m == 0) {
+    dw1.zero_();
+    dw2.zero_();
+    db1.zero_();
+    db2.zero_();
+    return {dx, dw1, db1, dw2, db2};
+  }
+  Tensor d_pre = torch::empty({m, f1}, x.options());   // workspaces
+  Tensor hidden = torch::empty({m, d.f}, x.options());
+
+  ff::FfnBwdParams p{};
+  p.dtype = to_dtype(x, "x");
+  p.act = act;
+  p.m = m;
+  p.c = c;
+  p.f = d.f;
+  p.dropout_p = static_cast<float>(dropout_p);
+  p.seed = static_cast<uint64_t>(seed);
+  p.dy = dy.data_ptr();
+  p.x = x.data_ptr();
+  p.w1 = w1.data_ptr();
+  p.w2 = w2.data_ptr();
+  p.pre = pre.data_ptr();
+  p.dx = dx.data_ptr();
+  p.dw1 = dw1.data_ptr();
+  p.db1 = b1_ ? db1.data_ptr() : nullptr;
+  p.dw2 = dw2.data_ptr();
+  p.db2 = b2_ ? db2.data_ptr() : nullptr;
+  p.d_pre = d_pre.data_ptr();
+  p.hidden = hidden.data_ptr();
+  if (x.is_cpu()) {
+    Tensor dy32 = f32(dy);
+    Tensor acc_dh = at::matmul(dy32, f32(w2)).contiguous();  // (M, F) fp32
+    p.acc_dh = acc_dh.data_ptr<float>();
+    ff::ffn_bwd_epilogue_cpu(p);
+    Tensor dp32 = f32(d_pre);
+    dx.copy_(at::matmul(dp32, f32(w1)));
+    dw1.copy_(at::matmul(dp32.t(), f32(x)));
+    dw2.copy_(at::matmul(dy32.t(), f32(hidden)));
+    if (b1_) db1.copy_(dp32.sum(0));
+    if (b2_) db2.copy_(dy32.sum(0));
+  } else {
+#ifdef FUSEDFORMER_WITH_CUDA
+    const c10::cuda::CUDAGuard guard(x.device());
+    ff::ffn_bwd_cuda(p, at::cuda::getCurrentCUDAStream());
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+#else
+    no_cuda("ffn_bwd");
+#endif
+  }
+  return {dx, dw1, db1, dw2, db2};
+}
+
+// The dropout keep-mask ffn_fwd draws for `seed` over a hidden of `shape` (..., F): for tests,
+// to hand the oracle the same mask. Always computed on the CPU (bool, `shape`).
+Tensor ffn_dropout_mask(int64_t seed, const std::vector<int64_t>& shape, double dropout_p) {
+  TORCH_CHECK(!shape.empty(), "ffn_dropout_mask: shape must have at least 1 dim (..., F)");
+  for (int64_t s : shape) TORCH_CHECK(s >= 0, "ffn_dropout_mask: shape must be non-negative, got ", shape);
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, "ffn_dropout_mask: dropout_p must be in [0, 1), got ",
+              dropout_p);
+  Tensor keep = torch::empty(shape, at::TensorOptions().dtype(at::kBool));
+  if (keep.numel() > 0)
+    ff::ffn_dropout_mask_cpu(static_cast<uint64_t>(seed), keep.numel(), shape.back(),
+                             static_cast<float>(dropout_p), keep.data_ptr<bool>());
+  return keep;
 }
 
 // ---------------------------------------------------------------------------------------
@@ -190,8 +652,15 @@ pybind11::dict build_info() {
   d["openmp"] = false;
 #endif
   // The ops each device's kernels implement (the cpu and cuda backends of fusedformer.kernels).
-  d["cpu_ops"] = pybind11::make_tuple("layer_norm");
-  d["cuda_ops"] = pybind11::make_tuple();
+  d["cpu_ops"] = pybind11::make_tuple("layer_norm", "attention", "softmax", "ffn");
+  std::vector<std::string> cuda_ops;  // one push_back per op with a CUDA kernel
+#ifdef FUSEDFORMER_WITH_CUDA
+  cuda_ops.push_back("attention");
+  cuda_ops.push_back("layer_norm");
+  cuda_ops.push_back("softmax");
+  cuda_ops.push_back("ffn");
+#endif
+  d["cuda_ops"] = pybind11::tuple(pybind11::cast(cuda_ops));
   return d;
 }
 
@@ -209,4 +678,31 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("dy"), pybind11::arg("dh"), pybind11::arg("h"), pybind11::arg("weight"),
         pybind11::arg("mean"), pybind11::arg("rstd"), pybind11::arg("need_dweight"),
         pybind11::arg("need_dbias"));
+  // Attention
+  m.def("attention_fwd", &attention_fwd, "Attention forward -> (o, lse)", pybind11::arg("q"),
+        pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("mask"), pybind11::arg("scale"),
+        pybind11::arg("is_causal"), pybind11::arg("dropout_p"), pybind11::arg("seed"));
+  m.def("attention_bwd", &attention_bwd, "Attention backward -> (dq, dk, dv)", pybind11::arg("do"),
+        pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("o"),
+        pybind11::arg("lse"), pybind11::arg("mask"), pybind11::arg("scale"),
+        pybind11::arg("is_causal"), pybind11::arg("dropout_p"), pybind11::arg("seed"));
+  m.def("attention_dropout_mask", &attention_dropout_mask,
+        "The bool keep-mask (B, HQ, LQ, LK) attention draws for a seed (CPU, for tests)",
+        pybind11::arg("seed"), pybind11::arg("b"), pybind11::arg("hq"), pybind11::arg("lq"),
+        pybind11::arg("lk"), pybind11::arg("dropout_p"));
+  // Softmax
+  m.def("softmax_fwd", &softmax_fwd, "Scaled + masked softmax forward -> y", pybind11::arg("x"),
+        pybind11::arg("mask"), pybind11::arg("scale"), pybind11::arg("is_causal"));
+  m.def("softmax_bwd", &softmax_bwd, "Scaled + masked softmax backward -> dx", pybind11::arg("dy"),
+        pybind11::arg("y"), pybind11::arg("scale"));
+  // FFN
+  m.def("ffn_fwd", &ffn_fwd, "FFN forward -> (y, pre)", pybind11::arg("x"), pybind11::arg("w1"),
+        pybind11::arg("b1"), pybind11::arg("w2"), pybind11::arg("b2"), pybind11::arg("activation"),
+        pybind11::arg("dropout_p"), pybind11::arg("seed"));
+  m.def("ffn_bwd", &ffn_bwd, "FFN backward -> (dx, dw1, db1, dw2, db2)", pybind11::arg("dy"),
+        pybind11::arg("x"), pybind11::arg("w1"), pybind11::arg("b1"), pybind11::arg("w2"),
+        pybind11::arg("b2"), pybind11::arg("pre"), pybind11::arg("activation"),
+        pybind11::arg("dropout_p"), pybind11::arg("seed"));
+  m.def("ffn_dropout_mask", &ffn_dropout_mask, "The bool keep-mask of shape (..., F) ffn draws for a seed (CPU, for tests)",
+        pybind11::arg("seed"), pybind11::arg("shape"), pybind11::arg("dropout_p"));
 }

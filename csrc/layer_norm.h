@@ -11,6 +11,10 @@
 
 #include "common.h"
 
+#if defined(__CUDACC__) || defined(FUSEDFORMER_WITH_CUDA)
+#include <cuda_runtime.h>
+#endif
+
 namespace fusedformer {
 
 struct LayerNormFwdParams {
@@ -48,7 +52,16 @@ struct LayerNormBwdParams {
 // Number of row groups for the dweight/dbias partial sums (fixed for determinism).
 inline int64_t layer_norm_bwd_groups(int64_t rows) { return rows < 64 ? (rows > 0 ? rows : 1) : 64; }
 
+// The GPU's group count: one 256-thread block per group, up to 512 groups (~4 blocks per SM
+// on a 132-SM H100; a default, not yet measured on a GPU). partial is 8 · groups · cols bytes.
+inline int64_t layer_norm_bwd_groups_cuda(int64_t rows) { return rows < 512 ? (rows > 0 ? rows : 1) : 512; }
+
 void layer_norm_fwd_cpu(const LayerNormFwdParams& p);
 void layer_norm_bwd_cpu(const LayerNormBwdParams& p);
+
+#if defined(__CUDACC__) || defined(FUSEDFORMER_WITH_CUDA)
+void layer_norm_fwd_cuda(const LayerNormFwdParams& p, cudaStream_t stream);
+void layer_norm_bwd_cuda(const LayerNormBwdParams& p, cudaStream_t stream);
+#endif
 
 }  // namespace fusedformer

@@ -28,7 +28,7 @@ Launcher contract (every backend implements the same signatures, same saved tens
     ffn_fwd(x, w1, b1, w2, b2, activation, dropout_p, seed) -> (y, pre)
         x: (M, C); w1: (F1, C) with F1 = F (or 2F for swiglu); w2: (C, F); pre: (M, F1) the
         pre-activation, saved for backward
-    ffn_bwd(dy, x, w1, b1, w2, pre, activation, dropout_p, seed) -> (dx, dw1, db1, dw2, db2)
+    ffn_bwd(dy, x, w1, b1, w2, b2, pre, activation, dropout_p, seed) -> (dx, dw1, db1, dw2, db2)
         db1 / db2: (0,) when the bias is None
 Every output is a new contiguous tensor (the fake implementations promise exactly that to
 torch.compile). Dropout: `seed` is an int; a backend must draw the same keep-mask in forward and backward for

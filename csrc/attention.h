@@ -1,0 +1,94 @@
+// Scaled dot-product attention (FlashAttention-2): the params structs and kernel entry points.
+//
+//   forward:  s = (q kᵀ) · scale  (+ additive mask | -inf where a bool mask is False
+//             | -inf above the top-left causal diagonal: query i sees keys j <= i)
+//             p = softmax_j(s);  o = (p ∘ keep / (1 - dropout_p)) v
+//             lse_i = log Σ_j exp(s_ij)  (fp32; -inf for a row with every key masked,
+//             whose o row is 0)
+//   backward: Delta_i = Σ_d dO_id O_id;  P_ij = exp(s_ij - lse_i) (0 on a fully masked row)
+//             dV = Pdᵀ dO with Pd = P ∘ keep / (1 - p);  dP = (dO vᵀ) ∘ keep / (1 - p)
+//             dS = P ∘ (dP - Delta);  dQ = dS k · scale;  dK = dSᵀ q · scale
+// Layout (B, H, L, D) with int64 strides for batch, head and row and a unit last-dim stride.
+// Grouped-query attention: query head h reads kv head h / (HQ / HKV). The mask is read
+// through its own four strides (0 on a broadcast dim), so no (LQ, LK) tensor is ever built.
+// Dropout keep-masks come from csrc/philox.h, the same bits on the CPU and the GPU.
+#pragma once
+
+#include "common.h"
+
+#if defined(__CUDACC__) || defined(FUSEDFORMER_WITH_CUDA)
+#include <cuda_runtime.h>
+#endif
+
+namespace fusedformer {
+
+// What the mask pointer holds: nothing, bool (1 byte, true = attend) or an additive mask in
+// the storage dtype (added to the scaled scores; -inf masks a key out).
+enum class MaskKind : int { kNone = 0, kBool = 1, kAdditive = 2 };
+
+// The mask of one call, broadcast to (B, HQ, LQ, LK) by its strides.
+struct AttentionMask {
+  MaskKind kind = MaskKind::kNone;
+  const void* ptr = nullptr;
+  int64_t batch_stride = 0, head_stride = 0, row_stride = 0, col_stride = 0;
+};
+
+struct AttentionFwdParams {
+  DType dtype;
+  int64_t b, hq, hkv, lq, lk, d;  // q: (b, hq, lq, d); k, v: (b, hkv, lk, d); o like q
+  const void* q;
+  const void* k;
+  const void* v;
+  void* o;
+  int64_t q_batch_stride, q_head_stride, q_row_stride;
+  int64_t k_batch_stride, k_head_stride, k_row_stride;
+  int64_t v_batch_stride, v_head_stride, v_row_stride;
+  int64_t o_batch_stride, o_head_stride, o_row_stride;
+  AttentionMask mask;
+  float scale;
+  bool is_causal;
+  float dropout_p;  // in [0, 1)
+  uint64_t seed;    // Philox key (csrc/philox.h)
+  float* lse;       // (b, hq, lq) contiguous
+};
+
+struct AttentionBwdParams {
+  DType dtype;
+  int64_t b, hq, hkv, lq, lk, d;
+  const void* q;
+  const void* k;
+  const void* v;
+  const void* o;
+  const void* do_;  // (b, hq, lq, d): the gradient of o
+  void* dq;
+  void* dk;
+  void* dv;
+  int64_t q_batch_stride, q_head_stride, q_row_stride;
+  int64_t k_batch_stride, k_head_stride, k_row_stride;
+  int64_t v_batch_stride, v_head_stride, v_row_stride;
+  int64_t o_batch_stride, o_head_stride, o_row_stride;
+  int64_t do_batch_stride, do_head_stride, do_row_stride;
+  int64_t dq_batch_stride, dq_head_stride, dq_row_stride;
+  int64_t dk_batch_stride, dk_head_stride, dk_row_stride;
+  int64_t dv_batch_stride, dv_head_stride, dv_row_stride;
+  AttentionMask mask;
+  float scale;
+  bool is_causal;
+  float dropout_p;
+  uint64_t seed;
+  const float* lse;  // (b, hq, lq) contiguous, from the forward
+  float* delta;      // (b, hq, lq) contiguous scratch: Delta = rowsum(dO ∘ O)
+};
+
+// Largest head dim any backend of this op accepts.
+constexpr int64_t kAttentionMaxHeadDim = 256;
+
+void attention_fwd_cpu(const AttentionFwdParams& p);
+void attention_bwd_cpu(const AttentionBwdParams& p);
+
+#if defined(__CUDACC__) || defined(FUSEDFORMER_WITH_CUDA)
+void attention_fwd_cuda(const AttentionFwdParams& p, cudaStream_t stream);
+void attention_bwd_cuda(const AttentionBwdParams& p, cudaStream_t stream);
+#endif
+
+}  // namespace fusedformer

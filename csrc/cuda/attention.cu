@@ -1,0 +1,613 @@
+// Scaled dot-product attention on the GPU: the FlashAttention-2 forward and backward, torch-free
+// (params struct + stream). The CPU twin, csrc/cpu/attention.cpp, has the same loops and
+// names; read it first.
+//
+// Kernels (grid, block):
+//   attention_fwd_kernel        (query blocks, HQ, B)   online softmax over key blocks, o + lse
+//   attention_bwd_delta_kernel  (rows / warps)          Delta = rowsum(dO ∘ O), one warp per row
+//   attention_bwd_dkdv_kernel   (key blocks, HKV, B)    dK, dV: loops over the group's query
+//                                                       heads and the query blocks
+//   attention_bwd_dq_kernel     (query blocks, HQ, B)   dQ: loops over the key blocks
+// Every output element is summed by one thread in a fixed order: deterministic, no atomics.
+//
+// Warp tiling: each warp owns 16 rows of its block (queries, or keys in dK/dV) and holds that
+// 16 x N slab of scores and its 16 x D accumulators in registers, in the C-fragment layout of
+// `mma.sync.aligned.m16n8k16` (lane = 4 · group + t: rows group and group + 8, columns
+// 2t, 2t + 1 of each 8-column tile). Two warp-level products cover all four GEMMs of FA2:
+//   gemm_nt:    acc(16 x N) += A(16 x K) · Btᵀ   A, Bt row-major in shared memory (K contiguous)
+//                                                 S = Q Kᵀ, dP = dO Vᵀ, Sᵀ = K Qᵀ, dPᵀ = V dOᵀ
+//   gemm_rs_nn: acc(16 x N) += P(16 x K) · B     P in registers (an accumulator slab), B
+//                                                 row-major in shared memory: O += P V,
+//                                                 dQ += dS K, dV += Pᵀ dO, dK += dSᵀ Q
+// bf16 / fp16 storage: both on tensor cores (HMMA, inline PTX), P and dS rounded to the storage
+// dtype as the A operand, fp32 accumulation (as FlashAttention-2). fp32 storage: the same
+// kernels with SIMT fp32 products (the A operand of gemm_rs_nn goes through a per-warp shared
+// scratch), so fp32 keeps fp32 accuracy; it is a correctness path, not a fast one.
+//
+// Head dims: templates for D in {32, 64, 128, 256} (4 x 3 dtypes x 3 kernels keeps nvcc at a
+// few minutes for two archs on the 2-core CI machine; a 96 instantiation is the first thing
+// to add if d = 80 / 96 matter); any d <= 256 runs in the smallest that fits, with
+// zero-filled columns (d = 40 -> 64, d = 80 -> 128). Global loads are element-wise
+// and bounds-checked (any row stride, any alignment); vectorised 16-byte loads, ldmatrix and a
+// cp.async pipeline are the next steps once this runs on a GPU.
+//
+// STATUS: compiled for sm_80 and sm_90a (tests/test_nvcc.py); written without a GPU and never
+// run on one yet. The gpu tier of tests/test_attention_cpp.py checks it against the oracle.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+#include <type_traits>
+
+#include "../attention.h"
+#include "../philox.h"
+
+namespace fusedformer {
+namespace {
+
+constexpr float kInf = __builtin_huge_valf();
+
+// ---------------------------------------------------------------------------------------
+// Storage types
+
+template <typename T>
+__device__ __forceinline__ float to_float(T x);
+template <>
+__device__ __forceinline__ float to_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
+template <>
+__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
+
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ float from_float<float>(float x) { return x; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+
+// Two fp32 values as one 32-bit register of two 16-bit values, `lo` in the low half (the
+// lower k index of an mma operand pair).
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi);
+template <>
+__device__ __forceinline__ uint32_t pack2<__nv_bfloat16>(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+template <>
+__device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
+  const __half2 v = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+template <typename T>
+__device__ __forceinline__ uint32_t pack2_raw(T lo, T hi) {
+  return uint32_t(*reinterpret_cast<const uint16_t*>(&lo)) |
+         (uint32_t(*reinterpret_cast<const uint16_t*>(&hi)) << 16);
+}
+
+// D(16x8, fp32) += A(16x16) · B(16x8), bf16 or fp16 operands.
+template <typename T>
+__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                          uint32_t b1) {
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  } else {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+  }
+}
+
+// ---------------------------------------------------------------------------------------
+// Tiling of one (dtype, padded head dim) instantiation
+
+template <typename T, int kD>
+struct Traits {
+  static constexpr bool kTensorCores = !std::is_same_v<T, float>;
+  static constexpr int kWarps = kD <= 128 ? 4 : 2;  // D = 256: fewer rows, to fit registers
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kBlockM = 16 * kWarps;          // query rows: fwd and dQ blocks
+  static constexpr int kBlockN = kD <= 128 ? 64 : 32;  // keys per inner tile: fwd and dQ
+  static constexpr int kBwdBlockN = 16 * kWarps;       // key rows of a dK/dV block
+  static constexpr int kBwdBlockM = 32;                // queries per inner tile of dK/dV
+  // Shared rows padded by 16 bytes: the 8 rows a fragment load touches hit distinct banks.
+  static constexpr int kStride = kD + 16 / int(sizeof(T));
+  // fp32 only: per-warp scratch for the register operand of gemm_rs_nn (16 x K floats).
+  static constexpr int kScratchCols = kBlockN > kBwdBlockM ? kBlockN : kBwdBlockM;
+  static constexpr int kScratchBytes = kTensorCores ? 0 : kWarps * 16 * kScratchCols * 4;
+  static constexpr int kFwdSmem = (kBlockM + 2 * kBlockN) * kStride * int(sizeof(T)) + kScratchBytes;
+  static constexpr int kDqSmem =
+      (2 * kBlockM + 2 * kBlockN) * kStride * int(sizeof(T)) + 2 * kBlockM * 4 + kScratchBytes;
+  static constexpr int kDkdvSmem =
+      (2 * kBwdBlockN + 2 * kBwdBlockM) * kStride * int(sizeof(T)) + 2 * kBwdBlockM * 4 + kScratchBytes;
+  static_assert(kD % 16 == 0 && kBlockN % 16 == 0 && kBwdBlockM % 16 == 0, "mma k-steps of 16");
+};
+
+__device__ __forceinline__ uint32_t ld_shared_u32(const void* p) {
+  return *reinterpret_cast<const uint32_t*>(p);
+}
+
+// acc(16 x kN) += A(16 x kK) · Btᵀ, A and Bt (kN x kK) row-major in shared memory.
+template <typename T, int kK, int kN, int kStride>
+__device__ __forceinline__ void gemm_nt(float (&acc)[kN / 8][4], const T* A, const T* Bt, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  if constexpr (!std::is_same_v<T, float>) {
+#pragma unroll
+    for (int kk = 0; kk < kK; kk += 16) {
+      uint32_t a[4];
+      a[0] = ld_shared_u32(A + g * kStride + kk + 2 * t);
+      a[1] = ld_shared_u32(A + (g + 8) * kStride + kk + 2 * t);
+      a[2] = ld_shared_u32(A + g * kStride + kk + 8 + 2 * t);
+      a[3] = ld_shared_u32(A + (g + 8) * kStride + kk + 8 + 2 * t);
+#pragma unroll
+      for (int nt = 0; nt < kN / 8; ++nt) {
+        const T* b = Bt + (nt * 8 + g) * kStride + kk + 2 * t;
+        mma_16816<T>(acc[nt], a, ld_shared_u32(b), ld_shared_u32(b + 8));
+      }
+    }
+  } else {
+#pragma unroll
+    for (int nt = 0; nt < kN / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float* a = A + (g + 8 * (e >> 1)) * kStride;
+        const float* b = Bt + (nt * 8 + 2 * t + (e & 1)) * kStride;
+        float s = 0.f;
+#pragma unroll 4
+        for (int k = 0; k < kK; ++k) s += a[k] * b[k];
+        acc[nt][e] += s;
+      }
+    }
+  }
+}
+
+// acc(16 x kN) += P(16 x kK) · B, P a register slab in the accumulator layout, B (kK x kN)
+// row-major in shared memory. fp32: P goes through the warp's scratch (16 x kK floats).
+template <typename T, int kK, int kN, int kStride>
+__device__ __forceinline__ void gemm_rs_nn(float (&acc)[kN / 8][4], const float (&P)[kK / 8][4],
+                                           const T* B, float* scratch, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  if constexpr (!std::is_same_v<T, float>) {
+#pragma unroll
+    for (int kc = 0; kc < kK / 16; ++kc) {
+      const uint32_t a[4] = {pack2<T>(P[2 * kc][0], P[2 * kc][1]), pack2<T>(P[2 * kc][2], P[2 * kc][3]),
+                             pack2<T>(P[2 * kc + 1][0], P[2 * kc + 1][1]),
+                             pack2<T>(P[2 * kc + 1][2], P[2 * kc + 1][3])};
+      const T* b = B + (kc * 16 + 2 * t) * kStride + g;
+#pragma unroll
+      for (int nt = 0; nt < kN / 8; ++nt) {
+        const T* bn = b + nt * 8;
+        const uint32_t b0 = pack2_raw(bn[0], bn[kStride]);
+        const uint32_t b1 = pack2_raw(bn[8 * kStride], bn[9 * kStride]);
+        mma_16816<T>(acc[nt], a, b0, b1);
+      }
+    }
+  } else {
+    __syncwarp();
+#pragma unroll
+    for (int nt = 0; nt < kK / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) scratch[(g + 8 * (e >> 1)) * kK + nt * 8 + 2 * t + (e & 1)] = P[nt][e];
+    __syncwarp();
+#pragma unroll
+    for (int nt = 0; nt < kN / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const float* p = scratch + (g + 8 * (e >> 1)) * kK;
+        const float* b = B + nt * 8 + 2 * t + (e & 1);
+        float s = 0.f;
+#pragma unroll 4
+        for (int k = 0; k < kK; ++k) s += p[k] * b[k * kStride];
+        acc[nt][e] += s;
+      }
+    }
+  }
+}
+
+// Rows [r0, r0 + kRows) of one head (row stride `ld`, unit column stride) into a shared tile
+// (kRows x kD, row stride kStride); rows >= L and columns >= d are zero.
+template <typename T, int kRows, int kD, int kStride, int kThreads>
+__device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t ld, int64_t r0, int64_t L,
+                                          int64_t d) {
+  for (int idx = threadIdx.x; idx < kRows * kD; idx += kThreads) {
+    const int r = idx / kD, c = idx % kD;
+    dst[r * kStride + c] = (r0 + r < L && c < d) ? src[(r0 + r) * ld + c] : from_float<T>(0.f);
+  }
+}
+
+// The one definition of a score (the CPU twin's score_tile): s = q·k · scale, then the mask
+// and the top-left causal diagonal; -inf outside [0, lq) x [0, lk).
+template <typename T>
+__device__ __forceinline__ float masked_score(float qk, const AttentionMask& mask, float scale,
+                                              bool is_causal, int64_t lq, int64_t lk, int64_t bi,
+                                              int64_t h, int64_t i, int64_t j) {
+  if (i >= lq || j >= lk) return -kInf;
+  float s = qk * scale;
+  if (mask.kind != MaskKind::kNone) {
+    const int64_t mo = bi * mask.batch_stride + h * mask.head_stride + i * mask.row_stride +
+                       j * mask.col_stride;
+    if (mask.kind == MaskKind::kBool) {
+      if (!static_cast<const bool*>(mask.ptr)[mo]) s = -kInf;
+    } else {
+      s += to_float(static_cast<const T*>(mask.ptr)[mo]);
+    }
+  }
+  if (is_causal && j > i) s = -kInf;
+  return s;
+}
+
+// Philox keep bit of score (bi, h, i, j) (csrc/philox.h), out of line: inlined into every
+// element of the unrolled tiles it multiplied code size and compile time, and it only runs
+// when dropout_p > 0.
+__device__ __noinline__ bool keep_bit(const uint64_t seed, int64_t bi, int64_t h, int64_t i,
+                                      int64_t j, int64_t hq, int64_t lq, int64_t lk, float p) {
+  return dropout_keep(seed, bi, h, i, j, hq, lq, lk, p);
+}
+
+__device__ __forceinline__ float quad_max(float x) {
+  x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 1));
+  return fmaxf(x, __shfl_xor_sync(0xffffffffu, x, 2));
+}
+__device__ __forceinline__ float quad_sum(float x) {
+  x += __shfl_xor_sync(0xffffffffu, x, 1);
+  return x + __shfl_xor_sync(0xffffffffu, x, 2);
+}
+
+// Writes a warp's 16 x kD accumulator slab · mul[row] to rows [r0, r0 + 16) of a head.
+template <typename T, int kD>
+__device__ __forceinline__ void store_slab(const float (&acc)[kD / 8][4], const float (&mul)[2],
+                                           T* dst, int64_t ld, int64_t r0, int64_t L, int64_t d,
+                                           int lane) {
+  const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int nt = 0; nt < kD / 8; ++nt)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t r = r0 + g + 8 * (e >> 1);
+      const int c = nt * 8 + 2 * t + (e & 1);
+      if (r < L && c < d) dst[r * ld + c] = from_float<T>(acc[nt][e] * mul[e >> 1]);
+    }
+}
+
+__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// ---------------------------------------------------------------------------------------
+// Forward
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(Traits<T, kD>::kThreads)
+    attention_fwd_kernel(const AttentionFwdParams p) {
+  using Tr = Traits<T, kD>;
+  constexpr int kBM = Tr::kBlockM, kBN = Tr::kBlockN, kS = Tr::kStride;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sK = sQ + kBM * kS;
+  T* sV = sK + kBN * kS;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  float* scratch = reinterpret_cast<float*>(sV + kBN * kS) + warp * 16 * Tr::kScratchCols;
+
+  const int64_t qb = blockIdx.x, h = blockIdx.y, bi = blockIdx.z, hk = h / (p.hq / p.hkv);
+  const int64_t i0 = qb * kBM;
+  const bool dropout = p.dropout_p > 0.f;
+  const float rp = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
+  const T* q_head = static_cast<const T*>(p.q) + bi * p.q_batch_stride + h * p.q_head_stride;
+  const T* k_head = static_cast<const T*>(p.k) + bi * p.k_batch_stride + hk * p.k_head_stride;
+  const T* v_head = static_cast<const T*>(p.v) + bi * p.v_batch_stride + hk * p.v_head_stride;
+  load_tile<T, kBM, kD, kS, Tr::kThreads>(sQ, q_head, p.q_row_stride, i0, p.lq, p.d);
+
+  float acc[kD / 8][4] = {};
+  float m[2] = {-kInf, -kInf}, l[2] = {0.f, 0.f};  // rows g and g + 8 of this warp's slab
+  const int64_t nkb = ceil_div(p.lk, kBN);
+  const int64_t kb_end = p.is_causal ? min(nkb, ceil_div(min(i0 + kBM, p.lq), kBN)) : nkb;
+  for (int64_t kb = 0; kb < kb_end; ++kb) {
+    const int64_t j0 = kb * kBN;
+    __syncthreads();  // every warp is done with the previous K, V tiles
+    load_tile<T, kBN, kD, kS, Tr::kThreads>(sK, k_head, p.k_row_stride, j0, p.lk, p.d);
+    load_tile<T, kBN, kD, kS, Tr::kThreads>(sV, v_head, p.v_row_stride, j0, p.lk, p.d);
+    __syncthreads();
+
+    float s[kBN / 8][4] = {};
+    gemm_nt<T, kD, kBN, kS>(s, sQ + warp * 16 * kS, sK, lane);
+#pragma unroll
+    for (int nt = 0; nt < kBN / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        s[nt][e] = masked_score<T>(s[nt][e], p.mask, p.scale, p.is_causal, p.lq, p.lk, bi, h,
+                                   i0 + warp * 16 + g + 8 * (e >> 1), j0 + nt * 8 + 2 * t + (e & 1));
+
+    // Online softmax; the 4 lanes of a quad share rows g and g + 8.
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -kInf;
+#pragma unroll
+      for (int nt = 0; nt < kBN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
+      const float m_new = fmaxf(m[r], quad_max(mx));
+      const float m_use = m_new == -kInf ? 0.f : m_new;  // every key so far masked: p = 0
+      const float alpha = __expf(m[r] - m_use);           // 0 when m[r] = -inf
+      m[r] = m_new;
+      l[r] *= alpha;  // this lane's partial row sum, reduced over the quad at the end
+#pragma unroll
+      for (int nt = 0; nt < kD / 8; ++nt) {
+        acc[nt][2 * r] *= alpha;
+        acc[nt][2 * r + 1] *= alpha;
+      }
+      const int64_t i = i0 + warp * 16 + g + 8 * r;
+#pragma unroll
+      for (int nt = 0; nt < kBN / 8; ++nt)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const float pe = __expf(s[nt][2 * r + c] - m_use);
+          l[r] += pe;  // softmax's denominator: before dropout
+          const int64_t j = j0 + nt * 8 + 2 * t + c;
+          const bool keep = !dropout || (i < p.lq && j < p.lk &&
+                                         keep_bit(p.seed, bi, h, i, j, p.hq, p.lq, p.lk, p.dropout_p));
+          s[nt][2 * r + c] = keep ? pe : 0.f;
+        }
+    }
+    gemm_rs_nn<T, kBN, kD, kS>(acc, s, sV, scratch, lane);
+  }
+
+  float mul[2];
+  const int64_t row0 = i0 + warp * 16;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    l[r] = quad_sum(l[r]);
+    const bool empty = m[r] == -kInf;  // every key masked: o = 0, lse = -inf
+    mul[r] = empty ? 0.f : rp / l[r];
+    const int64_t i = row0 + g + 8 * r;
+    if (t == 0 && i < p.lq) p.lse[(bi * p.hq + h) * p.lq + i] = empty ? -kInf : m[r] + __logf(l[r]);
+  }
+  T* o_head = static_cast<T*>(p.o) + bi * p.o_batch_stride + h * p.o_head_stride;
+  store_slab<T, kD>(acc, mul, o_head, p.o_row_stride, row0, p.lq, p.d, lane);
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward
+
+// Delta_i = Σ_d dO_id O_id: one warp per row of (B, HQ, LQ).
+template <typename T>
+__global__ void attention_bwd_delta_kernel(const AttentionBwdParams p) {
+  const int64_t row = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= p.b * p.hq * p.lq) return;
+  const int64_t bi = row / (p.hq * p.lq), h = row / p.lq % p.hq, i = row % p.lq;
+  const T* o = static_cast<const T*>(p.o) + bi * p.o_batch_stride + h * p.o_head_stride + i * p.o_row_stride;
+  const T* g = static_cast<const T*>(p.do_) + bi * p.do_batch_stride + h * p.do_head_stride + i * p.do_row_stride;
+  float s = 0.f;
+  for (int64_t e = lane; e < p.d; e += 32) s += to_float(o[e]) * to_float(g[e]);
+#pragma unroll
+  for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
+  if (lane == 0) p.delta[row] = s;
+}
+
+// lse and Delta of rows [r0, r0 + n) into shared memory. P = exp(s - lse) must be 0 on a fully
+// masked row (lse = -inf) and on rows past LQ: both get lse = +inf (and Delta = 0).
+template <int kRows, int kThreads>
+__device__ __forceinline__ void load_row_stats(float* s_lse, float* s_delta, const AttentionBwdParams& p,
+                                               int64_t bi, int64_t h, int64_t r0) {
+  for (int r = threadIdx.x; r < kRows; r += kThreads) {
+    const int64_t i = r0 + r, row = (bi * p.hq + h) * p.lq + i;
+    const float lse = i < p.lq ? p.lse[row] : -kInf;
+    s_lse[r] = lse == -kInf ? kInf : lse;
+    s_delta[r] = i < p.lq ? p.delta[row] : 0.f;
+  }
+}
+
+// dK, dV of one key block: rows of the warp slabs are keys, columns queries (Sᵀ, dPᵀ).
+template <typename T, int kD>
+__global__ void __launch_bounds__(Traits<T, kD>::kThreads)
+    attention_bwd_dkdv_kernel(const AttentionBwdParams p) {
+  using Tr = Traits<T, kD>;
+  constexpr int kBN = Tr::kBwdBlockN, kBM = Tr::kBwdBlockM, kS = Tr::kStride;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sK = reinterpret_cast<T*>(smem);
+  T* sV = sK + kBN * kS;
+  T* sQ = sV + kBN * kS;
+  T* sdO = sQ + kBM * kS;
+  float* s_lse = reinterpret_cast<float*>(sdO + kBM * kS);
+  float* s_delta = s_lse + kBM;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  float* scratch = s_delta + kBM + warp * 16 * Tr::kScratchCols;
+
+  const int64_t kb = blockIdx.x, hk = blockIdx.y, bi = blockIdx.z, group = p.hq / p.hkv;
+  const int64_t j0 = kb * kBN;
+  const bool dropout = p.dropout_p > 0.f;
+  const float rp = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
+  load_tile<T, kBN, kD, kS, Tr::kThreads>(
+      sK, static_cast<const T*>(p.k) + bi * p.k_batch_stride + hk * p.k_head_stride, p.k_row_stride, j0, p.lk, p.d);
+  load_tile<T, kBN, kD, kS, Tr::kThreads>(
+      sV, static_cast<const T*>(p.v) + bi * p.v_batch_stride + hk * p.v_head_stride, p.v_row_stride, j0, p.lk, p.d);
+
+  float dk[kD / 8][4] = {}, dv[kD / 8][4] = {};
+  const int64_t nqb = ceil_div(p.lq, kBM);
+  const int64_t qb_begin = p.is_causal ? j0 / kBM : 0;  // query rows i < j0 see no key here
+  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+    const T* q_head = static_cast<const T*>(p.q) + bi * p.q_batch_stride + h * p.q_head_stride;
+    const T* do_head = static_cast<const T*>(p.do_) + bi * p.do_batch_stride + h * p.do_head_stride;
+    for (int64_t qb = qb_begin; qb < nqb; ++qb) {
+      const int64_t i0 = qb * kBM;
+      __syncthreads();  // every warp is done with the previous Q, dO tiles
+      load_tile<T, kBM, kD, kS, Tr::kThreads>(sQ, q_head, p.q_row_stride, i0, p.lq, p.d);
+      load_tile<T, kBM, kD, kS, Tr::kThreads>(sdO, do_head, p.do_row_stride, i0, p.lq, p.d);
+      load_row_stats<kBM, Tr::kThreads>(s_lse, s_delta, p, bi, h, i0);
+      __syncthreads();
+
+      float st[kBM / 8][4] = {}, dpt[kBM / 8][4] = {};
+      gemm_nt<T, kD, kBM, kS>(st, sK + warp * 16 * kS, sQ, lane);    // Sᵀ = K Qᵀ
+      gemm_nt<T, kD, kBM, kS>(dpt, sV + warp * 16 * kS, sdO, lane);  // dPᵀ = V dOᵀ
+#pragma unroll
+      for (int nt = 0; nt < kBM / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int c = nt * 8 + 2 * t + (e & 1);  // query row within the tile
+          const int64_t i = i0 + c, j = j0 + warp * 16 + g + 8 * (e >> 1);
+          const float s = masked_score<T>(st[nt][e], p.mask, p.scale, p.is_causal, p.lq, p.lk, bi, h, i, j);
+          const float pe = __expf(s - s_lse[c]);
+          const bool keep = !dropout || (i < p.lq && j < p.lk &&
+                                         keep_bit(p.seed, bi, h, i, j, p.hq, p.lq, p.lk, p.dropout_p));
+          st[nt][e] = keep ? pe * rp : 0.f;                                    // Pdᵀ
+          dpt[nt][e] = pe * ((keep ? dpt[nt][e] * rp : 0.f) - s_delta[c]);  // dSᵀ
+        }
+      gemm_rs_nn<T, kBM, kD, kS>(dv, st, sdO, scratch, lane);  // dV += Pdᵀ dO
+      gemm_rs_nn<T, kBM, kD, kS>(dk, dpt, sQ, scratch, lane);  // dK += dSᵀ Q
+    }
+  }
+  const float mul_dk[2] = {p.scale, p.scale}, mul_dv[2] = {1.f, 1.f};
+  const int64_t row0 = j0 + warp * 16;
+  store_slab<T, kD>(dk, mul_dk, static_cast<T*>(p.dk) + bi * p.dk_batch_stride + hk * p.dk_head_stride,
+                    p.dk_row_stride, row0, p.lk, p.d, lane);
+  store_slab<T, kD>(dv, mul_dv, static_cast<T*>(p.dv) + bi * p.dv_batch_stride + hk * p.dv_head_stride,
+                    p.dv_row_stride, row0, p.lk, p.d, lane);
+}
+
+// dQ of one query block: loops over the key blocks it reads (as the forward).
+template <typename T, int kD>
+__global__ void __launch_bounds__(Traits<T, kD>::kThreads)
+    attention_bwd_dq_kernel(const AttentionBwdParams p) {
+  using Tr = Traits<T, kD>;
+  constexpr int kBM = Tr::kBlockM, kBN = Tr::kBlockN, kS = Tr::kStride;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem);
+  T* sdO = sQ + kBM * kS;
+  T* sK = sdO + kBM * kS;
+  T* sV = sK + kBN * kS;
+  float* s_lse = reinterpret_cast<float*>(sV + kBN * kS);
+  float* s_delta = s_lse + kBM;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  float* scratch = s_delta + kBM + warp * 16 * Tr::kScratchCols;
+
+  const int64_t qb = blockIdx.x, h = blockIdx.y, bi = blockIdx.z, hk = h / (p.hq / p.hkv);
+  const int64_t i0 = qb * kBM;
+  const bool dropout = p.dropout_p > 0.f;
+  const float rp = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
+  const T* k_head = static_cast<const T*>(p.k) + bi * p.k_batch_stride + hk * p.k_head_stride;
+  const T* v_head = static_cast<const T*>(p.v) + bi * p.v_batch_stride + hk * p.v_head_stride;
+  load_tile<T, kBM, kD, kS, Tr::kThreads>(
+      sQ, static_cast<const T*>(p.q) + bi * p.q_batch_stride + h * p.q_head_stride, p.q_row_stride, i0, p.lq, p.d);
+  load_tile<T, kBM, kD, kS, Tr::kThreads>(
+      sdO, static_cast<const T*>(p.do_) + bi * p.do_batch_stride + h * p.do_head_stride, p.do_row_stride, i0, p.lq, p.d);
+  load_row_stats<kBM, Tr::kThreads>(s_lse, s_delta, p, bi, h, i0);
+
+  float dq[kD / 8][4] = {};
+  const int64_t nkb = ceil_div(p.lk, kBN);
+  const int64_t kb_end = p.is_causal ? min(nkb, ceil_div(min(i0 + kBM, p.lq), kBN)) : nkb;
+  for (int64_t kb = 0; kb < kb_end; ++kb) {
+    const int64_t j0 = kb * kBN;
+    __syncthreads();
+    load_tile<T, kBN, kD, kS, Tr::kThreads>(sK, k_head, p.k_row_stride, j0, p.lk, p.d);
+    load_tile<T, kBN, kD, kS, Tr::kThreads>(sV, v_head, p.v_row_stride, j0, p.lk, p.d);
+    __syncthreads();
+
+    float s[kBN / 8][4] = {}, dp[kBN / 8][4] = {};
+    gemm_nt<T, kD, kBN, kS>(s, sQ + warp * 16 * kS, sK, lane);    // S = Q Kᵀ
+    gemm_nt<T, kD, kBN, kS>(dp, sdO + warp * 16 * kS, sV, lane);  // dP = dO Vᵀ
+#pragma unroll
+    for (int nt = 0; nt < kBN / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = warp * 16 + g + 8 * (e >> 1);  // query row within the block
+        const int64_t i = i0 + r, j = j0 + nt * 8 + 2 * t + (e & 1);
+        const float sc = masked_score<T>(s[nt][e], p.mask, p.scale, p.is_causal, p.lq, p.lk, bi, h, i, j);
+        const float pe = __expf(sc - s_lse[r]);
+        const bool keep = !dropout || (i < p.lq && j < p.lk &&
+                                       keep_bit(p.seed, bi, h, i, j, p.hq, p.lq, p.lk, p.dropout_p));
+        s[nt][e] = pe * ((keep ? dp[nt][e] * rp : 0.f) - s_delta[r]);  // dS
+      }
+    gemm_rs_nn<T, kBN, kD, kS>(dq, s, sK, scratch, lane);  // dQ += dS K
+  }
+  const float mul[2] = {p.scale, p.scale};
+  store_slab<T, kD>(dq, mul, static_cast<T*>(p.dq) + bi * p.dq_batch_stride + h * p.dq_head_stride,
+                    p.dq_row_stride, i0 + warp * 16, p.lq, p.d, lane);
+}
+
+// ---------------------------------------------------------------------------------------
+// Launch
+
+void check_cuda(cudaError_t err, const char* what) {
+  if (err != cudaSuccess)
+    throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
+}
+
+template <typename Kernel, typename Params>
+void launch(Kernel kernel, dim3 grid, int threads, int smem, cudaStream_t stream,
+            const char* what, const Params& params) {
+  if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
+  if (smem > 48 * 1024)
+    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), what);
+  kernel<<<grid, threads, smem, stream>>>(params);
+  check_cuda(cudaGetLastError(), what);
+}
+
+template <typename P>
+void check_grid(const P& p, const char* op) {
+  if (p.hq > 65535 || p.b > 65535)
+    throw std::runtime_error(std::string(op) + ": the CUDA kernel supports at most 65535 heads and "
+                             "65535 batches, got B = " + std::to_string(p.b) + ", HQ = " +
+                             std::to_string(p.hq));
+}
+
+// Calls f(T{}, std::integral_constant<int, kD>{}) with the storage type and the padded head dim.
+template <typename P, typename F>
+void dispatch(const P& p, F&& f) {
+  auto by_dim = [&](auto tag) {
+    using T = decltype(tag);
+    if (p.d <= 32) return f(T{}, std::integral_constant<int, 32>{});
+    if (p.d <= 64) return f(T{}, std::integral_constant<int, 64>{});
+    if (p.d <= 128) return f(T{}, std::integral_constant<int, 128>{});
+    if (p.d <= 256) return f(T{}, std::integral_constant<int, 256>{});
+    throw std::runtime_error("attention (cuda): head dim must be <= 256, got " + std::to_string(p.d));
+  };
+  switch (p.dtype) {
+    case DType::kFloat32: return by_dim(float{});
+    case DType::kBFloat16: return by_dim(__nv_bfloat16{});
+    case DType::kFloat16: return by_dim(__half{});
+  }
+}
+
+}  // namespace
+
+void attention_fwd_cuda(const AttentionFwdParams& p, cudaStream_t stream) {
+  check_grid(p, "attention_fwd");
+  dispatch(p, [&](auto tag, auto dim) {
+    using T = decltype(tag);
+    constexpr int kD = decltype(dim)::value;
+    using Tr = Traits<T, kD>;
+    const dim3 grid(unsigned(ceil_div(p.lq, Tr::kBlockM)), unsigned(p.hq), unsigned(p.b));
+    launch(attention_fwd_kernel<T, kD>, grid, Tr::kThreads, Tr::kFwdSmem, stream,
+           "attention_fwd_kernel", p);
+  });
+}
+
+void attention_bwd_cuda(const AttentionBwdParams& p, cudaStream_t stream) {
+  check_grid(p, "attention_bwd");
+  dispatch(p, [&](auto tag, auto dim) {
+    using T = decltype(tag);
+    constexpr int kD = decltype(dim)::value;
+    using Tr = Traits<T, kD>;
+    constexpr int kDeltaWarps = 8;
+    const dim3 delta_grid(unsigned(ceil_div(p.b * p.hq * p.lq, kDeltaWarps)));
+    launch(attention_bwd_delta_kernel<T>, delta_grid, 32 * kDeltaWarps, 0, stream,
+           "attention_bwd_delta_kernel", p);
+    const dim3 dkdv_grid(unsigned(ceil_div(p.lk, Tr::kBwdBlockN)), unsigned(p.hkv), unsigned(p.b));
+    launch(attention_bwd_dkdv_kernel<T, kD>, dkdv_grid, Tr::kThreads, Tr::kDkdvSmem, stream,
+           "attention_bwd_dkdv_kernel", p);
+    const dim3 dq_grid(unsigned(ceil_div(p.lq, Tr::kBlockM)), unsigned(p.hq), unsigned(p.b));
+    launch(attention_bwd_dq_kernel<T, kD>, dq_grid, Tr::kThreads, Tr::kDqSmem, stream,
+           "attention_bwd_dq_kernel", p);
+  });
+}
+
+}  // namespace fusedformer

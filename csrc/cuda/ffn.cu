@@ -1,0 +1,487 @@
+// FFN on the GPU (the CPU twin is csrc/cpu/ffn.cpp, which runs its GEMMs in ATen): our own
+// GEMMs, C[i, n] = Σ_k A(i, k) · B(n, k), with the elementwise work fused in their epilogues.
+//
+//   forward   G1: pre = x w1ᵀ; epilogue: + b1, store pre, hidden = act(pre) · keep / (1 - p)
+//             G2: y = hidden w2ᵀ; epilogue: + b2
+//   backward  G3: d_hidden = dy w2; epilogue: d_pre = d_hidden · keep / (1 - p) · act'(pre),
+//                 and hidden recomputed from pre (for G6)
+//             G4: dx = d_pre w1      G5: dw1 = d_preᵀ x      G6: dw2 = dyᵀ hidden
+//             db1 / db2: column sums of d_pre / dy (one thread per column, fixed order)
+// swiglu in G1: a block's N tile holds gate and up columns of the same hidden units (tile
+// column remap below), so one thread owns both accumulators and writes silu(gate) · up.
+//
+// bf16 / fp16: tensor cores through inline PTX mma.sync.aligned.m16n8k16 (fp32 accumulate):
+//   block tile 128 x 128 x 32, 8 warps (2 x 4), warp tile 64 x 32 (4 x 4 mma tiles, 64 fp32
+//   accumulators per thread); A and B tiles double-buffered in shared memory (rows padded to
+//   40 halves: conflict-free 32-bit fragment reads), filled with 16-byte cp.async when the
+//   operand is K-contiguous and aligned, else by 16-byte loads transposed into shared memory
+//   (M/N-contiguous operands: G3-G6), else element by element (odd sizes, any alignment).
+// fp32: a SIMT tiled GEMM (64 x 64 x 16 tiles, 4 x 4 outputs per thread, fp32 FMA): exact
+//   fp32 like the CPU reference (TF32 tensor cores would not meet fp32 tolerances).
+// Napkin math: FLOPs = 2·M·C·F1 + 2·M·F·C forward, twice that backward; at (8192, 4096,
+// 16384) bf16 that is 1.6 TFLOP forward, ~2 ms at H100's ~800 TFLOP/s dense peak. This
+// mma.sync kernel (no wgmma/TMA, no warp specialization) will sit well below that peak.
+// torch-free: raw pointers, sizes, a stream. Workspaces (hidden, d_pre) come from the caller.
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <type_traits>
+
+#include "../ffn.h"
+
+namespace fusedformer {
+namespace {
+
+__device__ __forceinline__ float to_f(float v) { return v; }
+__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
+__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
+template <typename T>
+__device__ __forceinline__ T from_f(float v);
+template <>
+__device__ __forceinline__ float from_f<float>(float v) { return v; }
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
+template <>
+__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+// v rounded to storage precision (pre is stored, and backward recomputes from the stored pre).
+template <typename T>
+__device__ __forceinline__ float round_t(float v) { return to_f(from_f<T>(v)); }
+
+// ---- operands and tile rows ---------------------------------------------------------------
+
+// One GEMM operand: element (r, k) at ptr[r·ld + k] (k_contig) or ptr[k·ld + r].
+struct Operand {
+  const void* ptr;
+  int64_t rows, ld;
+  bool k_contig;
+  bool vec;  // 16-byte accesses allowed along the contiguous dim (aligned, ld and size % 8)
+};
+
+// Tile row -> operand row. Plain: r0 + t. Paired (swiglu's w1, `half` = F): tile rows come in
+// groups of 2G, the first G the gate rows of G hidden units, the next G their up rows
+// (F + the same units). Returns -1 past the operand.
+struct RowMap {
+  int64_t r0, rows, half;
+  int g;  // 0: plain
+  __device__ __forceinline__ int64_t operator()(int t) const {
+    if (g == 0) return r0 + t < rows ? r0 + t : -1;
+    const int q = t / (2 * g), w = t % (2 * g);
+    const int64_t j = r0 + int64_t(q) * g + (w < g ? w : w - g);
+    if (j >= half) return -1;
+    return w < g ? j : half + j;
+  }
+};
+
+// ---- epilogues: called with fp32 accumulators, write storage-dtype outputs ----------------
+
+// c[i, n] = acc (+ bias[n]).
+template <typename T>
+struct StoreEpi {
+  T* c;
+  int64_t ldc;
+  const T* bias;
+  __device__ __forceinline__ void operator()(int64_t i, int64_t n, float v) const {
+    if (bias) v += to_f(bias[n]);
+    c[i * ldc + n] = from_f<T>(v);
+  }
+  __device__ __forceinline__ void pair(int64_t, int64_t, float, float) const {}
+};
+
+// G1: pre = acc + b1 (stored), hidden = act(pre) · keep / (1 - p).
+template <typename T>
+struct FwdHiddenEpi {
+  const T* b1;
+  T* pre;
+  T* hidden;
+  int64_t f;
+  FfnActivation act;
+  float p;
+  uint64_t seed;
+  __device__ __forceinline__ void operator()(int64_t i, int64_t j, float v) const {  // relu, gelu*
+    const float a = round_t<T>(v + (b1 ? to_f(b1[j]) : 0.f));
+    pre[i * f + j] = from_f<T>(a);
+    hidden[i * f + j] = from_f<T>(ffn_act(act, a) * ffn_dropout_scale(seed, i, j, f, p));
+  }
+  __device__ __forceinline__ void pair(int64_t i, int64_t j, float g, float u) const {  // swiglu
+    const float a = round_t<T>(g + (b1 ? to_f(b1[j]) : 0.f));
+    const float up = round_t<T>(u + (b1 ? to_f(b1[f + j]) : 0.f));
+    pre[i * 2 * f + j] = from_f<T>(a);
+    pre[i * 2 * f + f + j] = from_f<T>(up);
+    hidden[i * f + j] = from_f<T>(a * ffn_sigmoid(a) * up * ffn_dropout_scale(seed, i, j, f, p));
+  }
+};
+
+// G3: d_pre from d_hidden = acc and the saved pre; hidden recomputed for G6.
+template <typename T>
+struct BwdDpreEpi {
+  const T* pre;
+  T* d_pre;
+  T* hidden;
+  int64_t f;
+  FfnActivation act;
+  float p;
+  uint64_t seed;
+  __device__ __forceinline__ void operator()(int64_t i, int64_t j, float v) const {
+    const float drop = ffn_dropout_scale(seed, i, j, f, p);
+    const float g = v * drop;
+    if (act == FfnActivation::kSwiglu) {
+      const float a = to_f(pre[i * 2 * f + j]), up = to_f(pre[i * 2 * f + f + j]);
+      const float s = ffn_sigmoid(a), silu = a * s;
+      d_pre[i * 2 * f + j] = from_f<T>(g * up * s * (1.f + a * (1.f - s)));
+      d_pre[i * 2 * f + f + j] = from_f<T>(g * silu);
+      hidden[i * f + j] = from_f<T>(silu * up * drop);
+    } else {
+      const float a = to_f(pre[i * f + j]);
+      d_pre[i * f + j] = from_f<T>(g * ffn_act_grad(act, a));
+      hidden[i * f + j] = from_f<T>(ffn_act(act, a) * drop);
+    }
+  }
+  __device__ __forceinline__ void pair(int64_t, int64_t, float, float) const {}
+};
+
+// ---- tensor-core GEMM (bf16 / fp16) -------------------------------------------------------
+
+constexpr int kBM = 128, kBN = 128, kBK = 32, kLds = kBK + 8;  // smem row: 40 halves = 80 B
+constexpr int kThreads = 256;                                   // 8 warps: 2 (M) x 4 (N)
+constexpr int kPairG = 16;  // swiglu: a warp's 32 columns = 16 gate units + the same 16 up
+
+template <typename T>
+struct Mma;
+template <>
+struct Mma<__nv_bfloat16> {
+  __device__ __forceinline__ static void run(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+};
+template <>
+struct Mma<__half> {
+  __device__ __forceinline__ static void run(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+        "{%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+  }
+};
+
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  const int bytes = valid ? 16 : 0;  // 0: nothing read, the 16 bytes are zero-filled
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+
+template <typename T>
+struct alignas(16) Vec8 {
+  T v[8];
+};
+
+// Fills tile[t][kk] = op(map(t), k0 + kk) for t < 128, kk < 32 (zeros outside the operand).
+template <typename T>
+__device__ __forceinline__ void load_tile(T (*tile)[kLds], const Operand& op, const RowMap& map,
+                                          int64_t k0, int64_t K) {
+  const T* src = static_cast<const T*>(op.ptr);
+  const int tid = threadIdx.x;
+  if (op.k_contig && op.vec) {  // 512 16-byte chunks, 2 per thread, asynchronous
+#pragma unroll
+    for (int it = 0; it < 2; ++it) {
+      const int c = tid + it * kThreads, t = c >> 2, kk = (c & 3) * 8;
+      const int64_t r = map(t);
+      const bool valid = r >= 0 && k0 + kk < K;  // K % 8 == 0: a chunk is all in or all out
+      cp_async16(&tile[t][kk], valid ? src + r * op.ld + k0 + kk : src, valid);
+    }
+  } else if (op.k_contig) {  // element by element, coalesced along k
+#pragma unroll 4
+    for (int it = 0; it < kBM * kBK / kThreads; ++it) {
+      const int e = tid + it * kThreads, t = e >> 5, kk = e & 31;
+      const int64_t r = map(t);
+      tile[t][kk] = (r >= 0 && k0 + kk < K) ? src[r * op.ld + k0 + kk] : from_f<T>(0.f);
+    }
+  } else if (op.vec && map.g == 0) {  // M/N-contiguous: 16-byte loads, transposed into smem
+#pragma unroll
+    for (int it = 0; it < 2; ++it) {
+      const int c = tid + it * kThreads, kk = c >> 4, t0 = (c & 15) * 8;
+      const int64_t r = map.r0 + t0;
+      Vec8<T> v;
+      if (r < op.rows && k0 + kk < K) {  // rows % 8 == 0: all 8 rows in or out
+        v = *reinterpret_cast<const Vec8<T>*>(src + (k0 + kk) * op.ld + r);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) v.v[e] = from_f<T>(0.f);
+      }
+#pragma unroll
+      for (int e = 0; e < 8; ++e) tile[t0 + e][kk] = v.v[e];
+    }
+  } else {  // M/N-contiguous, element by element, coalesced along the rows
+#pragma unroll 4
+    for (int it = 0; it < kBM * kBK / kThreads; ++it) {
+      const int e = tid + it * kThreads, t = e & (kBM - 1), kk = e >> 7;
+      const int64_t r = map(t);
+      tile[t][kk] = (r >= 0 && k0 + kk < K) ? src[(k0 + kk) * op.ld + r] : from_f<T>(0.f);
+    }
+  }
+}
+
+// C (M x N) = A (M x K) · B (N x K)ᵀ, epilogue per element (or per gate/up pair: PAIRED).
+template <typename T, typename Epi, bool PAIRED>
+__global__ void __launch_bounds__(kThreads) gemm_mma(Operand a, Operand b, int64_t M, int64_t N,
+                                                     int64_t K, Epi epi) {
+  __shared__ __align__(16) T As[2][kBM][kLds];
+  __shared__ __align__(16) T Bs[2][kBN][kLds];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int wm = warp >> 2, wn = warp & 3;  // warp tile origin: (wm · 64, wn · 32)
+  const int g = lane >> 2, t4 = lane & 3;   // mma fragment coordinates
+  const int64_t m0 = int64_t(blockIdx.x) * kBM;
+  // PAIRED: N counts hidden units (F); the tile covers 64 units, gate and up.
+  const int64_t n0 = int64_t(blockIdx.y) * (PAIRED ? kBN / 2 : kBN);
+  const RowMap amap{m0, M, 0, 0};
+  const RowMap bmap{n0, PAIRED ? N : b.rows, N, PAIRED ? kPairG : 0};
+
+  float acc[4][4][4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i)
+#pragma unroll
+    for (int j = 0; j < 4; ++j)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
+
+  const int64_t ktiles = (K + kBK - 1) / kBK;
+  load_tile<T>(As[0], a, amap, 0, K);
+  load_tile<T>(Bs[0], b, bmap, 0, K);
+  cp_async_commit();
+  for (int64_t kt = 0; kt < ktiles; ++kt) {
+    const int s = int(kt & 1);
+    cp_async_wait_all();  // stage s has landed (this thread's copies) ...
+    __syncthreads();      // ... and everyone's; stage s ^ 1 is no longer being read
+    if (kt + 1 < ktiles) {  // prefetch the next stage while this one is multiplied
+      load_tile<T>(As[s ^ 1], a, amap, (kt + 1) * kBK, K);
+      load_tile<T>(Bs[s ^ 1], b, bmap, (kt + 1) * kBK, K);
+      cp_async_commit();
+    }
+#pragma unroll
+    for (int kk = 0; kk < kBK; kk += 16) {
+      uint32_t af[4][4], bf[4][2];
+#pragma unroll
+      for (int mt = 0; mt < 4; ++mt) {
+        const int r = wm * 64 + mt * 16 + g, c = kk + t4 * 2;
+        af[mt][0] = *reinterpret_cast<const uint32_t*>(&As[s][r][c]);
+        af[mt][1] = *reinterpret_cast<const uint32_t*>(&As[s][r + 8][c]);
+        af[mt][2] = *reinterpret_cast<const uint32_t*>(&As[s][r][c + 8]);
+        af[mt][3] = *reinterpret_cast<const uint32_t*>(&As[s][r + 8][c + 8]);
+      }
+#pragma unroll
+      for (int nt = 0; nt < 4; ++nt) {
+        const int r = wn * 32 + nt * 8 + g, c = kk + t4 * 2;
+        bf[nt][0] = *reinterpret_cast<const uint32_t*>(&Bs[s][r][c]);
+        bf[nt][1] = *reinterpret_cast<const uint32_t*>(&Bs[s][r][c + 8]);
+      }
+#pragma unroll
+      for (int mt = 0; mt < 4; ++mt)
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) Mma<T>::run(acc[mt][nt], af[mt], bf[nt]);
+    }
+  }
+
+  // Epilogue straight from the accumulator fragments: element e of tile (mt, nt) is row
+  // g (+8 for e >= 2), column 2·t4 + (e & 1).
+#pragma unroll
+  for (int mt = 0; mt < 4; ++mt) {
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const int64_t i = m0 + wm * 64 + mt * 16 + g + (e >= 2 ? 8 : 0);
+      if (i >= M) continue;
+      if (PAIRED) {  // tiles nt and nt + 2 hold the gate and up of the same units
+#pragma unroll
+        for (int nt = 0; nt < 2; ++nt) {
+          const int64_t j = n0 + wn * kPairG + nt * 8 + t4 * 2 + (e & 1);
+          if (j < N) epi.pair(i, j, acc[mt][nt][e], acc[mt][nt + 2][e]);
+        }
+      } else {
+#pragma unroll
+        for (int nt = 0; nt < 4; ++nt) {
+          const int64_t n = n0 + wn * 32 + nt * 8 + t4 * 2 + (e & 1);
+          if (n < N) epi(i, n, acc[mt][nt][e]);
+        }
+      }
+    }
+  }
+}
+
+// ---- SIMT GEMM (fp32) ------------------------------------------------------------------------
+
+constexpr int kSBM = 64, kSBN = 64, kSBK = 16;  // 256 threads as 16 x 16, 4 x 4 outputs each
+constexpr int kSimtPairG = 2;                   // swiglu: a thread's 4 columns = 2 gate + 2 up
+
+__device__ __forceinline__ float simt_load(const Operand& op, int64_t r, int64_t k, int64_t K) {
+  if (r < 0 || k >= K) return 0.f;
+  const float* src = static_cast<const float*>(op.ptr);
+  return op.k_contig ? src[r * op.ld + k] : src[k * op.ld + r];
+}
+
+template <typename Epi, bool PAIRED>
+__global__ void __launch_bounds__(256) gemm_simt(Operand a, Operand b, int64_t M, int64_t N,
+                                                 int64_t K, Epi epi) {
+  __shared__ float As[kSBK][kSBM + 4];  // k-major: a thread reads 4 consecutive rows
+  __shared__ float Bs[kSBK][kSBN + 4];
+  const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+  const int64_t m0 = int64_t(blockIdx.x) * kSBM;
+  const int64_t n0 = int64_t(blockIdx.y) * (PAIRED ? kSBN / 2 : kSBN);
+  const RowMap amap{m0, M, 0, 0};
+  const RowMap bmap{n0, PAIRED ? N : b.rows, N, PAIRED ? kSimtPairG : 0};
+  float acc[4][4] = {};
+  for (int64_t k0 = 0; k0 < K; k0 += kSBK) {
+#pragma unroll
+    for (int it = 0; it < kSBM * kSBK / 256; ++it) {
+      const int e = tid + it * 256;
+      // Coalesced along the operand's contiguous dim.
+      const int ta = a.k_contig ? e / kSBK : e % kSBM, ka = a.k_contig ? e % kSBK : e / kSBM;
+      As[ka][ta] = simt_load(a, amap(ta), k0 + ka, K);
+      const int tb = b.k_contig ? e / kSBK : e % kSBN, kb = b.k_contig ? e % kSBK : e / kSBN;
+      Bs[kb][tb] = simt_load(b, bmap(tb), k0 + kb, K);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int kk = 0; kk < kSBK; ++kk) {
+      float av[4], bv[4];
+#pragma unroll
+      for (int x = 0; x < 4; ++x) {
+        av[x] = As[kk][ty * 4 + x];
+        bv[x] = Bs[kk][tx * 4 + x];
+      }
+#pragma unroll
+      for (int x = 0; x < 4; ++x)
+#pragma unroll
+        for (int y = 0; y < 4; ++y) acc[x][y] = fmaf(av[x], bv[y], acc[x][y]);
+    }
+    __syncthreads();
+  }
+#pragma unroll
+  for (int x = 0; x < 4; ++x) {
+    const int64_t i = m0 + ty * 4 + x;
+    if (i >= M) continue;
+    if (PAIRED) {  // columns tx·4 + {0, 1} are gate units, tx·4 + {2, 3} their up rows
+#pragma unroll
+      for (int y = 0; y < 2; ++y) {
+        const int64_t j = n0 + tx * kSimtPairG + y;
+        if (j < N) epi.pair(i, j, acc[x][y], acc[x][y + 2]);
+      }
+    } else {
+#pragma unroll
+      for (int y = 0; y < 4; ++y) {
+        const int64_t n = n0 + tx * 4 + y;
+        if (n < N) epi(i, n, acc[x][y]);
+      }
+    }
+  }
+}
+
+// ---- column sums (db1, db2) -----------------------------------------------------------------
+
+// out[n] = Σ_i src[i, n] in fp32, rows in order (deterministic). One thread per column,
+// consecutive threads on consecutive columns (coalesced). A known gap: M-long serial loops.
+template <typename T>
+__global__ void __launch_bounds__(256) colsum(const T* src, int64_t rows, int64_t cols, T* out) {
+  const int64_t n = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (n >= cols) return;
+  float s = 0.f;
+  for (int64_t i = 0; i < rows; ++i) s += to_f(src[i * cols + n]);
+  out[n] = from_f<T>(s);
+}
+
+// ---- launch ----------------------------------------------------------------------------------
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+// An operand of `rows` x K: k-contiguous with row stride ld, or the transpose.
+template <typename T>
+Operand operand(const void* ptr, int64_t rows, int64_t ld, bool k_contig) {
+  const bool vec = sizeof(T) == 2 && aligned16(ptr) && ld % 8 == 0;
+  return Operand{ptr, rows, ld, k_contig, vec};
+}
+
+template <typename T, bool PAIRED = false, typename Epi>
+void gemm(const Operand& a, const Operand& b, int64_t M, int64_t N, int64_t K, const Epi& epi,
+          cudaStream_t stream) {
+  // N: output columns, or hidden units when PAIRED (each unit is two tile columns).
+  if constexpr (std::is_same<T, float>::value) {
+    const int64_t per = PAIRED ? kSBN / 2 : kSBN;
+    const dim3 grid(unsigned((M + kSBM - 1) / kSBM), unsigned((N + per - 1) / per));
+    gemm_simt<Epi, PAIRED><<<grid, 256, 0, stream>>>(a, b, M, N, K, epi);
+  } else {
+    Operand a2 = a, b2 = b;
+    // 16-byte paths need K (k-contiguous) or the row count (transposed) to be a multiple of 8.
+    a2.vec = a.vec && (a.k_contig ? K % 8 == 0 : a.rows % 8 == 0);
+    b2.vec = b.vec && (b.k_contig ? K % 8 == 0 : b.rows % 8 == 0);
+    const int64_t per = PAIRED ? kBN / 2 : kBN;
+    const dim3 grid(unsigned((M + kBM - 1) / kBM), unsigned((N + per - 1) / per));
+    gemm_mma<T, Epi, PAIRED><<<grid, kThreads, 0, stream>>>(a2, b2, M, N, K, epi);
+  }
+}
+
+template <typename T>
+void fwd(const FfnFwdParams& p, cudaStream_t stream) {
+  const int64_t m = p.m, c = p.c, f = p.f, f1 = ffn_f1(p.act, f);
+  const FwdHiddenEpi<T> e1{static_cast<const T*>(p.b1), static_cast<T*>(p.pre), static_cast<T*>(p.hidden),
+                           f, p.act, p.dropout_p, p.seed};
+  const Operand x = operand<T>(p.x, m, c, true), w1 = operand<T>(p.w1, f1, c, true);
+  if (p.act == FfnActivation::kSwiglu) {
+    gemm<T, true>(x, w1, m, f, c, e1, stream);  // G1, N = hidden units
+  } else {
+    gemm<T>(x, w1, m, f, c, e1, stream);
+  }
+  // G2: y = hidden w2ᵀ + b2
+  const StoreEpi<T> e2{static_cast<T*>(p.y), c, static_cast<const T*>(p.b2)};
+  gemm<T>(operand<T>(p.hidden, m, f, true), operand<T>(p.w2, c, f, true), m, c, f, e2, stream);
+}
+
+template <typename T>
+void bwd(const FfnBwdParams& p, cudaStream_t stream) {
+  const int64_t m = p.m, c = p.c, f = p.f, f1 = ffn_f1(p.act, f);
+  // G3: d_hidden (m, f) = dy (m, c) · w2 (c, f): B(n = f, k = c) = w2[c · f + n], transposed.
+  const BwdDpreEpi<T> e3{static_cast<const T*>(p.pre), static_cast<T*>(p.d_pre),
+                         static_cast<T*>(p.hidden), f, p.act, p.dropout_p, p.seed};
+  gemm<T>(operand<T>(p.dy, m, c, true), operand<T>(p.w2, f, f, false), m, f, c, e3, stream);
+  // G4: dx (m, c) = d_pre (m, f1) · w1 (f1, c)
+  gemm<T>(operand<T>(p.d_pre, m, f1, true), operand<T>(p.w1, c, c, false), m, c, f1,
+          StoreEpi<T>{static_cast<T*>(p.dx), c, nullptr}, stream);
+  // G5: dw1 (f1, c) = d_preᵀ · x: A(i = f1, k = m) and B(n = c, k = m), both transposed
+  gemm<T>(operand<T>(p.d_pre, f1, f1, false), operand<T>(p.x, c, c, false), f1, c, m,
+          StoreEpi<T>{static_cast<T*>(p.dw1), c, nullptr}, stream);
+  // G6: dw2 (c, f) = dyᵀ · hidden
+  gemm<T>(operand<T>(p.dy, c, c, false), operand<T>(p.hidden, f, f, false), c, f, m,
+          StoreEpi<T>{static_cast<T*>(p.dw2), f, nullptr}, stream);
+  if (p.db1)
+    colsum<T><<<unsigned((f1 + 255) / 256), 256, 0, stream>>>(static_cast<const T*>(p.d_pre), m, f1,
+                                                             static_cast<T*>(p.db1));
+  if (p.db2)
+    colsum<T><<<unsigned((c + 255) / 256), 256, 0, stream>>>(static_cast<const T*>(p.dy), m, c,
+                                                            static_cast<T*>(p.db2));
+}
+
+template <typename F>
+void dispatch_cuda_dtype(DType dt, F&& f) {
+  switch (dt) {
+    case DType::kFloat32: f(float{}); return;
+    case DType::kBFloat16: f(__nv_bfloat16{}); return;
+    case DType::kFloat16: f(__half{}); return;
+  }
+}
+
+}  // namespace
+
+void ffn_fwd_cuda(const FfnFwdParams& p, cudaStream_t stream) {
+  dispatch_cuda_dtype(p.dtype, [&](auto tag) { fwd<decltype(tag)>(p, stream); });
+}
+
+void ffn_bwd_cuda(const FfnBwdParams& p, cudaStream_t stream) {
+  dispatch_cuda_dtype(p.dtype, [&](auto tag) { bwd<decltype(tag)>(p, stream); });
+}
+
+}  // namespace fusedformer

@@ -1,0 +1,318 @@
+"""Attention on the compiled backends (cpu: csrc/cpu/attention.cpp; cuda: csrc/cuda/attention.cu
+in the gpu tier): forward and dq/dk/dv vs the float64 oracle under the FlashAttention rule,
+masks of every kind, GQA/MQA, fully masked rows, strides, Philox dropout, determinism,
+torch.compile, and the error messages of both the public API and the C++ boundary."""
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import DTYPES, assert_close, assert_rule, backend_params, require_backend
+
+import fusedformer
+from fusedformer.kernels import cpp_backend, reference, testing
+
+BACKENDS = [p for p in backend_params("attention") if p.values[0] in ("cpu", "cuda")]
+
+# (B, HQ, HKV, LQ, LK, D, causal, mask kind): T = 1, 97, 257; D = 32, 40, 80, 128; LQ != LK;
+# B·H = 1; GQA (HQ = 2·HKV) and MQA (HKV = 1); every mask kind, with and without causal.
+CASES = [
+    (1, 1, 1, 1, 1, 32, False, "none"),
+    (1, 1, 1, 97, 97, 40, True, "none"),
+    (2, 4, 2, 97, 257, 80, False, "key_padding"),
+    (1, 4, 1, 257, 97, 128, True, "key_padding"),
+    (2, 2, 2, 97, 130, 32, True, "bool_2d"),
+    (1, 3, 3, 257, 257, 40, False, "bool_2d"),
+    (1, 2, 1, 130, 97, 80, False, "float"),
+    (2, 4, 4, 97, 97, 128, True, "float"),
+]
+
+
+def _mask(kind, b, hq, lq, lk, dtype, device):
+    """A mask of `kind` that leaves key 0 visible to every row (so no row is fully masked and
+    PyTorch's SDPA, the yardstick, is well defined)."""
+    if kind == "none":
+        return None
+    if kind == "key_padding":  # (B, 1, 1, LK) bool
+        m = torch.rand(b, 1, 1, lk, device=device) > 0.25
+    elif kind == "bool_2d":  # (LQ, LK) bool
+        m = torch.rand(lq, lk, device=device) > 0.3
+    else:  # (1, HQ, LQ, LK) additive, with -inf entries
+        m = torch.randn(1, hq, lq, lk, device=device).to(dtype)
+        m = m.masked_fill(torch.rand(1, hq, lq, lk, device=device) < 0.2, float("-inf"))
+        m[..., 0] = 0.5
+        return m
+    m[..., 0] = True
+    return m
+
+
+def _run(fn, inputs, do):
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    o = fn(*leaves)
+    return [o.detach(), *torch.autograd.grad(o, leaves, do.to(o.dtype))]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_rule(backend, device, dtype, case):
+    """fused vs PyTorch's same-dtype SDPA, both against the float64 oracle: o, dq, dk, dv."""
+    require_backend("attention", backend, device)
+    b, hq, hkv, lq, lk, d, causal, kind = case
+    q = torch.randn(b, hq, lq, d, dtype=dtype, device=device)
+    k, v = (torch.randn(b, hkv, lk, d, dtype=dtype, device=device) for _ in range(2))
+    do = torch.randn(b, hq, lq, d, dtype=dtype, device=device)
+    mask = _mask(kind, b, hq, lq, lk, dtype, device)
+    tril = torch.ones(lq, lk, dtype=torch.bool, device=device).tril()
+    if not causal or mask is None:
+        sdpa_mask, sdpa_causal = mask, causal
+    elif mask.dtype == torch.bool:
+        sdpa_mask, sdpa_causal = mask & tril, False
+    else:
+        sdpa_mask, sdpa_causal = mask.masked_fill(~tril, float("-inf")), False
+
+    def fused(q, k, v):
+        return fusedformer.attention(q, k, v, mask, is_causal=causal, enable_gqa=True, backend=backend)
+
+    def pytorch(q, k, v):
+        return F.scaled_dot_product_attention(q, k, v, sdpa_mask, is_causal=sdpa_causal, enable_gqa=True)
+
+    def oracle(q, k, v):
+        return reference.attention_ref(q, k, v, mask, is_causal=causal, enable_gqa=True)
+
+    got, ours = _run(fused, (q, k, v), do), _run(pytorch, (q, k, v), do)
+    truth = _run(oracle, [t.double() for t in (q, k, v)], do.double())
+    assert_rule([testing.compare(*z) for z in zip(("o", "dq", "dk", "dv"), got, ours, truth)])
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_lse_and_fully_masked_rows(backend, device):
+    """A row with every key masked (by a bool row, an all -inf float row, or causal with a
+    padded first key): o == 0, lse == -inf, finite zero dq; the other rows match the oracle."""
+    require_backend("attention", backend, device)
+    b, hq, hkv, lq, lk, d = 2, 4, 2, 70, 75, 40
+    q = torch.randn(b, hq, lq, d, device=device, requires_grad=True)
+    k = torch.randn(b, hkv, lk, d, device=device, requires_grad=True)
+    v = torch.randn(b, hkv, lk, d, device=device, requires_grad=True)
+    masks = {
+        "bool": torch.rand(b, 1, lq, lk, device=device) > 0.3,
+        "float": torch.randn(1, hq, lq, lk, device=device),
+        "causal": torch.ones(b, 1, 1, lk, dtype=torch.bool, device=device),
+    }
+    masks["bool"][:, :, [0, 33, 69]] = False
+    masks["float"][:, :, [5, 64]] = float("-inf")
+    masks["causal"][..., 0] = False  # causal row 0 sees only key 0
+    dead_rows = {"bool": [0, 33, 69], "float": [5, 64], "causal": [0]}
+    do = torch.randn(b, hq, lq, d, device=device)
+    for name, mask in masks.items():
+        causal = name == "causal"
+        o, lse = fusedformer.attention(q, k, v, mask, is_causal=causal, enable_gqa=True,
+                                       return_lse=True, backend=backend)
+        dq, dk, dv = torch.autograd.grad(o, (q, k, v), do)
+        wide = [t.detach().double().requires_grad_() for t in (q, k, v)]
+        o_ref, lse_ref = reference.attention_ref(*wide, mask, is_causal=causal, enable_gqa=True,
+                                                 return_lse=True)
+        refs = torch.autograd.grad(o_ref, wide, do.double())
+        rows = dead_rows[name]
+        assert torch.equal(o[:, :, rows], torch.zeros_like(o[:, :, rows])), name
+        assert torch.isneginf(lse[:, :, rows]).all(), name
+        assert torch.equal(dq[:, :, rows], torch.zeros_like(dq[:, :, rows])), name
+        assert all(torch.isfinite(g).all() for g in (dq, dk, dv)), name
+        live = torch.isfinite(lse_ref)
+        assert torch.equal(live, torch.isfinite(lse)), name
+        assert_close(f"{name} lse", lse[live], lse_ref[live], atol=2e-5)
+        assert_close(f"{name} o", o, o_ref, atol=2e-5)
+        for gname, g, r in zip(("dq", "dk", "dv"), (dq, dk, dv), refs):
+            assert_close(f"{name} {gname}", g, r, atol=5e-5)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_strided_inputs_and_expanded_grads(backend, device):
+    """(B, L, H, D) storage seen as (B, H, L, D), a last-dim stride of 2, a stride-0 mask and
+    the stride-0 gradient of o.sum(): read through strides (or copied), never as contiguous."""
+    require_backend("attention", backend, device)
+    b, hq, hkv, lq, lk, d = 2, 4, 2, 33, 50, 32
+    q = torch.randn(b, lq, hq, d, device=device).transpose(1, 2).requires_grad_()  # (B, HQ, LQ, D)
+    k = torch.randn(b, hkv, lk, 2 * d, device=device)[..., ::2].requires_grad_()   # last stride 2
+    v = torch.randn(lk, b, hkv, d, device=device).permute(1, 2, 0, 3).requires_grad_()
+    keys = torch.rand(1, 1, 1, lk, device=device) > 0.2
+    keys[..., 0] = True
+    mask = keys.expand(b, hq, lq, lk)  # stride 0 on the first three dims
+    o = fusedformer.attention(q, k, v, mask, enable_gqa=True, backend=backend)
+    o.sum().backward()
+    wide = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    o_ref = reference.attention_ref(*wide, mask, enable_gqa=True)
+    o_ref.sum().backward()
+    assert_close("o", o, o_ref, atol=2e-5)
+    for name, g, w in zip(("dq", "dk", "dv"), (q.grad, k.grad, v.grad), wide):
+        assert_close(name, g, w.grad, atol=1e-4)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_matches_oracle_with_its_mask(backend, device, causal):
+    """The kernels draw Philox keep-masks: output and grads equal the oracle fed the mask from
+    attention_dropout_mask(seed, ...); the same seed gives the same result."""
+    require_backend("attention", backend, device)
+    b, hq, hkv, lq, lk, d, p, seed = 2, 4, 2, 77, 70, 40, 0.3, 20261123
+    q = torch.randn(b, hq, lq, d, device=device)
+    k, v = torch.randn(b, hkv, lk, d, device=device), torch.randn(b, hkv, lk, d, device=device)
+    do = torch.randn(b, hq, lq, d, device=device)
+    scale = d ** -0.5
+    o, lse = cpp_backend.attention_fwd(q, k, v, None, scale, causal, p, seed)
+    o2, _ = cpp_backend.attention_fwd(q, k, v, None, scale, causal, p, seed)
+    o3, _ = cpp_backend.attention_fwd(q, k, v, None, scale, causal, p, seed + 1)
+    assert torch.equal(o, o2) and not torch.equal(o, o3)
+    grads = cpp_backend.attention_bwd(do, q, k, v, o, lse, None, scale, causal, p, seed)
+    keep = cpp_backend.attention_dropout_mask(seed, (b, hq, lq, lk), p, device)
+    wide = [t.double().requires_grad_() for t in (q, k, v)]
+    o_ref = reference.attention_ref(*wide, None, p, causal, scale, enable_gqa=True, dropout_mask=keep)
+    refs = torch.autograd.grad(o_ref, wide, do.double())
+    assert_close("o", o, o_ref, atol=2e-5)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, refs):
+        assert_close(name, g, r, atol=1e-4)
+    # Through the public API: torch.manual_seed governs the seed.
+    qg = q.clone().requires_grad_()
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        out = fusedformer.attention(qg, k, v, dropout_p=p, is_causal=causal, enable_gqa=True, backend=backend)
+        runs.append((out, torch.autograd.grad(out, qg, do)[0]))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+def test_dropout_mask_statistics():
+    require_backend("attention", "cpu", "cpu")
+    keep = cpp_backend.attention_dropout_mask(5, (2, 4, 128, 160), 0.3)
+    assert keep.shape == (2, 4, 128, 160) and keep.dtype == torch.bool
+    rate = keep.float().mean().item()
+    assert abs(rate - 0.7) < 0.01, rate  # 163840 draws: std of the rate 0.0011
+    assert abs(keep[0, 0].float().mean().item() - 0.7) < 0.03  # no head or row pattern
+    assert not torch.equal(keep[0, 0], keep[0, 1]) and not torch.equal(keep[0, 0, 0], keep[0, 0, 1])
+    assert cpp_backend.attention_dropout_mask(5, (1, 1, 4, 4), 0.0).all()
+    # Philox4x32-10 itself: Random123's known answer for counter 0, key 0 is (0x6627e8d5,
+    # 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8), i.e. uniforms 0.399, 0.881, 0.736, 0.605 for
+    # elements 0..3 of seed 0 (csrc/philox.h: u = (r >> 8) / 2^24, keep = u >= p).
+    first4 = lambda p: cpp_backend.attention_dropout_mask(0, (1, 1, 1, 4), p).flatten().tolist()  # noqa: E731
+    assert first4(0.5) == [False, True, True, True]
+    assert first4(0.7) == [False, True, True, False]
+    assert first4(0.39) == [True, True, True, True] and first4(0.9) == [False] * 4
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_empty_sequences(backend, device):
+    """LK = 0: every row fully masked (o = 0, lse = -inf, dq = 0); LQ = 0: dk = dv = 0."""
+    require_backend("attention", backend, device)
+    q = torch.randn(2, 2, 5, 16, device=device, requires_grad=True)
+    k = torch.randn(2, 2, 0, 16, device=device, requires_grad=True)
+    o, lse = fusedformer.attention(q, k, k, return_lse=True, backend=backend)
+    o.sum().backward()
+    assert torch.equal(o, torch.zeros_like(o)) and torch.isneginf(lse).all()
+    assert torch.equal(q.grad, torch.zeros_like(q))
+    q0 = torch.randn(2, 2, 0, 16, device=device, requires_grad=True)
+    k0 = torch.randn(2, 2, 7, 16, device=device, requires_grad=True)
+    o0 = fusedformer.attention(q0, k0, k0, is_causal=True, backend=backend)
+    o0.sum().backward()
+    assert o0.shape == (2, 2, 0, 16) and torch.equal(k0.grad, torch.zeros_like(k0))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_deterministic_backward(backend, device):
+    """No atomics: two backward passes are bitwise equal (GQA, so dk/dv sum over heads)."""
+    require_backend("attention", backend, device)
+    q = torch.randn(2, 8, 150, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+    k = torch.randn(2, 2, 140, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+    v = torch.randn(2, 2, 140, 64, device=device, dtype=torch.bfloat16, requires_grad=True)
+    do = torch.randn(2, 8, 150, 64, device=device, dtype=torch.bfloat16)
+    runs = [torch.autograd.grad(fusedformer.attention(q, k, v, is_causal=True, enable_gqa=True,
+                                                      backend=backend), (q, k, v), do)
+            for _ in range(2)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_torch_compile_fullgraph(backend, device):
+    """The custom ops have fake implementations: no graph break, same numbers, fwd + bwd."""
+    require_backend("attention", backend, device)
+    torch._dynamo.reset()
+    mask = torch.rand(2, 1, 1, 40, device=device) > 0.2
+    mask[..., 0] = True
+
+    def f(q, k, v):
+        o = fusedformer.attention(q, k, v, mask, is_causal=True, enable_gqa=True, backend=backend)
+        return (o * o).sum()
+
+    q = torch.randn(2, 4, 31, 32, device=device, requires_grad=True)
+    k = torch.randn(2, 2, 40, 32, device=device, requires_grad=True)
+    v = torch.randn(2, 2, 40, 32, device=device, requires_grad=True)
+    loss = torch.compile(f, fullgraph=True, backend="aot_eager")(q, k, v)
+    grads = torch.autograd.grad(loss, (q, k, v))
+    loss_e = f(q, k, v)
+    grads_e = torch.autograd.grad(loss_e, (q, k, v))
+    assert_close("loss", loss, loss_e, atol=1e-4)
+    for name, a, e in zip(("dq", "dk", "dv"), grads, grads_e):
+        assert_close(name, a, e, atol=1e-5)
+
+
+def _qkv(b=1, hq=2, hkv=2, lq=8, lk=8, d=16, dtype=torch.float32):
+    return (torch.randn(b, hq, lq, d, dtype=dtype), torch.randn(b, hkv, lk, d, dtype=dtype),
+            torch.randn(b, hkv, lk, d, dtype=dtype))
+
+
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda q, k, v: fusedformer.attention(q[0, 0], k, v), ValueError, "query must be"),
+    (lambda q, k, v: fusedformer.attention(q, k.half(), v), TypeError, "key must have the dtype of query"),
+    (lambda q, k, v: fusedformer.attention(q, k[:, :, :, :8], v), ValueError, "key head dim must equal"),
+    (lambda q, k, v: fusedformer.attention(torch.randn(1, 3, 8, 16), k[:, :2], v[:, :2], enable_gqa=True),
+     ValueError, r"query heads \(3\) must be a multiple of key/value heads \(2\)"),
+    (lambda q, k, v: fusedformer.attention(q, k[:, :1], v[:, :1]), ValueError, "pass enable_gqa=True"),
+    (lambda q, k, v: fusedformer.attention(q, k, v, torch.ones(8, 8, dtype=torch.int32)), TypeError,
+     "attn_mask must be bool"),
+    (lambda q, k, v: fusedformer.attention(q, k, v, torch.ones(3, 8, dtype=torch.bool)), ValueError,
+     "does not broadcast"),
+    (lambda q, k, v: fusedformer.attention(q, k, v, dropout_p=1.0), ValueError, "dropout_p"),
+    (lambda q, k, v: fusedformer.attention(q.double(), k.double(), v.double()), TypeError,
+     "backend 'cpu' supports float16, bfloat16 and float32"),
+    (lambda q, k, v: fusedformer.attention(*_qkv(d=264)), RuntimeError, r"head dim must be in \[1, 256\], got 264"),
+])
+def test_bad_input_public_api(call, exc, match):
+    require_backend("attention", "cpu", "cpu")
+    with fusedformer.use_backend("cpu"), pytest.raises(exc, match=match):
+        call(*_qkv())
+
+
+def test_cpp_checks_have_clear_messages():
+    """The pybind11 boundary on its own, below the Python validation."""
+    require_backend("attention", "cpu", "cpu")
+    from fusedformer.kernels.dispatch import extension
+
+    ext, _ = extension()
+    q, k, v = _qkv(hq=4, hkv=2)
+    fwd = lambda *a, mask=None, p=0.0: ext.attention_fwd(*a, mask, 0.25, False, p, 0)  # noqa: E731
+    with pytest.raises(RuntimeError, match=r"attention_fwd: q must be 4-D \(B, HQ, LQ, D\), got 3-D"):
+        fwd(q[0], k, v)
+    with pytest.raises(RuntimeError, match="q must be float32, bfloat16 or float16, got Double"):
+        fwd(q.double(), k.double(), v.double())
+    with pytest.raises(RuntimeError, match="k must have the same dtype as q"):
+        fwd(q, k.half(), v)
+    with pytest.raises(RuntimeError, match=r"v must have shape \(b, hkv, lk, d\) = \[1, 2, 8, 16\], got \[1, 2, 7, 16\]"):
+        fwd(q, k, v[:, :, :7])
+    with pytest.raises(RuntimeError, match=r"query heads \(4\) must be a multiple of key/value heads \(3\)"):
+        fwd(q, *_qkv(hq=3, hkv=3)[1:])
+    with pytest.raises(RuntimeError, match=r"head dim must be in \[1, 256\], got 300"):
+        fwd(*_qkv(d=300))
+    with pytest.raises(RuntimeError, match=r"dropout_p must be in \[0, 1\), got 1.5"):
+        fwd(q, k, v, p=1.5)
+    with pytest.raises(RuntimeError, match=r"mask must be bool \(True = attend\) or Float"):
+        fwd(q, k, v, mask=torch.ones(1, 1, 8, 8, dtype=torch.half))
+    with pytest.raises(RuntimeError, match=r"mask must be 4-D"):
+        fwd(q, k, v, mask=torch.ones(8, 8, dtype=torch.bool))
+    with pytest.raises(RuntimeError, match=r"mask of shape \[1, 3, 8, 8\] does not broadcast to the scores"):
+        fwd(q, k, v, mask=torch.ones(1, 3, 8, 8, dtype=torch.bool))
+    o, lse = fwd(q, k, v)
+    with pytest.raises(RuntimeError, match="attention_bwd: lse must be float32"):
+        ext.attention_bwd(o, q, k, v, o, lse.double(), None, 0.25, False, 0.0, 0)
+    with pytest.raises(RuntimeError, match=r"lse must have shape \(b, hq, lq\)"):
+        ext.attention_bwd(o, q, k, v, o, lse[..., :3], None, 0.25, False, 0.0, 0)
+    with pytest.raises(RuntimeError, match=r"do must have the shape of q \(b, hq, lq, d\) = \[1, 4, 8, 16\], got \[1, 2, 8, 16\]"):
+        ext.attention_bwd(o[:, :2], q, k, v, o, lse, None, 0.25, False, 0.0, 0)
+    with pytest.raises(RuntimeError, match=r"attention_dropout_mask: dropout_p must be in \[0, 1\)"):
+        ext.attention_dropout_mask(0, 1, 1, 2, 2, -0.1)
