@@ -189,3 +189,42 @@ def test_cpp_checks_have_clear_messages():
         ext.layer_norm_fwd(x, None, None, None, 0.0)
     with pytest.raises(RuntimeError, match="x must be 2-D"):
         ext.layer_norm_fwd(x[None], None, None, None, 1e-5)
+
+
+# ----------------------------------------------------------------------------------------
+# Triton only: the wide-row (looped) kernels, which rows wider than one block (4096) take.
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_triton_wide_rows_looped_path(monkeypatch, dtype):
+    """Force the looped kernels with 64-column blocks on 10 rows of 150 (a ragged last block)
+    and 3 row groups (4, 4 and 2 rows): residual, dweight/dbias accumulated in place, under the
+    rule."""
+    require_backend("layer_norm", "triton", "cpu")
+    import importlib
+
+    layer_norm = importlib.import_module("fusedformer.kernels.layer_norm")
+    monkeypatch.setattr(layer_norm, "_MAX_BLOCK_N", 64)
+    monkeypatch.setattr(layer_norm, "_bwd_groups", lambda rows, device: 3)
+    assert layer_norm._config(150)[2] is False
+    assert_rule(testing.check_layer_norm("triton", dtype, "cpu", (10, 150)))
+
+
+@pytest.mark.parametrize("affine", ["none", "weight", "both"])
+def test_triton_wide_rows_unforced(affine):
+    """N = 9000 > 4096 as shipped: three column blocks per row, with and without affine."""
+    require_backend("layer_norm", "triton", "cpu")
+    n = 9000
+    x = torch.randn(3, n, requires_grad=True)
+    w = torch.randn(n, requires_grad=True) if affine != "none" else None
+    b = torch.randn(n, requires_grad=True) if affine == "both" else None
+    dy = torch.randn(3, n)
+    y = fusedformer.layer_norm(x, n, w, b, backend="triton")
+    y.backward(dy)
+    leaves = [t.detach().double().requires_grad_() if t is not None else None for t in (x, w, b)]
+    yr = reference.layer_norm_ref(leaves[0], n, leaves[1], leaves[2])
+    yr.backward(dy.double())
+    assert_close("y", y, yr, atol=2e-5)
+    for name, t, r in zip(("dx", "dweight", "dbias"), (x, w, b), leaves):
+        if t is not None:
+            assert_close(name, t.grad, r.grad, atol=2e-4, rtol=1e-6)
