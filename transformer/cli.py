@@ -99,12 +99,12 @@ def _check_models(status: dict, backends: list[str], dtypes: list[torch.dtype]) 
     failures = 0
     for model, check in MODEL_CHECKS.items():
         for backend in backends:
-            if not all(op in status[backend]["ops"] for op in MODEL_OPS) or backend == "cuda":
+            if not all(op in status[backend]["ops"] for op in MODEL_OPS):
                 continue
             for dtype in dtypes:
                 if dtype == torch.float16:
                     continue  # the reference models are trained in fp32 / bf16
-                rows = check(backend, dtype)
+                rows = check(backend, dtype, _device_for(backend))
                 worst = max(rows, key=lambda c: (not c.ok, c.err / c.bound if c.bound else 0))
                 ok = all(c.ok for c in rows)
                 failures += not ok

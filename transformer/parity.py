@@ -40,41 +40,43 @@ def compare_models(ref: nn.Module, fused: nn.Module, dtype: torch.dtype, inputs:
     return rows
 
 
-def gpt_pair(backend: str | None, dtype: torch.dtype, seed: int = 0):
-    """(reference GPT, fused GPT in dtype with the same weights): gpt-tiny, 2 layers, T <= 32."""
+def gpt_pair(backend: str | None, dtype: torch.dtype, seed: int = 0, device: str = "cpu"):
+    """(reference GPT, fused GPT in dtype with the same weights): gpt-tiny, 2 layers, T <= 32,
+    both on `device`."""
     torch.manual_seed(seed)
-    ref = reference.GPT.from_preset("gpt-tiny", n_layer=2, block_size=32)
-    fused = models.GPT(ref.config, backend=backend)
+    ref = reference.GPT.from_preset("gpt-tiny", n_layer=2, block_size=32).to(device)
+    fused = models.GPT(ref.config, backend=backend).to(device)
     fused.load_state_dict(ref.state_dict())
     return ref, fused.to(dtype)
 
 
-def encoder_decoder_pair(backend: str | None, dtype: torch.dtype, seed: int = 0):
+def encoder_decoder_pair(backend: str | None, dtype: torch.dtype, seed: int = 0, device: str = "cpu"):
     """(reference EncoderDecoder, fused twin in dtype with the same weights): transformer-tiny."""
     torch.manual_seed(seed)
-    ref = reference.EncoderDecoder.from_preset("transformer-tiny", dropout=0.0)
-    fused = models.EncoderDecoder(ref.config, backend=backend)
+    ref = reference.EncoderDecoder.from_preset("transformer-tiny", dropout=0.0).to(device)
+    fused = models.EncoderDecoder(ref.config, backend=backend).to(device)
     fused.load_state_dict(ref.state_dict())
     return ref, fused.to(dtype)
 
 
-def check_gpt(backend: str | None, dtype: torch.dtype) -> list[testing.Comparison]:
+def check_gpt(backend: str | None, dtype: torch.dtype, device: str = "cpu") -> list[testing.Comparison]:
     """A padded batch (one sequence shorter, its pad targets ignored)."""
-    ref, fused = gpt_pair(backend, dtype)
-    idx = torch.randint(0, 256, (3, 24))
-    targets = torch.randint(0, 256, (3, 24))
-    mask = torch.ones(3, 24, dtype=torch.bool)
+    ref, fused = gpt_pair(backend, dtype, device=device)
+    idx = torch.randint(0, 256, (3, 24), device=device)
+    targets = torch.randint(0, 256, (3, 24), device=device)
+    mask = torch.ones(3, 24, dtype=torch.bool, device=device)
     mask[1, 17:] = False
     targets[1, 17:] = -100
     return compare_models(ref, fused, dtype, (idx, targets, mask))
 
 
-def check_encoder_decoder(backend: str | None, dtype: torch.dtype) -> list[testing.Comparison]:
+def check_encoder_decoder(backend: str | None, dtype: torch.dtype, device: str = "cpu"
+                          ) -> list[testing.Comparison]:
     """Source and target padding, teacher forcing."""
-    ref, fused = encoder_decoder_pair(backend, dtype)
+    ref, fused = encoder_decoder_pair(backend, dtype, device=device)
     cfg = ref.config
-    src = torch.randint(3, cfg.src_vocab_size, (3, 11))
-    tgt = torch.randint(3, cfg.tgt_vocab_size, (3, 9))
+    src = torch.randint(3, cfg.src_vocab_size, (3, 11), device=device)
+    tgt = torch.randint(3, cfg.tgt_vocab_size, (3, 9), device=device)
     src[0, 7:] = cfg.pad_token_id
     tgt[2, 6:] = cfg.pad_token_id
     return compare_models(ref, fused, dtype, (src, tgt[:, :-1], tgt[:, 1:]))
