@@ -30,21 +30,13 @@
 #include <type_traits>
 
 #include "../ffn.h"
+#include "common.cuh"
 
 namespace fusedformer {
 namespace {
 
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+using namespace cuda_common;
+
 // v rounded to storage precision (pre is stored, and backward recomputes from the stored pre).
 template <typename T>
 __device__ __forceinline__ float round_t(float v) { return to_f(from_f<T>(v)); }
@@ -463,15 +455,6 @@ void bwd(const FfnBwdParams& p, cudaStream_t stream) {
   if (p.db2)
     colsum<T><<<unsigned((c + 255) / 256), 256, 0, stream>>>(static_cast<const T*>(p.dy), m, c,
                                                             static_cast<T*>(p.db2));
-}
-
-template <typename F>
-void dispatch_cuda_dtype(DType dt, F&& f) {
-  switch (dt) {
-    case DType::kFloat32: f(float{}); return;
-    case DType::kBFloat16: f(__nv_bfloat16{}); return;
-    case DType::kFloat16: f(__half{}); return;
-  }
 }
 
 }  // namespace

@@ -22,26 +22,14 @@
 #include <type_traits>
 
 #include "../layer_norm.h"
+#include "common.cuh"
 
 namespace fusedformer {
 namespace {
 
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
+using namespace cuda_common;
 
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Vec {
-  T v[VEC];
-};
+
 
 // Loads VEC elements at src + col (a vector access when VEC > 1: the caller guarantees
 // alignment and that the whole chunk is inside the row); out-of-row scalar lanes give 0.
@@ -354,15 +342,6 @@ void bwd(const LayerNormBwdParams& p, cudaStream_t stream) {
   if (want) {
     const int64_t blocks = (p.cols + kRowBlock - 1) / kRowBlock;
     ln_bwd_reduce<T><<<unsigned(blocks), kRowBlock, 0, stream>>>(p);
-  }
-}
-
-template <typename F>
-void dispatch_cuda_dtype(DType dt, F&& f) {
-  switch (dt) {
-    case DType::kFloat32: f(float{}); return;
-    case DType::kBFloat16: f(__nv_bfloat16{}); return;
-    case DType::kFloat16: f(__half{}); return;
   }
 }
 

@@ -19,29 +19,16 @@
 #include <type_traits>
 
 #include "../softmax.h"
+#include "common.cuh"
 
 namespace fusedformer {
 namespace {
 
+using namespace cuda_common;
+
 constexpr float kNegInf = -__builtin_huge_valf();
 
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
 
-// VEC elements moved as one (up to 16-byte) access.
-template <typename T, int VEC>
-struct alignas(sizeof(T) * VEC) Vec {
-  T v[VEC];
-};
 
 template <typename T, int VEC>
 __device__ __forceinline__ void load_vec(const T* src, float (&dst)[VEC]) {
@@ -399,15 +386,6 @@ void bwd(const SoftmaxBwdParams& p, cudaStream_t stream) {
     softmax_bwd_block<T, V><<<grid, kRowBlock, 0, stream>>>(p);
   } else {
     softmax_bwd_block<T, 1><<<grid, kRowBlock, 0, stream>>>(p);
-  }
-}
-
-template <typename F>
-void dispatch_cuda_dtype(DType dt, F&& f) {
-  switch (dt) {
-    case DType::kFloat32: f(float{}); return;
-    case DType::kBFloat16: f(__nv_bfloat16{}); return;
-    case DType::kFloat16: f(__half{}); return;
   }
 }
 
