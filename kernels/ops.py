@@ -51,17 +51,27 @@ from . import validate as check
 # Launchers
 
 
-def launchers(backend: str) -> ModuleType:
-    """The launcher module of a compiled backend."""
-    if backend in ("cpu", "cuda"):
+def launchers(backend: int | str) -> ModuleType:
+    """The launcher module of a compiled backend, by name or index in dispatch.BACKENDS.
+
+    The custom ops take the backend (and the FFN activation) as ints, not strings: seen with
+    torch 2.13 CPU, a custom op call intermittently raised std::length_error inside torch's
+    conversion of a str argument (gdb: torch::jit::_get_operation_for_overload_or_packet ->
+    std::string construction), depending on which modules the process had imported."""
+    name = backend if isinstance(backend, str) else dispatch.BACKENDS[backend]
+    if name in ("cpu", "cuda"):
         from . import cpp_backend
 
         return cpp_backend
-    if backend == "triton":
+    if name == "triton":
         from . import triton_backend
 
         return triton_backend
-    raise ValueError(f"backend '{backend}' has no launchers (reference runs kernels/reference.py)")
+    raise ValueError(f"backend '{name}' has no launchers (reference runs kernels/reference.py)")
+
+
+def _backend_id(name: str) -> int:
+    return dispatch.BACKENDS.index(name)
 
 
 def _seed(seed: Optional[Tensor]) -> int:
@@ -82,7 +92,7 @@ def _new_seed(dropout_p: float) -> Optional[Tensor]:
 
 @torch.library.custom_op("fusedformer::layer_norm_fwd", mutates_args=())
 def _layer_norm_fwd(x: Tensor, residual: Optional[Tensor], weight: Optional[Tensor],
-                    bias: Optional[Tensor], eps: float, backend: str
+                    bias: Optional[Tensor], eps: float, backend: int
                     ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return launchers(backend).layer_norm_fwd(x, residual, weight, bias, eps)
 
@@ -96,7 +106,7 @@ def _(x, residual, weight, bias, eps, backend):
 
 @torch.library.custom_op("fusedformer::layer_norm_bwd", mutates_args=())
 def _layer_norm_bwd(dy: Tensor, dh: Optional[Tensor], h: Tensor, weight: Optional[Tensor],
-                    mean: Tensor, rstd: Tensor, need_dweight: bool, need_dbias: bool, backend: str
+                    mean: Tensor, rstd: Tensor, need_dweight: bool, need_dbias: bool, backend: int
                     ) -> tuple[Tensor, Tensor, Tensor]:
     return launchers(backend).layer_norm_bwd(dy, dh, h, weight, mean, rstd, need_dweight, need_dbias)
 
@@ -179,7 +189,8 @@ def layer_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Optiona
     n = math.prod(normalized_shape)
     flat = lambda t: None if t is None else t.reshape(-1, n)  # noqa: E731
     vec = lambda t: None if t is None else t.reshape(n)  # noqa: E731
-    y, h, _, _ = _layer_norm_fwd(flat(x), flat(residual), vec(weight), vec(bias), float(eps), backend)
+    y, h, _, _ = _layer_norm_fwd(flat(x), flat(residual), vec(weight), vec(bias), float(eps),
+                                 _backend_id(backend))
     y = y.view(x.shape)
     return (y, h.view(x.shape)) if residual is not None else y
 
@@ -190,7 +201,7 @@ def layer_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Optiona
 
 @torch.library.custom_op("fusedformer::attention_fwd", mutates_args=())
 def _attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float,
-                   is_causal: bool, dropout_p: float, seed: Optional[Tensor], backend: str
+                   is_causal: bool, dropout_p: float, seed: Optional[Tensor], backend: int
                    ) -> tuple[Tensor, Tensor]:
     return launchers(backend).attention_fwd(q, k, v, mask, scale, is_causal, dropout_p, _seed(seed))
 
@@ -203,7 +214,7 @@ def _(q, k, v, mask, scale, is_causal, dropout_p, seed, backend):
 @torch.library.custom_op("fusedformer::attention_bwd", mutates_args=())
 def _attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,
                    mask: Optional[Tensor], scale: float, is_causal: bool, dropout_p: float,
-                   seed: Optional[Tensor], backend: str) -> tuple[Tensor, Tensor, Tensor]:
+                   seed: Optional[Tensor], backend: int) -> tuple[Tensor, Tensor, Tensor]:
     return launchers(backend).attention_bwd(do, q, k, v, o, lse, mask, scale, is_causal,
                                             dropout_p, _seed(seed))
 
@@ -287,7 +298,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     mask = None if attn_mask is None else attn_mask.reshape((1,) * (4 - attn_mask.dim()) + attn_mask.shape)
     o, lse = _attention_fwd(q, k, v, mask, scale, bool(is_causal), dropout_p,
-                            _new_seed(dropout_p), backend)
+                            _new_seed(dropout_p), _backend_id(backend))
     return (o, lse) if return_lse else o
 
 
@@ -317,7 +328,7 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
 
 
 @torch.library.custom_op("fusedformer::softmax_fwd", mutates_args=())
-def _softmax_fwd(x: Tensor, mask: Optional[Tensor], scale: float, is_causal: bool, backend: str) -> Tensor:
+def _softmax_fwd(x: Tensor, mask: Optional[Tensor], scale: float, is_causal: bool, backend: int) -> Tensor:
     return launchers(backend).softmax_fwd(x, mask, scale, is_causal)
 
 
@@ -327,7 +338,7 @@ def _(x, mask, scale, is_causal, backend):
 
 
 @torch.library.custom_op("fusedformer::softmax_bwd", mutates_args=())
-def _softmax_bwd(dy: Tensor, y: Tensor, scale: float, backend: str) -> Tensor:
+def _softmax_bwd(dy: Tensor, y: Tensor, scale: float, backend: int) -> Tensor:
     return launchers(backend).softmax_bwd(dy, y, scale)
 
 
@@ -376,7 +387,7 @@ def scaled_masked_softmax(scores: Tensor, scale: float = 1.0, mask: Optional[Ten
     check.kernel_dtype("softmax", backend, "scores", scores)
     x = scores.reshape((1,) * (4 - scores.dim()) + scores.shape)
     m = None if mask is None else mask.reshape((1,) * (4 - mask.dim()) + mask.shape)
-    return _softmax_fwd(x, m, float(scale), bool(causal), backend).view(scores.shape)
+    return _softmax_fwd(x, m, float(scale), bool(causal), _backend_id(backend)).view(scores.shape)
 
 
 # ----------------------------------------------------------------------------------------
@@ -385,9 +396,10 @@ def scaled_masked_softmax(scores: Tensor, scale: float = 1.0, mask: Optional[Ten
 
 @torch.library.custom_op("fusedformer::ffn_fwd", mutates_args=())
 def _ffn_fwd(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
-             activation: str, dropout_p: float, seed: Optional[Tensor], backend: str
+             activation: int, dropout_p: float, seed: Optional[Tensor], backend: int
              ) -> tuple[Tensor, Tensor]:
-    return launchers(backend).ffn_fwd(x, w1, b1, w2, b2, activation, dropout_p, _seed(seed))
+    return launchers(backend).ffn_fwd(x, w1, b1, w2, b2, reference.ACTIVATIONS[activation],
+                                      dropout_p, _seed(seed))
 
 
 @_ffn_fwd.register_fake
@@ -397,10 +409,11 @@ def _(x, w1, b1, w2, b2, activation, dropout_p, seed, backend):
 
 @torch.library.custom_op("fusedformer::ffn_bwd", mutates_args=())
 def _ffn_bwd(dy: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,
-             b2: Optional[Tensor], pre: Tensor, activation: str, dropout_p: float,
-             seed: Optional[Tensor], backend: str
+             b2: Optional[Tensor], pre: Tensor, activation: int, dropout_p: float,
+             seed: Optional[Tensor], backend: int
              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    return launchers(backend).ffn_bwd(dy, x, w1, b1, w2, b2, pre, activation, dropout_p, _seed(seed))
+    return launchers(backend).ffn_bwd(dy, x, w1, b1, w2, b2, pre, reference.ACTIVATIONS[activation],
+                                      dropout_p, _seed(seed))
 
 
 @_ffn_bwd.register_fake
@@ -475,6 +488,6 @@ def ffn(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Te
     if backend == "reference":
         return reference.ffn_ref(x, w1, b1, w2, b2, activation, dropout_p, upcast=True)
     check.kernel_dtype("ffn", backend, "x", x)
-    y, _ = _ffn_fwd(x.reshape(-1, c), w1, b1, w2, b2, activation, dropout_p,
-                    _new_seed(dropout_p), backend)
+    y, _ = _ffn_fwd(x.reshape(-1, c), w1, b1, w2, b2, reference.ACTIVATIONS.index(activation),
+                    dropout_p, _new_seed(dropout_p), _backend_id(backend))
     return y.view(*x.shape[:-1], c)
