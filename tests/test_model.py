@@ -135,3 +135,83 @@ def test_torch_compile_fullgraph_gpt():
     loss.backward()
     eager_logits, _ = fused(idx, targets)
     assert_close("compiled logits", logits, eager_logits, atol=1e-5)
+
+
+def test_sampling_generation_on_the_fused_gpt():
+    """temperature / top-k / top-p: greedy limits, reproducibility, cache == recompute."""
+    _, gpt = gpt_pair(None, torch.float32)
+    gpt.eval()
+    prompt = torch.randint(0, 256, (2, 5))
+    greedy = gpt.generate(prompt, 8)
+    assert torch.equal(gpt.generate(prompt, 8, temperature=0.0), greedy)
+    assert torch.equal(gpt.generate(prompt, 8, temperature=1.5, top_k=1), greedy)
+    assert torch.equal(gpt.generate(prompt, 8, temperature=1.0, top_p=1e-6), greedy)
+    draw = lambda **kw: gpt.generate(prompt, 8, temperature=1.0, top_k=50, top_p=0.9,  # noqa: E731
+                                     generator=torch.Generator().manual_seed(3), **kw)
+    assert torch.equal(draw(use_cache=True), draw(use_cache=False))
+    assert not torch.equal(draw(), greedy)  # at temperature 1 an untrained model does not argmax
+
+
+def test_next_token_filters():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(2000, 1)
+    gen = torch.Generator().manual_seed(0)
+    top2 = reference.next_token(logits, 1.0, top_k=2, generator=gen)
+    assert set(top2.tolist()) == {0, 1}
+    # nucleus 0.9 of softmax([4, 3, 2, 1, 0]) = [0.636, 0.234, 0.086, 0.032, 0.012]: keeps 3 tokens
+    nucleus = reference.next_token(logits, 1.0, top_p=0.9, generator=gen)
+    assert set(nucleus.tolist()) == {0, 1, 2}
+    freq = torch.bincount(nucleus, minlength=5).float() / 2000
+    expected = torch.tensor([0.636, 0.234, 0.086]) / 0.956
+    assert_close("nucleus frequencies", freq[:3], expected, atol=0.04)
+    for kwargs, match in (({"temperature": -1.0}, "temperature must be a float >= 0"),
+                          ({"top_k": 0, "temperature": 1.0}, "top_k must be an int >= 1"),
+                          ({"top_p": 1.5, "temperature": 1.0}, r"top_p must be a float in \(0, 1\]")):
+        with pytest.raises(ValueError, match=match):
+            reference.next_token(logits, **kwargs)
+
+
+@pytest.mark.parametrize("backend,device", TRAINING_BACKENDS)
+def test_encoder_decoder_training_curve_matches_reference(backend, device):
+    """30 Adam steps of copy-task teacher forcing from the same init: losses and parameters."""
+    _require(backend, device)
+    ref, fused = encoder_decoder_pair(backend, torch.float32, device=device)
+    cfg = ref.config
+    gen = torch.Generator().manual_seed(2)
+    src = torch.randint(3, cfg.src_vocab_size, (30, 4, 8), generator=gen).to(device)
+    curves = []
+    for model in (ref, fused):
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        losses = []
+        for batch in src:
+            bos = torch.full((batch.size(0), 1), cfg.bos_token_id, device=device)
+            tgt = torch.cat([bos, batch], dim=1)  # copy the source
+            _, loss = model(batch, tgt[:, :-1], tgt[:, 1:])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        curves.append(torch.tensor(losses))
+    assert curves[0][-1] < curves[0][0] - 0.1, "the reference did not learn"  # measured 4.40 -> 4.17
+    # fp32 drift measured ~1e-6 per step (reference vs cpu backend)
+    assert_close("losses", curves[1], curves[0], atol=1e-4)
+    for (n, a), (_, b) in zip(fused.named_parameters(), ref.named_parameters()):
+        if n.endswith("k_proj.bias"):
+            # q . b_k is the same for every key, so softmax cancels it: the exact gradient is 0
+            # and both models see rounding noise, which Adam scales up to full-size steps
+            # (measured: 3e-3 apart after 30 steps while every other parameter agrees to 1e-6).
+            continue
+        assert_close(n, a, b, atol=1e-4)
+
+
+def test_torch_compile_fullgraph_encoder_decoder():
+    torch._dynamo.reset()
+    backend = "cpu" if all(op in backend_status()["cpu"]["ops"] for op in MODEL_OPS) else "reference"
+    ref, fused = encoder_decoder_pair(backend, torch.float32)
+    cfg = ref.config
+    src = torch.randint(3, cfg.src_vocab_size, (2, 9))
+    src[1, 6:] = cfg.pad_token_id
+    tgt = torch.randint(3, cfg.tgt_vocab_size, (2, 7))
+    compiled = torch.compile(fused, fullgraph=True, backend="aot_eager")
+    logits, loss = compiled(src, tgt[:, :-1], tgt[:, 1:])
+    loss.backward()
+    assert_close("compiled logits", logits, fused(src, tgt[:, :-1], tgt[:, 1:])[0], atol=1e-5)

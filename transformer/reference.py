@@ -434,8 +434,12 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def generate(self, idx: Tensor, max_new_tokens: int, use_cache: bool = True,
-                 eos_token_id: int | None = None) -> Tensor:
-        """Greedy (argmax) continuation of the prompts `idx`.
+                 eos_token_id: int | None = None, temperature: float = 0.0,
+                 top_k: int | None = None, top_p: float | None = None,
+                 generator: torch.Generator | None = None) -> Tensor:
+        """Continuation of the prompts `idx`: greedy (argmax) by default, sampled with
+        temperature > 0 (optionally restricted to the top_k tokens and/or the top_p nucleus;
+        see next_token).
 
         Args:
             idx: (B, T) int64 prompts, all of length T (no padding).
@@ -446,6 +450,7 @@ class GPT(nn.Module):
                 length works. Both give the same tokens while nothing is cropped.
             eos_token_id: a row that emits it is finished and is padded with it from then on;
                 generation stops early once every row is finished.
+            temperature, top_k, top_p, generator: sampling (see next_token).
 
         Returns:
             (B, T + n) int64, the prompts followed by n <= max_new_tokens generated tokens.
@@ -471,15 +476,45 @@ class GPT(nn.Module):
                 logits, _, past = self(step_input, past_key_values=past, use_cache=True)
             else:
                 logits, _ = self(idx[:, -cfg.block_size:])
-            next_token = logits[:, -1, :].argmax(dim=-1)           # (B,)
+            next_tok = next_token(logits[:, -1, :], temperature, top_k, top_p, generator)  # (B,)
             if eos_token_id is not None:
-                next_token = next_token.masked_fill(finished, eos_token_id)
-                finished |= next_token == eos_token_id
-            step_input = next_token[:, None]                       # (B, 1)
+                next_tok = next_tok.masked_fill(finished, eos_token_id)
+                finished |= next_tok == eos_token_id
+            step_input = next_tok[:, None]                         # (B, 1)
             idx = torch.cat([idx, step_input], dim=1)              # (B, T + 1)
             if finished.all():
                 break
         return idx
+
+
+def next_token(logits: Tensor, temperature: float = 0.0, top_k: int | None = None,
+               top_p: float | None = None, generator: torch.Generator | None = None) -> Tensor:
+    """Pick the next token from (B, V) logits: argmax when temperature == 0, else a sample
+    from softmax(logits / temperature) restricted to the top_k most likely tokens and to the
+    smallest set whose probability reaches top_p (nucleus; the most likely token always
+    stays). Returns (B,) int64."""
+    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or temperature < 0:
+        raise ValueError(f"temperature must be a float >= 0, got {temperature!r}")
+    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k must be an int >= 1 or None, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
+                              or not 0.0 < top_p <= 1.0):
+        raise ValueError(f"top_p must be a float in (0, 1] or None, got {top_p!r}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)                               # (B,)
+    logits = logits.float() / temperature                          # (B, V)
+    if top_k is not None and top_k < logits.size(-1):
+        kth = logits.topk(top_k, dim=-1).values[:, -1:]            # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        probs = sorted_logits.softmax(dim=-1)
+        before = probs.cumsum(dim=-1) - probs                      # mass of the better tokens
+        drop_sorted = before >= top_p                              # never drops the best token
+        drop = drop_sorted.scatter(-1, order, drop_sorted)         # back to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    probs = logits.softmax(dim=-1)                                 # (B, V)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]  # (B,)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -849,10 +884,10 @@ class EncoderDecoder(nn.Module):
                                             use_cache=True)
             else:
                 logits = self.decode(ys, memory, src_mask)
-            next_token = logits[:, -1, :].argmax(dim=-1)           # (B,)
-            next_token = next_token.masked_fill(finished, cfg.pad_token_id)
-            finished |= next_token == cfg.eos_token_id
-            ys = torch.cat([ys, next_token[:, None]], dim=1)       # (B, 1 + n)
+            next_tok = logits[:, -1, :].argmax(dim=-1)             # (B,)
+            next_tok = next_tok.masked_fill(finished, cfg.pad_token_id)
+            finished |= next_tok == cfg.eos_token_id
+            ys = torch.cat([ys, next_tok[:, None]], dim=1)         # (B, 1 + n)
             if finished.all():
                 break
         return ys
@@ -990,7 +1025,7 @@ def _check_class_ids(name: str, ids: object, num_classes: int) -> None:
         raise TypeError(f"{name} must be int64 (torch.long) ids, got {ids.dtype}")
     # The range check reads the values (a device sync, data-dependent): skipped while
     # torch.compile traces, where it would force a graph break.
-    if ids.numel() and ids.device.type != "meta" and not torch.compiler.is_compiling():
+    if not torch.compiler.is_compiling() and ids.numel() and ids.device.type != "meta":
         low, high = int(ids.min()), int(ids.max())
         if low < 0 or high >= num_classes:
             raise ValueError(f"{name} must hold ids in [0, {num_classes}), "
