@@ -150,3 +150,14 @@ def test_cli_info_and_check(capsys):
 def test_cli_entry_point_runs():
     out = subprocess.run([sys.executable, "-m", "fusedformer", "info"], capture_output=True, text=True)
     assert out.returncode == 0 and "backend" in out.stdout, out.stderr
+
+
+def test_cli_check_runs_triton_interpreted_without_the_env_var():
+    """`fusedformer check` on a CPU-only machine re-runs itself with TRITON_INTERPRET=1."""
+    if torch.cuda.is_available():
+        pytest.skip("the re-run is for machines without a GPU")
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-m", "fusedformer", "check", "--backend", "triton",
+                          "--op", "layer_norm", "--dtype", "float32"], capture_output=True, text=True, env=env)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "layer_norm  triton     float32" in out.stdout and "all checks passed" in out.stdout

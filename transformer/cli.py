@@ -22,11 +22,16 @@ import torch
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-def _interpret_triton_without_gpu() -> None:
-    # Must run before anything imports triton: Triton picks interpreter vs compiler per kernel
-    # at definition time.
-    if not torch.cuda.is_available():
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+def _interpret_triton_without_gpu(argv: Sequence[str]) -> None:
+    """Without a GPU, Triton must run interpreted, and TRITON_INTERPRET must be set before
+    triton is imported (importing fusedformer already imports it, through torch._dynamo): so
+    re-run this command once with the variable set."""
+    if torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    os.environ["TRITON_INTERPRET"] = "1"
+    if "triton" in sys.modules:
+        sys.stdout.flush()
+        os.execv(sys.executable, [sys.executable, "-m", "fusedformer", *argv])
 
 
 def cmd_info(_args: argparse.Namespace) -> int:
@@ -145,8 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if name == "demo":
             p.add_argument("--steps", type=int, default=300, help="training steps")
         p.set_defaults(fn=fn)
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
-    _interpret_triton_without_gpu()
+    _interpret_triton_without_gpu(argv)
     return args.fn(args)
 
 
