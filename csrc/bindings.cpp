@@ -637,6 +637,26 @@ Tensor ffn_dropout_mask(int64_t seed, const std::vector<int64_t>& shape, double 
 
 // ---------------------------------------------------------------------------------------
 
+// The vector ISA the CPU kernels were compiled for (setup.py: the building machine's).
+const char* built_isa() {
+#if defined(__AVX2__) && defined(__FMA__)
+  return "avx2+fma";
+#else
+  return "baseline";
+#endif
+}
+
+// A binary built with AVX2 would die of SIGILL on a CPU without it: refuse to load instead.
+void check_cpu_isa() {
+#if defined(__AVX2__) && defined(__FMA__) && (defined(__x86_64__) || defined(__i386__))
+  __builtin_cpu_init();
+  if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma"))
+    throw std::runtime_error(
+        "fusedformer._C was built for AVX2+FMA (the building machine's CPU) but this CPU lacks "
+        "them: rebuild here, or with FUSEDFORMER_CPU_FLAGS=\"\" for a baseline x86-64 build");
+#endif
+}
+
 pybind11::dict build_info() {
   pybind11::dict d;
 #ifdef FUSEDFORMER_WITH_CUDA
@@ -646,6 +666,7 @@ pybind11::dict build_info() {
   d["cuda"] = false;
   d["cuda_reason"] = FUSEDFORMER_CUDA_SKIP_REASON;
 #endif
+  d["cpu_isa"] = built_isa();
 #ifdef _OPENMP
   d["openmp"] = true;
 #else
@@ -667,6 +688,7 @@ pybind11::dict build_info() {
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  check_cpu_isa();
   m.doc() = "fusedformer C++/CUDA kernels (see csrc/). Use through fusedformer, not directly.";
   m.def("build_info", &build_info, "What this build contains: CUDA or not (and why), ops.");
   m.def("set_nan_fill", [](bool on) { g_nan_fill = on; },
