@@ -36,6 +36,10 @@ the same seed, and expose it as <op>_dropout_mask(...) so tests can hand it to t
 """
 from __future__ import annotations
 
+if __name__ != "fusedformer.kernels.ops":
+    raise ImportError(f"kernels/ops.py registers the fusedformer:: custom ops and must be imported as "
+                      f"fusedformer.kernels.ops, not as {__name__!r} (see kernels/__init__.py)")
+
 import math
 from collections.abc import Sequence
 from types import ModuleType

@@ -2,6 +2,7 @@
 working without its compiled extension."""
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -119,6 +120,29 @@ def test_import_and_reference_backend_without_the_extension():
         "    raise AssertionError('no error')\n"
         "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_repository_kernels_folder_as_top_level_module_is_inert():
+    """From the repository root, `import kernels` finds the kernels/ folder (transformers does
+    exactly this, probing for Hugging Face's `kernels`). It must not re-register the
+    fusedformer:: ops: torch would free the live registration (use-after-free, seen with ASan)."""
+    code = ("import sys, torch, fusedformer\n"
+            "x = torch.randn(4, 8)\n"
+            "y0 = fusedformer.layer_norm(x, 8, backend='cpu')\n"
+            "import kernels\n"
+            "assert kernels.__file__.endswith('kernels/__init__.py') and 'kernels.ops' not in sys.modules\n"
+            "assert not hasattr(kernels, 'layer_norm')\n"
+            "try:\n"
+            "    import kernels.ops\n"
+            "except ImportError as e:\n"
+            "    assert 'must be imported as fusedformer.kernels.ops' in str(e), e\n"
+            "else:\n"
+            "    raise AssertionError('kernels.ops imported under a second name')\n"
+            "assert torch.equal(fusedformer.layer_norm(x, 8, backend='cpu'), y0)\n"
+            "print('ok')\n")
+    root = Path(__file__).resolve().parent.parent
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
