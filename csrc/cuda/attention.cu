@@ -44,32 +44,17 @@
 
 #include "../attention.h"
 #include "../philox.h"
+#include "common.cuh"
 
 namespace fusedformer {
 namespace {
 
+using namespace cuda_common;
+
 constexpr float kInf = __builtin_huge_valf();
 
 // ---------------------------------------------------------------------------------------
-// Storage types
-
-template <typename T>
-__device__ __forceinline__ float to_float(T x);
-template <>
-__device__ __forceinline__ float to_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ float to_float<__nv_bfloat16>(__nv_bfloat16 x) { return __bfloat162float(x); }
-template <>
-__device__ __forceinline__ float to_float<__half>(__half x) { return __half2float(x); }
-
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ float from_float<float>(float x) { return x; }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+// Storage types (to_f / from_f come from common.cuh)
 
 // Two fp32 values as one 32-bit register of two 16-bit values, `lo` in the low half (the
 // lower k index of an mma operand pair).
@@ -224,7 +209,7 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t ld, int6
                                           int64_t d) {
   for (int idx = threadIdx.x; idx < kRows * kD; idx += kThreads) {
     const int r = idx / kD, c = idx % kD;
-    dst[r * kStride + c] = (r0 + r < L && c < d) ? src[(r0 + r) * ld + c] : from_float<T>(0.f);
+    dst[r * kStride + c] = (r0 + r < L && c < d) ? src[(r0 + r) * ld + c] : from_f<T>(0.f);
   }
 }
 
@@ -242,7 +227,7 @@ __device__ __forceinline__ float masked_score(float qk, const AttentionMask& mas
     if (mask.kind == MaskKind::kBool) {
       if (!static_cast<const bool*>(mask.ptr)[mo]) s = -kInf;
     } else {
-      s += to_float(static_cast<const T*>(mask.ptr)[mo]);
+      s += to_f(static_cast<const T*>(mask.ptr)[mo]);
     }
   }
   if (is_causal && j > i) s = -kInf;
@@ -278,7 +263,7 @@ __device__ __forceinline__ void store_slab(const float (&acc)[kD / 8][4], const 
     for (int e = 0; e < 4; ++e) {
       const int64_t r = r0 + g + 8 * (e >> 1);
       const int c = nt * 8 + 2 * t + (e & 1);
-      if (r < L && c < d) dst[r * ld + c] = from_float<T>(acc[nt][e] * mul[e >> 1]);
+      if (r < L && c < d) dst[r * ld + c] = from_f<T>(acc[nt][e] * mul[e >> 1]);
     }
 }
 
@@ -387,7 +372,7 @@ __global__ void attention_bwd_delta_kernel(const AttentionBwdParams p) {
   const T* o = static_cast<const T*>(p.o) + bi * p.o_batch_stride + h * p.o_head_stride + i * p.o_row_stride;
   const T* g = static_cast<const T*>(p.do_) + bi * p.do_batch_stride + h * p.do_head_stride + i * p.do_row_stride;
   float s = 0.f;
-  for (int64_t e = lane; e < p.d; e += 32) s += to_float(o[e]) * to_float(g[e]);
+  for (int64_t e = lane; e < p.d; e += 32) s += to_f(o[e]) * to_f(g[e]);
 #pragma unroll
   for (int off = 16; off > 0; off >>= 1) s += __shfl_xor_sync(0xffffffffu, s, off);
   if (lane == 0) p.delta[row] = s;
@@ -570,11 +555,7 @@ void dispatch(const P& p, F&& f) {
     if (p.d <= 256) return f(T{}, std::integral_constant<int, 256>{});
     throw std::runtime_error("attention (cuda): head dim must be <= 256, got " + std::to_string(p.d));
   };
-  switch (p.dtype) {
-    case DType::kFloat32: return by_dim(float{});
-    case DType::kBFloat16: return by_dim(__nv_bfloat16{});
-    case DType::kFloat16: return by_dim(__half{});
-  }
+  dispatch_cuda_dtype(p.dtype, by_dim);
 }
 
 }  // namespace

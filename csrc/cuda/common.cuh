@@ -1,9 +1,12 @@
 // Device helpers shared by the CUDA kernels (torch-free): storage-type conversion, vector
-// access types and the one runtime-dtype switch of the entry points.
+// access, warp and block reductions, launch helpers and the one runtime-dtype switch.
 #pragma once
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+
+#include <cstdint>
+#include <type_traits>
 
 #include "../common.h"
 
@@ -29,6 +32,60 @@ template <typename T, int VEC>
 struct alignas(sizeof(T) * VEC) Vec {
   T v[VEC];
 };
+
+// VEC elements as one (up to 16-byte) access; the caller guarantees alignment.
+template <typename T, int VEC>
+__device__ __forceinline__ void load_vec(const T* src, float (&dst)[VEC]) {
+  const Vec<T, VEC> t = *reinterpret_cast<const Vec<T, VEC>*>(src);
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) dst[e] = to_f(t.v[e]);
+}
+template <typename T, int VEC>
+__device__ __forceinline__ void store_vec(T* dst, const float (&src)[VEC]) {
+  Vec<T, VEC> t;
+#pragma unroll
+  for (int e = 0; e < VEC; ++e) t.v[e] = from_f<T>(src[e]);
+  *reinterpret_cast<Vec<T, VEC>*>(dst) = t;
+}
+
+inline bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+
+__device__ __forceinline__ float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+// Block-wide sum (blockDim.x a multiple of 32); `red` holds 32 floats.
+__device__ __forceinline__ float block_sum(float v, float* red) {
+  v = warp_sum(v);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  __syncthreads();  // `red` may still be read from the previous call
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  v = lane < int(blockDim.x >> 5) ? red[lane] : 0.f;
+  return warp_sum(v);
+}
+
+// Row kernels (layer_norm.cu, softmax.cu): rows beyond this many blocks are grid-strided.
+constexpr int64_t kMaxGrid = 1 << 20;
+
+// Calls f(std::integral_constant<int, CHUNKS>) with the fewest chunks covering `per_lane`
+// (at most MAX: what a 1024-column row needs, so no unreachable kernel is instantiated).
+template <int MAX, typename F>
+void chunks_switch(int64_t per_lane, F&& f) {
+  if (per_lane <= 1) return f(std::integral_constant<int, 1>{});
+  if (per_lane <= 2) return f(std::integral_constant<int, 2>{});
+  if constexpr (MAX > 4) {
+    if (per_lane <= 4) return f(std::integral_constant<int, 4>{});
+  }
+  return f(std::integral_constant<int, MAX>{});
+}
 
 // Calls f(T{}) with T the CUDA storage type of dt.
 template <typename F>

@@ -389,7 +389,6 @@ __global__ void __launch_bounds__(256) colsum(const T* src, int64_t rows, int64_
 
 // ---- launch ----------------------------------------------------------------------------------
 
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
 
 // An operand of `rows` x K: k-contiguous with row stride ld, or the transpose.
 template <typename T>

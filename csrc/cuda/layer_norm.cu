@@ -29,43 +29,19 @@ namespace {
 
 using namespace cuda_common;
 
-
-
 // Loads VEC elements at src + col (a vector access when VEC > 1: the caller guarantees
 // alignment and that the whole chunk is inside the row); out-of-row scalar lanes give 0.
 template <typename T, int VEC>
 __device__ __forceinline__ void load(const T* src, int64_t col, int64_t n, float (&dst)[VEC]) {
   if (VEC > 1) {
-    const Vec<T, VEC> t = *reinterpret_cast<const Vec<T, VEC>*>(src + col);
-#pragma unroll
-    for (int e = 0; e < VEC; ++e) dst[e] = to_f(t.v[e]);
+    load_vec(src + col, dst);
   } else {
     dst[0] = col < n ? to_f(src[col]) : 0.f;
   }
 }
 template <typename T, int VEC>
 __device__ __forceinline__ void store(T* dst, int64_t col, const float (&src)[VEC]) {
-  Vec<T, VEC> t;
-#pragma unroll
-  for (int e = 0; e < VEC; ++e) t.v[e] = from_f<T>(src[e]);
-  *reinterpret_cast<Vec<T, VEC>*>(dst + col) = t;
-}
-
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
-// Block-wide sum (blockDim.x a multiple of 32); `red` holds 32 floats.
-__device__ __forceinline__ float block_sum(float v, float* red) {
-  v = warp_sum(v);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  __syncthreads();  // `red` may still be read from the previous call
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  v = lane < int(blockDim.x >> 5) ? red[lane] : 0.f;
-  return warp_sum(v);
+  store_vec(dst + col, src);
 }
 
 // h = x (+ residual) at (row, col), rounded to storage precision when a residual is added
@@ -272,22 +248,7 @@ __global__ void __launch_bounds__(256) ln_bwd_reduce(const LayerNormBwdParams p)
 
 constexpr int kWarpBlock = 128;                 // 4 rows per block
 constexpr int kRowBlock = 256;
-constexpr int64_t kMaxGrid = 1 << 20;           // rows beyond it are grid-strided
 constexpr int64_t kSmemFloats = 48 * 1024 / 4;  // default dynamic shared memory limit
-
-bool aligned16(const void* a) { return (reinterpret_cast<uintptr_t>(a) & 15u) == 0; }
-
-// Calls f(std::integral_constant<int, CHUNKS>) with the fewest chunks covering `per_lane`
-// (at most MAX: what a 1024-column row needs, so no unreachable kernel is instantiated).
-template <int MAX, typename F>
-void chunks_switch(int64_t per_lane, F&& f) {
-  if (per_lane <= 1) return f(std::integral_constant<int, 1>{});
-  if (per_lane <= 2) return f(std::integral_constant<int, 2>{});
-  if constexpr (MAX > 4) {
-    if (per_lane <= 4) return f(std::integral_constant<int, 4>{});
-  }
-  return f(std::integral_constant<int, MAX>{});
-}
 
 template <typename T>
 void fwd(const LayerNormFwdParams& p, cudaStream_t stream) {

@@ -28,33 +28,6 @@ using namespace cuda_common;
 
 constexpr float kNegInf = -__builtin_huge_valf();
 
-
-
-template <typename T, int VEC>
-__device__ __forceinline__ void load_vec(const T* src, float (&dst)[VEC]) {
-  const Vec<T, VEC> t = *reinterpret_cast<const Vec<T, VEC>*>(src);
-#pragma unroll
-  for (int e = 0; e < VEC; ++e) dst[e] = to_f(t.v[e]);
-}
-template <typename T, int VEC>
-__device__ __forceinline__ void store_vec(T* dst, const float (&src)[VEC]) {
-  Vec<T, VEC> t;
-#pragma unroll
-  for (int e = 0; e < VEC; ++e) t.v[e] = from_f<T>(src[e]);
-  *reinterpret_cast<Vec<T, VEC>*>(dst) = t;
-}
-
-__device__ __forceinline__ float warp_max(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
-  return v;
-}
-__device__ __forceinline__ float warp_sum(float v) {
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
-  return v;
-}
-
 // Running (max, sum of exp(s - max)) pair; merge is associative and handles -inf maxima.
 struct MaxSum {
   float m, s;
@@ -172,16 +145,6 @@ __device__ __forceinline__ MaxSum block_maxsum(MaxSum v, MaxSum* red) {
     v = merge(v, other);
   }
   return v;
-}
-
-__device__ __forceinline__ float block_sum(float v, float* red) {
-  v = warp_sum(v);
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, nwarps = blockDim.x >> 5;
-  __syncthreads();
-  if (lane == 0) red[warp] = v;
-  __syncthreads();
-  v = lane < nwarps ? red[lane] : 0.f;
-  return warp_sum(v);
 }
 
 // ---- forward, one block per row, looped over the row in (blockDim · VEC)-wide strips -----
@@ -311,25 +274,10 @@ __global__ void __launch_bounds__(512) softmax_bwd_block(const SoftmaxBwdParams 
 constexpr int64_t kWarpRowMax = 1024;  // longest row one warp holds in registers (32/lane)
 constexpr int kWarpBlock = 128;        // 4 rows per block
 constexpr int kRowBlock = 512;
-constexpr int64_t kMaxGrid = 1 << 20;  // rows beyond it are grid-strided
-
-bool aligned16(const void* a) { return (reinterpret_cast<uintptr_t>(a) & 15u) == 0; }
 
 int64_t warp_grid(int64_t rows) {
   const int64_t blocks = (rows + kWarpBlock / 32 - 1) / (kWarpBlock / 32);
   return blocks < kMaxGrid ? blocks : kMaxGrid;
-}
-
-// Calls f(std::integral_constant<int, CHUNKS>) with the fewest chunks covering `per_lane`
-// (at most MAX: what a 1024-column row needs, so no unreachable kernel is instantiated).
-template <int MAX, typename F>
-void chunks_switch(int64_t per_lane, F&& f) {
-  if (per_lane <= 1) return f(std::integral_constant<int, 1>{});
-  if (per_lane <= 2) return f(std::integral_constant<int, 2>{});
-  if constexpr (MAX > 4) {
-    if (per_lane <= 4) return f(std::integral_constant<int, 4>{});
-  }
-  return f(std::integral_constant<int, MAX>{});
 }
 
 // Whether a row of `cols` goes to the warp kernel: at most 1024 columns and 8 chunks per
