@@ -9,6 +9,10 @@
 #include <cstdint>
 #include <cstring>
 
+#if defined(__AVX2__) || defined(__FMA__) || defined(__F16C__)
+#include <immintrin.h>
+#endif
+
 #include "../common.h"
 
 namespace fusedformer {
@@ -81,6 +85,193 @@ inline fp16 from_float<fp16>(float f) {
   uint32_t mant_odd = (abs >> 13) & 1u;
   uint32_t v = abs + 0xc8000fffu + mant_odd;  // rebias exponent (-112 << 23) and round
   return fp16{uint16_t(sign | (v >> 13))};
+}
+
+// ---- 8-wide fp32 vectors ------------------------------------------------------------------
+//
+// The row kernels (LayerNorm, softmax, the FFN epilogues) are memory-bound only once their
+// inner loops run 8 lanes at a time; without -ffast-math GCC will not vectorize a float
+// reduction or a libm call on its own. f32x8 is a GCC/Clang vector extension: one AVX2
+// register in the default build (-mavx2 -mfma -mf16c), two SSE registers in a baseline build.
+// Reductions keep 8 lane partials and add them in one fixed order (hsum8), so a row's result
+// does not depend on the thread count.
+
+typedef float f32x8 __attribute__((vector_size(32)));
+typedef int32_t i32x8 __attribute__((vector_size(32)));
+typedef uint32_t u32x8 __attribute__((vector_size(32)));
+typedef uint16_t u16x8 __attribute__((vector_size(16)));
+
+inline f32x8 splat8(float s) { return f32x8{} + s; }
+inline f32x8 min8(f32x8 a, f32x8 b) { return a < b ? a : b; }
+inline f32x8 max8(f32x8 a, f32x8 b) { return a > b ? a : b; }
+inline f32x8 fma8(f32x8 a, f32x8 b, f32x8 c) {  // a * b + c
+#ifdef __FMA__
+  return _mm256_fmadd_ps(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+// Fixed-order horizontal reductions: ((0+4) + (2+6)) + ((1+5) + (3+7)).
+inline float hsum8(f32x8 v) {
+  const float a = (v[0] + v[4]) + (v[2] + v[6]), b = (v[1] + v[5]) + (v[3] + v[7]);
+  return a + b;
+}
+inline float hmax8(f32x8 v) {
+  float m = v[0];
+  for (int i = 1; i < 8; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+// v with lanes >= k replaced by fill (k in [0, 8]): masks the tail of a row.
+inline f32x8 first8(f32x8 v, int k, float fill = 0.f) {
+  if (k >= 8) return v;
+  const i32x8 lane = {0, 1, 2, 3, 4, 5, 6, 7};
+  return lane < k ? v : splat8(fill);
+}
+
+// Storage <-> fp32x8. bf16 -> fp32 is a shift; fp32 -> bf16 rounds to nearest even, NaN stays
+// NaN (as from_float<bf16>). fp16 uses F16C when built with it, else the scalar conversions.
+inline f32x8 bf16x8_to_f32(u16x8 b) { return (f32x8)(__builtin_convertvector(b, u32x8) << 16); }
+inline u16x8 f32_to_bf16x8(f32x8 v) {
+  const u32x8 u = (u32x8)v;
+  const u32x8 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  const u32x8 quiet_nan = (u >> 16) | 0x40u;
+  const i32x8 is_nan = (i32x8)(u & 0x7fffffffu) > 0x7f800000;
+  return __builtin_convertvector(is_nan ? quiet_nan : rounded, u16x8);
+}
+inline f32x8 fp16x8_to_f32(u16x8 b) {
+#ifdef __F16C__
+  return _mm256_cvtph_ps((__m128i)b);
+#else
+  f32x8 v;
+  for (int i = 0; i < 8; ++i) v[i] = to_float(fp16{b[i]});
+  return v;
+#endif
+}
+inline u16x8 f32_to_fp16x8(f32x8 v) {
+#ifdef __F16C__
+  return (u16x8)_mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT);
+#else
+  u16x8 b;
+  for (int i = 0; i < 8; ++i) b[i] = from_float<fp16>(v[i]).bits;
+  return b;
+#endif
+}
+
+inline f32x8 load8(const float* p) {
+  f32x8 v;
+  std::memcpy(&v, p, sizeof(v));
+  return v;
+}
+inline f32x8 load8(const bf16* p) {
+  u16x8 b;
+  std::memcpy(&b, p, sizeof(b));
+  return bf16x8_to_f32(b);
+}
+inline f32x8 load8(const fp16* p) {
+  u16x8 b;
+  std::memcpy(&b, p, sizeof(b));
+  return fp16x8_to_f32(b);
+}
+inline void store8(float* p, f32x8 v) { std::memcpy(p, &v, sizeof(v)); }
+inline void store8(bf16* p, f32x8 v) {
+  const u16x8 b = f32_to_bf16x8(v);
+  std::memcpy(p, &b, sizeof(b));
+}
+inline void store8(fp16* p, f32x8 v) {
+  const u16x8 b = f32_to_fp16x8(v);
+  std::memcpy(p, &b, sizeof(b));
+}
+
+// The first k (<= 8) elements: a row's tail. Lanes >= k load as 0 and are not stored.
+template <typename T>
+inline f32x8 load8(const T* p, int k) {
+  if (k >= 8) return load8(p);
+  T tmp[8] = {};
+  std::memcpy(tmp, p, sizeof(T) * k);
+  return load8(tmp);
+}
+template <typename T>
+inline void store8(T* p, f32x8 v, int k) {
+  if (k >= 8) return store8(p, v);
+  T tmp[8];
+  store8(tmp, v);
+  std::memcpy(p, tmp, sizeof(T) * k);
+}
+
+// v rounded to T's precision, still fp32 (what storing v as T and loading it back gives).
+template <typename T>
+inline f32x8 round8(f32x8 v) {
+  T tmp[8];
+  store8(tmp, v);
+  return load8(tmp);
+}
+template <>
+inline f32x8 round8<float>(f32x8 v) {
+  return v;
+}
+
+// Runs body(j, k) over [0, n) in blocks of 8: k = 8 for every full block, then k = n % 8 for
+// the tail if any. body is inlined at both calls, so the full blocks see a constant k.
+template <typename F>
+inline void for_blocks8(int64_t n, F&& body) {
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) body(j, 8);
+  if (j < n) body(j, int(n - j));
+}
+
+// ---- vectorized fp32 math (max error vs fp64 measured in tests/test_softmax_ffn_cpp.py) ----
+
+// exp(x) = 2^n · exp(r), n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2] (ln 2 split in
+// two so r is exact), exp(r) by Cephes' degree-7 polynomial: within 2 ulp of exp. 2^n is built
+// in the exponent field in two halves, so the whole normal range is exact; results below the
+// smallest normal (x < -87.34) flush to 0 and x > 88.72 gives inf; NaN stays NaN.
+inline f32x8 exp8(f32x8 x) {
+  const float lo = -87.33654475f, hi = 88.72283905f;
+  f32x8 xc = x < lo ? splat8(lo) : x;  // NaN passes both clamps
+  xc = xc > hi ? splat8(hi) : xc;
+  const f32x8 magic = splat8(12582912.f);  // 1.5 · 2^23: adding it rounds to an integer
+  const f32x8 t = fma8(xc, splat8(1.44269504088896341f), magic);
+  const f32x8 n = t - magic;
+  f32x8 r = fma8(n, splat8(-0.693359375f), xc);
+  r = fma8(n, splat8(2.12194440e-4f), r);
+  f32x8 p = splat8(1.9875691500e-4f);
+  p = fma8(p, r, splat8(1.3981999507e-3f));
+  p = fma8(p, r, splat8(8.3334519073e-3f));
+  p = fma8(p, r, splat8(4.1665795894e-2f));
+  p = fma8(p, r, splat8(1.6666665459e-1f));
+  p = fma8(p, r, splat8(5.0000001201e-1f));
+  p = fma8(p, r * r, r + 1.f);
+  const i32x8 ni = (i32x8)t - (i32x8)magic;  // n as an integer, in [-126, 128]
+  const i32x8 n1 = ni >> 1, n2 = ni - n1;
+  const f32x8 s1 = (f32x8)((n1 + 127) << 23), s2 = (f32x8)((n2 + 127) << 23);
+  const f32x8 e = p * s1 * s2;
+  return x < lo ? splat8(0.f) : (x > hi ? splat8(__builtin_inff()) : e);
+}
+
+// erf(x) = sign(x) (1 - t P(t) exp(-x²)), t = 1 / (1 + 0.3275911 |x|): Abramowitz & Stegun
+// 7.1.26, |error| <= 1.5e-7, the approximation ATen's own vectorized erf uses (so GELU matches
+// torch's CPU error). exp_neg_x2 = exp(-x²) is passed in: GELU's backward reuses it.
+inline f32x8 erf8(f32x8 x, f32x8 exp_neg_x2) {
+  const f32x8 ax = x < 0.f ? -x : x;
+  const f32x8 t = 1.f / fma8(splat8(0.3275911f), ax, splat8(1.f));
+  f32x8 q = splat8(1.061405429f);
+  q = fma8(q, t, splat8(-1.453152027f));
+  q = fma8(q, t, splat8(1.421413741f));
+  q = fma8(q, t, splat8(-0.284496736f));
+  q = fma8(q, t, splat8(0.254829592f));
+  const f32x8 e = 1.f - q * t * exp_neg_x2;
+  return x < 0.f ? -e : e;
+}
+
+// tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2 |x|) in (0, 1]: no overflow, |error| within
+// a few 1e-8 (absolute; GELU's 1 + tanh needs no more).
+inline f32x8 tanh8(f32x8 x) {
+  const f32x8 ax = x < 0.f ? -x : x;
+  const f32x8 e = exp8(-2.f * ax);
+  const f32x8 t = (1.f - e) / (1.f + e);
+  return x < 0.f ? -t : t;
 }
 
 // Calls f(T{}) with T the storage type of dt: the CPU kernels' one dtype switch.
