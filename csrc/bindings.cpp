@@ -507,6 +507,23 @@ FfnDims check_ffn(const char* op, const Tensor& x, const Tensor& w1, const OptTe
 // GPU's tensor-core GEMMs).
 Tensor f32(const Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
 
+// out = a b (+ bias on every row) in fp32: written straight into an fp32 out (no temporary
+// and copy), rounded into a 16-bit one.
+void mm_into(Tensor& out, const Tensor& a, const Tensor& b, const OptTensor& bias = std::nullopt) {
+  if (out.scalar_type() == at::kFloat) {
+    if (bias) at::addmm_out(out, *bias, a, b);
+    else at::mm_out(out, a, b);
+  } else {
+    out.copy_(bias ? at::addmm(f32(*bias), a, b) : at::mm(a, b));
+  }
+}
+
+// out = the column sums of a (fp32), in place when out is fp32.
+void sum_rows_into(Tensor& out, const Tensor& a) {
+  if (out.scalar_type() == at::kFloat) at::sum_out(out, a, 0);
+  else out.copy_(a.sum(0));
+}
+
 std::tuple<Tensor, Tensor> ffn_fwd(const Tensor& x_, const Tensor& w1_, const OptTensor& b1_,
                                    const Tensor& w2_, const OptTensor& b2_, const std::string& activation,
                                    double dropout_p, int64_t seed) {
@@ -539,8 +556,7 @@ std::tuple<Tensor, Tensor> ffn_fwd(const Tensor& x_, const Tensor& w1_, const Op
     Tensor acc1 = at::matmul(f32(x), f32(w1).t()).contiguous();  // (M, F1) fp32
     p.acc1 = acc1.data_ptr<float>();
     ff::ffn_fwd_epilogue_cpu(p);
-    Tensor h32 = f32(hidden);
-    y.copy_(b2 ? at::addmm(f32(*b2), h32, f32(w2).t()) : at::matmul(h32, f32(w2).t()));
+    mm_into(y, f32(hidden), f32(w2).t(), b2);
   } else {
 #ifdef FUSEDFORMER_WITH_CUDA
     const c10::cuda::CUDAGuard guard(x.device());
@@ -604,11 +620,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_bwd(
     p.acc_dh = acc_dh.data_ptr<float>();
     ff::ffn_bwd_epilogue_cpu(p);
     Tensor dp32 = f32(d_pre);
-    dx.copy_(at::matmul(dp32, f32(w1)));
-    dw1.copy_(at::matmul(dp32.t(), f32(x)));
-    dw2.copy_(at::matmul(dy32.t(), f32(hidden)));
-    if (b1_) db1.copy_(dp32.sum(0));
-    if (b2_) db2.copy_(dy32.sum(0));
+    mm_into(dx, dp32, f32(w1));
+    mm_into(dw1, dp32.t(), f32(x));
+    mm_into(dw2, dy32.t(), f32(hidden));
+    if (b1_) sum_rows_into(db1, dp32);
+    if (b2_) sum_rows_into(db2, dy32);
   } else {
 #ifdef FUSEDFORMER_WITH_CUDA
     const c10::cuda::CUDAGuard guard(x.device());

@@ -5,8 +5,10 @@
 //   forward:  acc1 = x w1ᵀ  ->  pre = acc1 + b1 (stored), hidden = act(pre) · keep / (1 - p)
 //   backward: acc_dh = dy w2 ->  d_pre = acc_dh · keep / (1 - p) · act'(pre), and hidden
 //             recomputed from pre for dw2 = dyᵀ hidden
-// Napkin math (bf16 forward epilogue): read acc1 (4 B) + write pre, hidden (2 + 2 B) per
-// hidden element; the GEMMs (2·M·C·F1 + 2·M·F·C FLOPs) dominate.
+// Napkin math (fp32 forward epilogue): read acc1 (4 B) + write pre, hidden (4 + 4 B) per
+// hidden element, and one exp per element (gelu, gelu_tanh, swiglu): ~10 ns scalar with libm,
+// so the epilogues run 8 lanes at a time with the polynomial exp8/erf8/tanh8 of numeric.h.
+// The GEMMs (2·M·C·F1 + 2·M·F·C FLOPs) should dominate.
 #include "../ffn.h"
 
 #include <omp.h>
@@ -16,6 +18,50 @@
 namespace fusedformer {
 namespace {
 
+// ---- the activations of ffn.h, 8 lanes at a time ---------------------------------------
+//   gelu:      0.5 a (1 + erf(a/√2));  d/da = 0.5 (1 + erf(a/√2)) + a φ(a), φ(a) = e^(-a²/2)/√(2π)
+//   gelu_tanh: 0.5 a (1 + t), t = tanh(k (a + 0.044715 a³))
+//   swiglu:    silu(g) = g σ(g), σ(g) = 1 / (1 + e^-g)
+
+constexpr float kSqrtHalf = 0.70710678118654752f, kInvSqrt2Pi = 0.39894228040143268f;
+constexpr float kTanhK = 0.79788456080286536f, kTanhC = 0.044715f;
+
+inline f32x8 sigmoid8(f32x8 g) { return 1.f / (1.f + exp8(-g)); }
+
+inline f32x8 act8(FfnActivation act, f32x8 a) {
+  if (act == FfnActivation::kRelu) return a > 0.f ? a : splat8(0.f);
+  if (act == FfnActivation::kGelu) {
+    const f32x8 z = a * kSqrtHalf;
+    return 0.5f * a * (1.f + erf8(z, exp8(-(z * z))));
+  }
+  return 0.5f * a * (1.f + tanh8(kTanhK * (a + kTanhC * a * a * a)));
+}
+
+// act(a) and act'(a) together: GELU's erf and φ share one exp.
+inline void act_and_grad8(FfnActivation act, f32x8 a, f32x8& value, f32x8& grad) {
+  if (act == FfnActivation::kRelu) {
+    value = a > 0.f ? a : splat8(0.f);
+    grad = a > 0.f ? splat8(1.f) : splat8(0.f);
+  } else if (act == FfnActivation::kGelu) {
+    const f32x8 z = a * kSqrtHalf, e = exp8(-(z * z));
+    const f32x8 cdf = 0.5f * (1.f + erf8(z, e));
+    value = a * cdf;
+    grad = cdf + a * kInvSqrt2Pi * e;
+  } else {
+    const f32x8 t = tanh8(kTanhK * (a + kTanhC * a * a * a));
+    value = 0.5f * a * (1.f + t);
+    grad = 0.5f * (1.f + t) + 0.5f * a * (1.f - t * t) * kTanhK * (1.f + 3.f * kTanhC * a * a);
+  }
+}
+
+// keep / (1 - p) for hidden elements (i, [j, j + k)): 1 without dropout.
+inline f32x8 dropout8(uint64_t seed, float p, int64_t i, int64_t j, int k, int64_t f) {
+  if (p == 0.f) return splat8(1.f);
+  f32x8 d = {};
+  for (int l = 0; l < k; ++l) d[l] = ffn_dropout_scale(seed, i, j + l, f, p);
+  return d;
+}
+
 template <typename T>
 void fwd_epilogue(const FfnFwdParams& p) {
   const int64_t f = p.f, f1 = ffn_f1(p.act, f);
@@ -23,25 +69,30 @@ void fwd_epilogue(const FfnFwdParams& p) {
   T* pre = static_cast<T*>(p.pre);
   T* hidden = static_cast<T*>(p.hidden);
   const bool swiglu = p.act == FfnActivation::kSwiglu;
+  // Round pre to storage precision first: backward recomputes act from the stored pre, so
+  // both passes see exactly the same numbers (as the GPU's epilogue does).
+  auto pre_at = [&](const float* acc, T* pre_row, int64_t j, int k) {
+    f32x8 a = load8(acc + j, k);
+    if (b1) a += load8(b1 + j, k);
+    a = round8<T>(a);
+    store8(pre_row + j, a, k);
+    return a;
+  };
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < p.m; ++i) {
     const float* acc = p.acc1 + i * f1;
     T* pre_row = pre + i * f1;
-    for (int64_t j = 0; j < f; ++j) {
-      // Round pre to storage precision first: backward recomputes act from the stored pre,
-      // so both passes see exactly the same numbers (as the GPU's epilogue does).
-      const float a = to_float(from_float<T>(acc[j] + (b1 ? to_float(b1[j]) : 0.f)));
-      pre_row[j] = from_float<T>(a);
-      float hv;
+    for_blocks8(f, [&](int64_t j, int k) {
+      const f32x8 a = pre_at(acc, pre_row, j, k);
+      f32x8 hv;
       if (swiglu) {
-        const float u = to_float(from_float<T>(acc[f + j] + (b1 ? to_float(b1[f + j]) : 0.f)));
-        pre_row[f + j] = from_float<T>(u);
-        hv = a * ffn_sigmoid(a) * u;
+        const f32x8 u = pre_at(acc, pre_row, f + j, k);
+        hv = a * sigmoid8(a) * u;
       } else {
-        hv = ffn_act(p.act, a);
+        hv = act8(p.act, a);
       }
-      hidden[i * f + j] = from_float<T>(hv * ffn_dropout_scale(p.seed, i, j, f, p.dropout_p));
-    }
+      store8(hidden + i * f + j, hv * dropout8(p.seed, p.dropout_p, i, j, k, f), k);
+    });
   }
 }
 
@@ -57,22 +108,23 @@ void bwd_epilogue(const FfnBwdParams& p) {
     const float* dh = p.acc_dh + i * f;
     const T* pre_row = pre + i * f1;
     T* dpre_row = d_pre + i * f1;
-    for (int64_t j = 0; j < f; ++j) {
-      const float drop = ffn_dropout_scale(p.seed, i, j, f, p.dropout_p);
-      const float g = dh[j] * drop;  // gradient of act(pre) (before dropout)
-      const float a = to_float(pre_row[j]);
-      float hv;
+    for_blocks8(f, [&](int64_t j, int k) {
+      const f32x8 drop = dropout8(p.seed, p.dropout_p, i, j, k, f);
+      const f32x8 g = load8(dh + j, k) * drop;  // gradient of act(pre) (before dropout)
+      const f32x8 a = load8(pre_row + j, k);
+      f32x8 hv;
       if (swiglu) {
-        const float u = to_float(pre_row[f + j]), s = ffn_sigmoid(a), silu = a * s;
-        dpre_row[j] = from_float<T>(g * u * s * (1.f + a * (1.f - s)));
-        dpre_row[f + j] = from_float<T>(g * silu);
+        const f32x8 u = load8(pre_row + f + j, k), s = sigmoid8(a), silu = a * s;
+        store8(dpre_row + j, g * u * s * (1.f + a * (1.f - s)), k);
+        store8(dpre_row + f + j, g * silu, k);
         hv = silu * u;
       } else {
-        dpre_row[j] = from_float<T>(g * ffn_act_grad(p.act, a));
-        hv = ffn_act(p.act, a);
+        f32x8 grad;
+        act_and_grad8(p.act, a, hv, grad);
+        store8(dpre_row + j, g * grad, k);
       }
-      hidden[i * f + j] = from_float<T>(hv * drop);
-    }
+      store8(hidden + i * f + j, hv * drop, k);
+    });
   }
 }
 
