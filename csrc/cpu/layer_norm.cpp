@@ -23,51 +23,91 @@
 namespace fusedformer {
 namespace {
 
+// One row of the forward: h = round(x + res) (stored) when res is given, mean and rstd over
+// the row, y = (h - mean) rstd w + b. w, b: fp32 or nullptr; row: n floats of scratch.
+// Row pointers arrive as values (not OpenMP-shared variables) so the loops keep them in
+// registers.
+template <typename T>
+void fwd_row(const T* x, const T* res, T* h, T* y, const float* w, const float* b, int64_t n,
+             float eps, float* row, float* mean_out, float* rstd_out) {
+  f32x8 sum = {};
+  for_blocks8(n, [&](int64_t j, int k) {
+    f32x8 v = load8(x + j, k);  // lanes >= k are 0: they add nothing to sum
+    if (res) {
+      // Round h to storage precision first: backward sees the stored h, so both passes
+      // normalize exactly the same numbers.
+      v = v + load8(res + j, k);
+      store8(h + j, v, k);
+      v = round8<T>(v);
+    }
+    store8(row + j, v, k);
+    sum += v;
+  });
+  const float mean = hsum8(sum) / float(n);
+  f32x8 sq = {};
+  for_blocks8(n, [&](int64_t j, int k) {
+    const f32x8 d = first8(load8(row + j, k) - mean, k);
+    sq += d * d;
+  });
+  const float rstd = 1.f / std::sqrt(hsum8(sq) / float(n) + eps);
+  for_blocks8(n, [&](int64_t j, int k) {
+    f32x8 v = (load8(row + j, k) - mean) * rstd;
+    if (w) v *= load8(w + j, k);
+    if (b) v += load8(b + j, k);
+    store8(y + j, v, k);
+  });
+  *mean_out = mean;
+  *rstd_out = rstd;
+}
+
 template <typename T>
 void fwd(const LayerNormFwdParams& p) {
   const int64_t n = p.cols;
   const T* x = static_cast<const T*>(p.x);
   const T* res = static_cast<const T*>(p.residual);
-  const T* w = static_cast<const T*>(p.weight);
-  const T* b = static_cast<const T*>(p.bias);
   T* y = static_cast<T*>(p.y);
   T* h = static_cast<T*>(p.h);
+  std::vector<float> w_buf, b_buf;  // 16-bit weight and bias, converted once per call
+  const float* w = as_f32(static_cast<const T*>(p.weight), n, w_buf);
+  const float* b = as_f32(static_cast<const T*>(p.bias), n, b_buf);
 #pragma omp parallel
   {
-    std::vector<float> row_buf(n);
-    float* row = row_buf.data();
+    std::vector<float> row(n);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < p.rows; ++r) {
       const int64_t off = r * n;
-      f32x8 sum = {};
-      for_blocks8(n, [&](int64_t j, int k) {
-        f32x8 v = load8(x + off + j, k);  // lanes >= k are 0: they add nothing to sum
-        if (res) {
-          // Round h to storage precision first: backward sees the stored h, so both passes
-          // normalize exactly the same numbers.
-          v = round8<T>(v + load8(res + off + j, k));
-          store8(h + off + j, v, k);
-        }
-        store8(row + j, v, k);
-        sum += v;
-      });
-      const float mean = hsum8(sum) / float(n);
-      f32x8 sq = {};
-      for_blocks8(n, [&](int64_t j, int k) {
-        const f32x8 d = first8(load8(row + j, k) - mean, k);
-        sq += d * d;
-      });
-      const float rstd = 1.f / std::sqrt(hsum8(sq) / float(n) + p.eps);
-      for_blocks8(n, [&](int64_t j, int k) {
-        f32x8 v = (load8(row + j, k) - mean) * rstd;
-        if (w) v *= load8(w + j, k);
-        if (b) v += load8(b + j, k);
-        store8(y + off + j, v, k);
-      });
-      p.mean[r] = mean;
-      p.rstd[r] = rstd;
+      fwd_row(x + off, res ? res + off : nullptr, res ? h + off : nullptr, y + off, w, b, n, p.eps,
+              row.data(), p.mean + r, p.rstd + r);
     }
   }
+}
+
+// One row of stage 1 of the backward: dx, and dy · xhat, dy added into this row group's
+// partial dweight/dbias rows gdw, gdb (nullptr: not wanted). w: fp32 or nullptr; xhat, g: n
+// floats of scratch each.
+template <typename T>
+void bwd_row(const T* dy, const T* dh, const T* h, T* dx, const float* w, float mean, float rstd,
+             int64_t n, float* xhat, float* g, float* gdw, float* gdb) {
+  f32x8 sum_g = {}, sum_gx = {};
+  for_blocks8(n, [&](int64_t j, int k) {
+    const f32x8 d = load8(dy + j, k);  // lanes >= k: d = 0, so g = 0 adds nothing
+    const f32x8 xh = (load8(h + j, k) - mean) * rstd;
+    const f32x8 gv = w ? d * load8(w + j, k) : d;
+    sum_g += gv;
+    sum_gx += gv * xh;
+    store8(xhat + j, xh, k);
+    store8(g + j, gv, k);
+    if (gdw) {
+      store8(gdw + j, load8(gdw + j, k) + d * xh, k);
+      store8(gdb + j, load8(gdb + j, k) + d, k);
+    }
+  });
+  const float c_g = hsum8(sum_g) / float(n), c_gx = hsum8(sum_gx) / float(n);
+  for_blocks8(n, [&](int64_t j, int k) {
+    f32x8 v = rstd * (load8(g + j, k) - c_g - load8(xhat + j, k) * c_gx);
+    if (dh) v += load8(dh + j, k);
+    store8(dx + j, v, k);
+  });
 }
 
 template <typename T>
@@ -76,8 +116,9 @@ void bwd(const LayerNormBwdParams& p) {
   const T* dy = static_cast<const T*>(p.dy);
   const T* dh = static_cast<const T*>(p.dh);
   const T* h = static_cast<const T*>(p.h);
-  const T* w = static_cast<const T*>(p.weight);
   T* dx = static_cast<T*>(p.dx);
+  std::vector<float> w_buf;
+  const float* w = as_f32(static_cast<const T*>(p.weight), n, w_buf);
   const bool want_params = p.dweight != nullptr || p.dbias != nullptr;
   const int64_t groups = p.groups;
   const int64_t rows_per_group = (p.rows + groups - 1) / groups;
@@ -87,9 +128,7 @@ void bwd(const LayerNormBwdParams& p) {
   // Stage 1: dx per row; partial dweight/dbias per row group.
 #pragma omp parallel
   {
-    std::vector<float> xhat_buf(n), g_buf(n);
-    float* xhat = xhat_buf.data();
-    float* g = g_buf.data();
+    std::vector<float> xhat(n), g(n);
 #pragma omp for schedule(static)
     for (int64_t grp = 0; grp < groups; ++grp) {
       float* gdw = want_params ? pdw + grp * n : nullptr;
@@ -101,27 +140,8 @@ void bwd(const LayerNormBwdParams& p) {
       const int64_t r_end = std::min(p.rows, (grp + 1) * rows_per_group);
       for (int64_t r = grp * rows_per_group; r < r_end; ++r) {
         const int64_t off = r * n;
-        const float mean = p.mean[r], rstd = p.rstd[r];
-        f32x8 sum_g = {}, sum_gx = {};
-        for_blocks8(n, [&](int64_t j, int k) {
-          const f32x8 d = load8(dy + off + j, k);  // lanes >= k: d = 0, so g = 0 adds nothing
-          const f32x8 xh = (load8(h + off + j, k) - mean) * rstd;
-          const f32x8 gv = w ? d * load8(w + j, k) : d;
-          sum_g += gv;
-          sum_gx += gv * xh;
-          store8(xhat + j, xh, k);
-          store8(g + j, gv, k);
-          if (want_params) {
-            store8(gdw + j, load8(gdw + j, k) + d * xh, k);
-            store8(gdb + j, load8(gdb + j, k) + d, k);
-          }
-        });
-        const float c_g = hsum8(sum_g) / float(n), c_gx = hsum8(sum_gx) / float(n);
-        for_blocks8(n, [&](int64_t j, int k) {
-          f32x8 v = rstd * (load8(g + j, k) - c_g - load8(xhat + j, k) * c_gx);
-          if (dh) v += load8(dh + off + j, k);
-          store8(dx + off + j, v, k);
-        });
+        bwd_row(dy + off, dh ? dh + off : nullptr, h + off, dx + off, w, p.mean[r], p.rstd[r], n,
+                xhat.data(), g.data(), gdw, gdb);
       }
     }
   }

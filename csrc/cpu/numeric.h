@@ -8,6 +8,8 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <vector>
 
 #if defined(__AVX2__) || defined(__FMA__) || defined(__F16C__)
 #include <immintrin.h>
@@ -132,13 +134,22 @@ inline f32x8 first8(f32x8 v, int k, float fill = 0.f) {
 
 // Storage <-> fp32x8. bf16 -> fp32 is a shift; fp32 -> bf16 rounds to nearest even, NaN stays
 // NaN (as from_float<bf16>). fp16 uses F16C when built with it, else the scalar conversions.
-inline f32x8 bf16x8_to_f32(u16x8 b) { return (f32x8)(__builtin_convertvector(b, u32x8) << 16); }
-inline u16x8 f32_to_bf16x8(f32x8 v) {
+inline f32x8 bf16x8_to_f32(u16x8 b) {
+#ifdef __AVX2__
+  // One vpmovzxwd (a load operand); GCC 12 splits the generic widen below into five ops.
+  return (f32x8)_mm256_slli_epi32(_mm256_cvtepu16_epi32((__m128i)b), 16);
+#else
+  return (f32x8)(__builtin_convertvector(b, u32x8) << 16);
+#endif
+}
+inline f32x8 round_bf16x8(f32x8 v) {  // v rounded to bf16 precision, still fp32
   const u32x8 u = (u32x8)v;
-  const u32x8 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
-  const u32x8 quiet_nan = (u >> 16) | 0x40u;
   const i32x8 is_nan = (i32x8)(u & 0x7fffffffu) > 0x7f800000;
-  return __builtin_convertvector(is_nan ? quiet_nan : rounded, u16x8);
+  const u32x8 r = is_nan ? (u | 0x400000u) : (u + 0x7fffu + ((u >> 16) & 1u));
+  return (f32x8)(r & 0xffff0000u);
+}
+inline u16x8 f32_to_bf16x8(f32x8 v) {
+  return __builtin_convertvector((u32x8)round_bf16x8(v) >> 16, u16x8);
 }
 inline f32x8 fp16x8_to_f32(u16x8 b) {
 #ifdef __F16C__
@@ -201,15 +212,30 @@ inline void store8(T* p, f32x8 v, int k) {
 }
 
 // v rounded to T's precision, still fp32 (what storing v as T and loading it back gives).
+// After inlining, a store8 of the same v shares the rounding.
 template <typename T>
-inline f32x8 round8(f32x8 v) {
-  T tmp[8];
-  store8(tmp, v);
-  return load8(tmp);
-}
+inline f32x8 round8(f32x8 v);
 template <>
 inline f32x8 round8<float>(f32x8 v) {
   return v;
+}
+template <>
+inline f32x8 round8<bf16>(f32x8 v) {
+  return round_bf16x8(v);
+}
+template <>
+inline f32x8 round8<fp16>(f32x8 v) {
+  return fp16x8_to_f32(f32_to_fp16x8(v));
+}
+
+// n values of T as fp32: a view of p itself when T is float, else a converted copy in buf.
+template <typename T>
+inline const float* as_f32(const T* p, int64_t n, std::vector<float>& buf) {
+  if (p == nullptr) return nullptr;
+  if constexpr (std::is_same_v<T, float>) return p;
+  buf.resize(size_t(n));
+  for (int64_t j = 0; j < n; ++j) buf[j] = to_float(p[j]);
+  return buf.data();
 }
 
 // Runs body(j, k) over [0, n) in blocks of 8: k = 8 for every full block, then k = n % 8 for
