@@ -553,7 +553,9 @@ std::tuple<Tensor, Tensor> ffn_fwd(const Tensor& x_, const Tensor& w1_, const Op
   p.pre = pre.data_ptr();
   p.hidden = hidden.data_ptr();
   if (x.is_cpu()) {
-    Tensor acc1 = at::matmul(f32(x), f32(w1).t()).contiguous();  // (M, F1) fp32
+    // (M, F1) fp32. For fp32 the GEMM writes into pre itself and the epilogue adds b1 in
+    // place (each element is read before it is written): no (M, F1) temporary.
+    Tensor acc1 = pre.scalar_type() == at::kFloat ? at::mm_out(pre, x, w1.t()) : at::mm(f32(x), f32(w1).t());
     p.acc1 = acc1.data_ptr<float>();
     ff::ffn_fwd_epilogue_cpu(p);
     mm_into(y, f32(hidden), f32(w2).t(), b2);
@@ -616,7 +618,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_bwd(
   p.hidden = hidden.data_ptr();
   if (x.is_cpu()) {
     Tensor dy32 = f32(dy);
-    Tensor acc_dh = at::matmul(dy32, f32(w2)).contiguous();  // (M, F) fp32
+    // (M, F) fp32. For fp32 without swiglu (d_pre is then (M, F) too) the GEMM writes into
+    // d_pre and the epilogue scales it in place: no (M, F) temporary.
+    const bool dpre_holds_acc = d_pre.scalar_type() == at::kFloat && f1 == d.f;
+    Tensor acc_dh = dpre_holds_acc ? at::mm_out(d_pre, dy32, w2) : at::mm(dy32, f32(w2));
     p.acc_dh = acc_dh.data_ptr<float>();
     ff::ffn_bwd_epilogue_cpu(p);
     Tensor dp32 = f32(d_pre);
