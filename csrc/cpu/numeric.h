@@ -98,6 +98,11 @@ inline fp16 from_float<fp16>(float f) {
 // Reductions keep 8 lane partials and add them in one fixed order (hsum8), so a row's result
 // does not depend on the thread count.
 
+// A baseline (non-AVX) build passes 32-byte vectors in memory, and GCC warns of the ABI change
+// (-Wpsabi) on every function and lambda taking one, in the kernels too: all of them are built
+// with the same flags, so the warning is silenced for every file that includes this header.
+#pragma GCC diagnostic ignored "-Wpsabi"
+
 typedef float f32x8 __attribute__((vector_size(32)));
 typedef int32_t i32x8 __attribute__((vector_size(32)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
