@@ -179,6 +179,28 @@ def test_ffn_rule(backend, device, dtype, activation, mcf):
 @pytest.mark.parametrize("backend,device", PAIRS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("activation", reference.ACTIVATIONS)
+def test_ffn_wide_preactivations(backend, device, dtype, activation):
+    """Pre-activations out to about +-100: the saturated tails of the activations (the CPU
+    kernels' polynomial exp/erf/tanh clamp and flush there) and every gradient, under the rule."""
+    require_backend("ffn", backend, device)
+    m, c, f = 33, 16, 40
+    x, w1, b1, w2, b2 = _ffn_inputs(m, c, f, activation, dtype, device)
+    with torch.no_grad():
+        w1.mul_(25.0)
+    dy = torch.randn(m, c, dtype=dtype, device=device)
+
+    def fused(x, w1, b1, w2, b2):
+        return ops.ffn(x, w1, b1, w2, b2, activation, backend=backend)
+
+    def ref(x, w1, b1, w2, b2):
+        return reference.ffn_ref(x, w1, b1, w2, b2, activation)
+
+    _rule(("y", "dx", "dw1", "db1", "dw2", "db2"), (x, w1, b1, w2, b2), dy, fused, ref, ref)
+
+
+@pytest.mark.parametrize("backend,device", PAIRS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", reference.ACTIVATIONS)
 def test_ffn_no_biases(backend, device, dtype, activation):
     require_backend("ffn", backend, device)
     _ffn_rule(backend, device, dtype, activation, 31, 40, 72, biases=False)

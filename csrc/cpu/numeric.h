@@ -109,7 +109,6 @@ typedef uint32_t u32x8 __attribute__((vector_size(32)));
 typedef uint16_t u16x8 __attribute__((vector_size(16)));
 
 inline f32x8 splat8(float s) { return f32x8{} + s; }
-inline f32x8 min8(f32x8 a, f32x8 b) { return a < b ? a : b; }
 inline f32x8 max8(f32x8 a, f32x8 b) { return a > b ? a : b; }
 inline f32x8 fma8(f32x8 a, f32x8 b, f32x8 c) {  // a * b + c
 #ifdef __FMA__
@@ -252,12 +251,16 @@ inline void for_blocks8(int64_t n, F&& body) {
   if (j < n) body(j, int(n - j));
 }
 
-// ---- vectorized fp32 math (max error vs fp64 measured in tests/test_softmax_ffn_cpp.py) ----
+// ---- vectorized fp32 math --------------------------------------------------------------
+// Max errors vs fp64, measured on a 1.3e-5 grid over [-10, 10] (exp8: its whole range):
+//   exp8: 1 ulp (relative 1.2e-7)   erf8: 5.7e-7 absolute   tanh8: 8.9e-8 absolute
+//   GELU via erf8 4.6e-7, torch CPU 3.7e-7;  GELU-tanh via tanh8 5.2e-7, torch CPU 4.3e-7;
+//   sigmoid via exp8 8.9e-8, torch CPU 8.9e-8.
 
 // exp(x) = 2^n · exp(r), n = round(x / ln 2), r = x - n ln 2 in [-ln2/2, ln2/2] (ln 2 split in
-// two so r is exact), exp(r) by Cephes' degree-7 polynomial: within 2 ulp of exp. 2^n is built
-// in the exponent field in two halves, so the whole normal range is exact; results below the
-// smallest normal (x < -87.34) flush to 0 and x > 88.72 gives inf; NaN stays NaN.
+// two so r is exact), exp(r) by Cephes' degree-7 polynomial. 2^n is built in the exponent
+// field in two halves, so the whole normal range is exact; results below the smallest normal
+// (x < -87.34) flush to 0 and x > 88.72 gives inf; NaN stays NaN.
 inline f32x8 exp8(f32x8 x) {
   const float lo = -87.33654475f, hi = 88.72283905f;
   f32x8 xc = x < lo ? splat8(lo) : x;  // NaN passes both clamps
@@ -282,8 +285,8 @@ inline f32x8 exp8(f32x8 x) {
 }
 
 // erf(x) = sign(x) (1 - t P(t) exp(-x²)), t = 1 / (1 + 0.3275911 |x|): Abramowitz & Stegun
-// 7.1.26, |error| <= 1.5e-7, the approximation ATen's own vectorized erf uses (so GELU matches
-// torch's CPU error). exp_neg_x2 = exp(-x²) is passed in: GELU's backward reuses it.
+// 7.1.26 (1.5e-7 in exact arithmetic), the approximation ATen's own vectorized erf uses, so
+// GELU's error matches torch's CPU one. exp_neg_x2 = exp(-x²) is passed in: GELU's backward reuses it.
 inline f32x8 erf8(f32x8 x, f32x8 exp_neg_x2) {
   const f32x8 ax = x < 0.f ? -x : x;
   const f32x8 t = 1.f / fma8(splat8(0.3275911f), ax, splat8(1.f));
@@ -296,8 +299,8 @@ inline f32x8 erf8(f32x8 x, f32x8 exp_neg_x2) {
   return x < 0.f ? -e : e;
 }
 
-// tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2 |x|) in (0, 1]: no overflow, |error| within
-// a few 1e-8 (absolute; GELU's 1 + tanh needs no more).
+// tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2 |x|) in (0, 1]: no overflow; the error is
+// absolute (ulps of 1), all that GELU's 1 + tanh needs.
 inline f32x8 tanh8(f32x8 x) {
   const f32x8 ax = x < 0.f ? -x : x;
   const f32x8 e = exp8(-2.f * ax);
