@@ -22,6 +22,7 @@
 #endif
 
 namespace fusedformer {
+namespace {  // private to the one file that includes it: direct calls, no PLT
 
 typedef float Vec8 __attribute__((vector_size(32)));
 typedef uint32_t UVec8 __attribute__((vector_size(32)));
@@ -35,7 +36,7 @@ inline Vec8 load8(const float* p) {
   return v;
 }
 inline void store8(float* p, Vec8 v) { std::memcpy(p, &v, sizeof(v)); }
-inline Vec8 splat8(float x) { return Vec8{} + x; }
+inline Vec8 splat8(float x) { return Vec8{x, x, x, x, x, x, x, x}; }  // not 0 + x: that adds
 inline Vec8 max8(Vec8 a, Vec8 b) { return a > b ? a : b; }
 
 // a · b + c, fused when the target has FMA.
@@ -129,4 +130,5 @@ void gemm_tile(int64_t rows, int64_t cols, int64_t kdim, const float* a, int64_t
   if (j < cols) gemm_panel<1, kAccumulate>(rows, kdim, a, ars, aks, b + j, ldb, c + j, ldc, alpha);
 }
 
+}  // namespace
 }  // namespace fusedformer
