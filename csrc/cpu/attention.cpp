@@ -7,8 +7,9 @@
 // the key tiles are read row-major, and the softmax runs down the key axis with a vector of
 // eight query columns at a time (running max, sums and lse as vectors).
 //
-// Forward, per (batch, query head, block of kBlockM query rows) [one OpenMP task each]:
-// stream over blocks of kBlockN keys with the online softmax (running max m, running sum l,
+// Forward: K and V are first converted once to fp32 rows padded to a multiple of 8 (so no
+// task converts a key tile again); then per (batch, query head, block of kBlockM query rows)
+// [one OpenMP task each]: stream over blocks of kBlockN keys with the online softmax (running max m, running sum l,
 // fp32 accumulator acc), so memory is O(L · D) and no (LQ, LK) tensor ever exists. Causal:
 // key blocks entirely above the top-left diagonal are skipped. Saves lse = m + log l.
 // Backward (FA2), per (batch, kv head) [one task each]: K, V and the dK, dV accumulators of
@@ -30,6 +31,10 @@
 #include <limits>
 #include <vector>
 
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
 #include "../philox.h"
 #include "attention_tiles.h"
 #include "numeric.h"
@@ -44,15 +49,29 @@ constexpr float kPosInf = std::numeric_limits<float>::infinity();
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
+// dst[0, d) = src[0, d) in fp32.
+template <typename T>
+void convert_row(const T* src, int64_t d, float* dst) {
+  for (int64_t c = 0; c < d; ++c) dst[c] = to_float(src[c]);
+}
+#if defined(__F16C__)
+// fp16 by the F16C instruction, 8 at a time (exact, like to_float, which is scalar and slow).
+void convert_row(const fp16* src, int64_t d, float* dst) {
+  int64_t c = 0;
+  for (; c + kLanes <= d; c += kLanes)
+    _mm256_storeu_ps(dst + c, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + c))));
+  for (; c < d; ++c) dst[c] = to_float(src[c]);
+}
+#endif
+
 // Loads rows [r0, r0 + n) of one head, base + r · row_stride, into dst (n, ld) fp32; the
 // columns [d, ld) are zeroed, so vectors over a padded row read zeros.
 template <typename T>
 void load_rows(const T* base, int64_t row_stride, int64_t r0, int64_t n, int64_t d, int64_t ld,
                float* dst) {
   for (int64_t r = 0; r < n; ++r) {
-    const T* src = base + (r0 + r) * row_stride;
     float* row = dst + r * ld;
-    for (int64_t c = 0; c < d; ++c) row[c] = to_float(src[c]);
+    convert_row(base + (r0 + r) * row_stride, d, row);
     std::fill(row + d, row + ld, 0.f);
   }
 }
@@ -61,9 +80,10 @@ void load_rows(const T* base, int64_t row_stride, int64_t r0, int64_t n, int64_t
 template <typename T>
 void load_rows_transposed(const T* base, int64_t row_stride, int64_t r0, int64_t n, int64_t d,
                           int64_t ld, float* dst) {
+  float row[kAttentionMaxHeadDim];
   for (int64_t r = 0; r < n; ++r) {
-    const T* src = base + (r0 + r) * row_stride;
-    for (int64_t c = 0; c < d; ++c) dst[c * ld + r] = to_float(src[c]);
+    convert_row(base + (r0 + r) * row_stride, d, row);
+    for (int64_t c = 0; c < d; ++c) dst[c * ld + r] = row[c];
   }
 }
 
@@ -158,9 +178,20 @@ void fwd(const AttentionFwdParams& p) {
   const T* K = static_cast<const T*>(p.k);
   const T* V = static_cast<const T*>(p.v);
   T* O = static_cast<T*>(p.o);
+
+  // K and V of every (batch, kv head) in fp32, (lk, dp) each: O(L · D) scratch.
+  std::vector<float> kf(p.b * p.hkv * p.lk * dp), vf(p.b * p.hkv * p.lk * dp);
+#pragma omp parallel for schedule(static)
+  for (int64_t bh = 0; bh < p.b * p.hkv; ++bh) {
+    const int64_t bi = bh / p.hkv, hk = bh % p.hkv;
+    load_rows(K + bi * p.k_batch_stride + hk * p.k_head_stride, p.k_row_stride, 0, p.lk, d, dp,
+              kf.data() + bh * p.lk * dp);
+    load_rows(V + bi * p.v_batch_stride + hk * p.v_head_stride, p.v_row_stride, 0, p.lk, d, dp,
+              vf.data() + bh * p.lk * dp);
+  }
 #pragma omp parallel
   {
-    std::vector<float> qt(d * kBlockM), k(kBlockN * dp), v(kBlockN * dp), acc(kBlockM * dp);
+    std::vector<float> qt(d * kBlockM), acc(kBlockM * dp);
     std::vector<float> st(kBlockN * kBlockM), m(kBlockM), l(kBlockM), alpha(kBlockM);
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < p.b * p.hq * nqb; ++task) {
@@ -168,8 +199,8 @@ void fwd(const AttentionFwdParams& p) {
       const int64_t hk = h / group;
       TilePos t{bi, h, qb * kBlockM, std::min(kBlockM, p.lq - qb * kBlockM), 0, 0};
       const T* q_head = Q + bi * p.q_batch_stride + h * p.q_head_stride;
-      const T* k_head = K + bi * p.k_batch_stride + hk * p.k_head_stride;
-      const T* v_head = V + bi * p.v_batch_stride + hk * p.v_head_stride;
+      const float* k_head = kf.data() + (bi * p.hkv + hk) * p.lk * dp;
+      const float* v_head = vf.data() + (bi * p.hkv + hk) * p.lk * dp;
       std::fill(qt.begin(), qt.end(), 0.f);
       load_rows_transposed(q_head, p.q_row_stride, t.i0, t.m, d, kBlockM, qt.data());
       std::fill(acc.begin(), acc.end(), 0.f);
@@ -180,14 +211,14 @@ void fwd(const AttentionFwdParams& p) {
       for (int64_t kb = 0; kb < kb_end; ++kb) {
         t.j0 = kb * kBlockN;
         t.n = std::min(kBlockN, p.lk - t.j0);
-        load_rows(k_head, p.k_row_stride, t.j0, t.n, d, dp, k.data());
-        load_rows(v_head, p.v_row_stride, t.j0, t.n, d, dp, v.data());
-        score_tile<T>(k.data(), dp, qt.data(), kBlockM, d, p.scale, p.mask, p.is_causal, t, st.data());
+        const float* k_tile = k_head + t.j0 * dp;
+        const float* v_tile = v_head + t.j0 * dp;
+        score_tile<T>(k_tile, dp, qt.data(), kBlockM, d, p.scale, p.mask, p.is_causal, t, st.data());
         online_softmax(t, st.data(), m.data(), l.data(), alpha.data());
         if (dropout) drop_probs(p, t, st.data());
         for (int64_t r = 0; r < t.m; ++r)
           for (int64_t e = 0; e < dp; ++e) acc[r * dp + e] *= alpha[r];
-        gemm_tile<true>(t.m, dp, t.n, st.data(), 1, kBlockM, v.data(), dp, acc.data(), dp);  // += P V
+        gemm_tile<true>(t.m, dp, t.n, st.data(), 1, kBlockM, v_tile, dp, acc.data(), dp);  // += P V
       }
 
       T* o_head = O + bi * p.o_batch_stride + h * p.o_head_stride;
@@ -246,10 +277,10 @@ void bwd(const AttentionBwdParams& p) {
 #pragma omp parallel
   {
     // One kv head's k, v, dk, dv (lk, dp); one query head's q, dO, dq (lq, dp), their
-    // transposes qt, gt (d, lqp) and its lse, Delta (lqp).
+    // transposes qt, gt (d, lqp), its lse, Delta (lqp) and a row of O.
     std::vector<float> k(p.lk * dp), v(p.lk * dp), dk(p.lk * dp), dv(p.lk * dp);
     std::vector<float> q(p.lq * dp), g(p.lq * dp), dq(p.lq * dp), qt(d * lqp), gt(d * lqp);
-    std::vector<float> lse(lqp), delta(lqp), st(kBlockN * kBlockM), dpt(kBlockN * kBlockM);
+    std::vector<float> lse(lqp), delta(lqp), o_row(d), st(kBlockN * kBlockM), dpt(kBlockN * kBlockM);
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < p.b * p.hkv; ++task) {
       const int64_t bi = task / p.hkv, hk = task % p.hkv;
@@ -272,9 +303,9 @@ void bwd(const AttentionBwdParams& p) {
         std::fill(lse.begin(), lse.end(), 0.f);
         std::fill(delta.begin(), delta.end(), 0.f);
         for (int64_t i = 0; i < p.lq; ++i) {  // Delta_i = Σ_d dO_id O_id
-          const T* o = o_head + i * p.o_row_stride;
+          convert_row(o_head + i * p.o_row_stride, d, o_row.data());
           float s = 0.f;
-          for (int64_t e = 0; e < d; ++e) s += to_float(o[e]) * g[i * dp + e];
+          for (int64_t e = 0; e < d; ++e) s += o_row[e] * g[i * dp + e];
           delta[i] = p.delta[row0 + i] = s;
           lse[i] = p.lse[row0 + i] == kNegInf ? kPosInf : p.lse[row0 + i];
         }
