@@ -9,13 +9,15 @@
 //
 // Forward: K and V are first converted once to fp32 rows padded to a multiple of 8 (so no
 // task converts a key tile again); then per (batch, query head, block of kBlockM query rows)
-// [one OpenMP task each]: stream over blocks of kBlockN keys with the online softmax (running max m, running sum l,
-// fp32 accumulator acc), so memory is O(L · D) and no (LQ, LK) tensor ever exists. Causal:
-// key blocks entirely above the top-left diagonal are skipped. Saves lse = m + log l.
+// [one OpenMP task each]: stream over blocks of kBlockN keys with the online softmax
+// (running max m, running sum l, fp32 accumulator acc), so memory is O(L · D) and no
+// (LQ, LK) tensor ever exists. Causal: key blocks entirely above the top-left diagonal are
+// skipped. Saves lse = m + log l.
 // Backward (FA2), per (batch, kv head) [one task each]: K, V and the dK, dV accumulators of
 // the head stay in the task; for each query head of the group, Q, dO, Delta = rowsum(dO ∘ O)
 // and a dQ accumulator are loaded once, then every (key block, query block) tile recomputes
-// P from lse and adds its share to dV, dK and dQ: five tile products, no second pass.
+// P from lse and adds its share to dV, dK and dQ: five tile products, no second pass (the
+// price: 4·LK·D + 5·LQ·D floats of scratch per thread, and B·HKV tasks to share out).
 // Every output element is summed by one task in a fixed order: deterministic, no atomics,
 // any thread count.
 // Napkin math: fwd 4·B·HQ·LQ·LK·D flops (half when causal), bwd 2.5x that. One AVX2 core
