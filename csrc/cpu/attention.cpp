@@ -160,11 +160,11 @@ void online_softmax(const TilePos& t, float* st, float* m, float* l, float* alph
     Vec8 sum{};
     for (int64_t c = 0; c < t.n; ++c) {
       float* s = st + c * kBlockM + r;
-      const Vec8 pc = exp8(load8(s) - m_use);
+      const Vec8 pc = exp8_nearest(load8(s) - m_use);
       store8(s, pc);
       sum += pc;  // l sums the probabilities before dropout: softmax's denominator
     }
-    const Vec8 a = exp8(m_old - m_use);
+    const Vec8 a = exp8_nearest(m_old - m_use);
     store8(alpha + r, a);
     store8(l + r, fma8(load8(l + r), a, sum));
     store8(m + r, m_new);
@@ -247,7 +247,7 @@ void probs_and_dscores(const AttentionBwdParams& p, const TilePos& t, const floa
       for (int64_t r = 0; r < t.m; r += kLanes) {
         float* s = st + c * kBlockM + r;
         float* dp = dpt + c * kBlockM + r;
-        const Vec8 pc = exp8(load8(s) - load8(lse + r));
+        const Vec8 pc = exp8_nearest(load8(s) - load8(lse + r));
         store8(s, pc);
         store8(dp, pc * (load8(dp) - load8(delta + r)));
       }
@@ -257,7 +257,7 @@ void probs_and_dscores(const AttentionBwdParams& p, const TilePos& t, const floa
   for (int64_t c = 0; c < t.n; ++c) {
     float* srow = st + c * kBlockM;
     float* dprow = dpt + c * kBlockM;
-    for (int64_t r = 0; r < t.m; r += kLanes) store8(srow + r, exp8(load8(srow + r) - load8(lse + r)));
+    for (int64_t r = 0; r < t.m; r += kLanes) store8(srow + r, exp8_nearest(load8(srow + r) - load8(lse + r)));
     for (int64_t r = 0; r < t.m; ++r) {
       const float pc = srow[r];
       const bool keep = dropout_keep(p.seed, t.bi, t.h, t.i0 + r, t.j0 + c, p.hq, p.lq, p.lk, p.dropout_p);

@@ -17,36 +17,15 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__FMA__)
-#include <immintrin.h>
-#endif
+#include "numeric.h"
 
 namespace fusedformer {
 namespace {  // private to the one file that includes it: direct calls, no PLT
 
-typedef float Vec8 __attribute__((vector_size(32)));
-typedef uint32_t UVec8 __attribute__((vector_size(32)));
+using Vec8 = f32x8;  // numeric.h's 8-wide vector layer: load8, store8, splat8, max8, fma8
 constexpr int64_t kLanes = 8;
 
 inline int64_t round_up_lanes(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
-
-inline Vec8 load8(const float* p) {
-  Vec8 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void store8(float* p, Vec8 v) { std::memcpy(p, &v, sizeof(v)); }
-inline Vec8 splat8(float x) { return Vec8{x, x, x, x, x, x, x, x}; }  // not 0 + x: that adds
-inline Vec8 max8(Vec8 a, Vec8 b) { return a > b ? a : b; }
-
-// a · b + c, fused when the target has FMA.
-inline Vec8 fma8(Vec8 a, Vec8 b, Vec8 c) {
-#if defined(__FMA__)
-  return _mm256_fmadd_ps(a, b, c);
-#else
-  return a * b + c;
-#endif
-}
 
 typedef double Vec4d __attribute__((vector_size(32)));
 typedef uint64_t UVec4d __attribute__((vector_size(32)));
@@ -83,14 +62,15 @@ inline Vec4 exp4_in_double(Vec4 xf) {
   return __builtin_convertvector(poly * pow2, Vec4);
 }
 
-// exp(x) per lane, computed in double and rounded once. Measured over every float in
+// exp(x) per lane, computed in double and rounded once (numeric.h's exp8, 1 ulp, serves the
+// row kernels). Measured over every float in
 // [-87.33, 0]: max error 0.5 ulp; on uniform x in [-20, 0] 0.024% of results are not the
 // nearest float (libm's expf: 0.064%). A float-only Cephes polynomial (1.26 ulp max, 9.5% not
 // nearest) was ~10% faster but biased the probabilities enough that the CPU backend's
 // EncoderDecoder training curve left test_model's 1e-4 parameter tolerance. Below -87.33, where exp(x)
 // leaves the normal floats, it returns 0, so exp(-inf) = 0; NaN stays NaN; arguments above 88
 // are clamped (the kernels only pass x <= 0 plus rounding).
-inline Vec8 exp8(Vec8 x) {
+inline Vec8 exp8_nearest(Vec8 x) {
   const float kLo = -87.33654f, kHi = 88.f;  // ln(FLT_MIN); 2^127 still finite
   const Vec8 xc = x < kLo ? splat8(kLo) : (x > kHi ? splat8(kHi) : x);  // NaN passes through
   Vec4 half[2];

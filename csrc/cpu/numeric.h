@@ -108,7 +108,7 @@ typedef int32_t i32x8 __attribute__((vector_size(32)));
 typedef uint32_t u32x8 __attribute__((vector_size(32)));
 typedef uint16_t u16x8 __attribute__((vector_size(16)));
 
-inline f32x8 splat8(float s) { return f32x8{} + s; }
+inline f32x8 splat8(float s) { return f32x8{s, s, s, s, s, s, s, s}; }  // not {} + s: an add
 inline f32x8 max8(f32x8 a, f32x8 b) { return a > b ? a : b; }
 inline f32x8 fma8(f32x8 a, f32x8 b, f32x8 c) {  // a * b + c
 #ifdef __FMA__
