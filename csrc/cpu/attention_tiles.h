@@ -69,10 +69,12 @@ inline Vec4 exp4_in_double(Vec4 xf) {
 // nearest) was ~10% faster but biased the probabilities enough that the CPU backend's
 // EncoderDecoder training curve left test_model's 1e-4 parameter tolerance. Below -87.33, where exp(x)
 // leaves the normal floats, it returns 0, so exp(-inf) = 0; NaN stays NaN; arguments above 88
-// are clamped (the kernels only pass x <= 0 plus rounding).
+// are clamped (the kernels only pass x <= 0 plus rounding). Lanes below kLo (every masked
+// score) compute exp(0), not exp(kLo): a result rounded to just under FLT_MIN is a denormal,
+// and producing one costs a microcode assist on Intel (see numeric.h's exp8).
 inline Vec8 exp8_nearest(Vec8 x) {
   const float kLo = -87.33654f, kHi = 88.f;  // ln(FLT_MIN); 2^127 still finite
-  const Vec8 xc = x < kLo ? splat8(kLo) : (x > kHi ? splat8(kHi) : x);  // NaN passes through
+  const Vec8 xc = x < kLo ? Vec8{} : (x > kHi ? splat8(kHi) : x);  // NaN passes through
   Vec4 half[2];
   std::memcpy(half, &xc, sizeof(xc));
   half[0] = exp4_in_double(half[0]);

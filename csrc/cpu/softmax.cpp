@@ -27,7 +27,9 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 inline i32x8 bool_mask8(const uint8_t* row, int64_t col_stride, int64_t j, int k) {
   typedef uint8_t u8x8 __attribute__((vector_size(8)));
   u8x8 m = {};
-  if (col_stride == 1)
+  if (col_stride == 1 && k == 8)
+    std::memcpy(&m, row + j, 8);  // a constant size: one 8-byte load, not a memcpy call
+  else if (col_stride == 1)
     std::memcpy(&m, row + j, size_t(k));
   else
     for (int l = 0; l < k; ++l) m[l] = row[(j + l) * col_stride];
