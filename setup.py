@@ -7,7 +7,7 @@
 Environment:
     FUSEDFORMER_SKIP_CUDA_BUILD=1   build the CPU kernels only, even when nvcc and CUDA torch exist
     FUSEDFORMER_CUDA_ARCHS="80;90a" the CUDA architectures to build for
-    FUSEDFORMER_CPU_FLAGS="..."     the ISA flags for the C++ CPU kernels; default: AVX2 + FMA + F16C
+    FUSEDFORMER_CPU_FLAGS="..."     the ISA flags for the C++ CPU kernels; default: AVX2 + FMA + F16C (+ AVX-512F)
                                     when the building machine has them (x86-64), else none. Set it
                                     to "" for a binary that runs on any x86-64 CPU.
     MAX_JOBS                        parallel compile jobs (ninja)
@@ -37,8 +37,8 @@ def _cuda_build_reason() -> str | None:
 
 
 def _cpu_isa_flags() -> list[str]:
-    """The vector ISA for the CPU kernels: the building machine's AVX2 + FMA + F16C if it has
-    them. Without them -O3 emits SSE2 only (4-wide, no FMA, no hardware fp16 conversion) and the
+    """The vector ISA for the CPU kernels: the building machine's AVX2 + FMA + F16C (+ AVX-512F)
+    if it has them. Without them -O3 emits SSE2 only (4-wide, no FMA, no hardware fp16 conversion) and the
     kernels run 2-4x slower. The extension refuses to load on a CPU without the ISA it was built
     for (see csrc/bindings.cpp), so a binary moved to an older machine fails with a clear error."""
     env = os.environ.get("FUSEDFORMER_CPU_FLAGS")
@@ -49,7 +49,10 @@ def _cpu_isa_flags() -> list[str]:
             flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
     except OSError:
         return []
-    return ["-mavx2", "-mfma", "-mf16c"] if {"avx2", "fma", "f16c"} <= set(flags) else []
+    if not {"avx2", "fma", "f16c"} <= set(flags):
+        return []
+    # AVX-512F widens the attention micro-GEMM to 16 lanes (csrc/cpu/attention_tiles.h).
+    return ["-mavx2", "-mfma", "-mf16c"] + (["-mavx512f"] if "avx512f" in flags else [])
 
 
 def _gencode_flags(archs: str) -> list[str]:

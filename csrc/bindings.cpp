@@ -660,7 +660,9 @@ Tensor ffn_dropout_mask(int64_t seed, const std::vector<int64_t>& shape, double 
 
 // The vector ISA the CPU kernels were compiled for (setup.py: the building machine's).
 const char* built_isa() {
-#if defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+  return "avx2+fma+avx512f";
+#elif defined(__AVX2__) && defined(__FMA__)
   return "avx2+fma";
 #else
   return "baseline";
@@ -675,6 +677,13 @@ void check_cpu_isa() {
     throw std::runtime_error(
         "fusedformer._C was built for AVX2+FMA (the building machine's CPU) but this CPU lacks "
         "them: rebuild here, or with FUSEDFORMER_CPU_FLAGS=\"\" for a baseline x86-64 build");
+#endif
+#if defined(__AVX512F__) && (defined(__x86_64__) || defined(__i386__))
+  __builtin_cpu_init();
+  if (!__builtin_cpu_supports("avx512f"))
+    throw std::runtime_error(
+        "fusedformer._C was built for AVX-512F (the building machine's CPU) but this CPU lacks "
+        "it: rebuild here, or with FUSEDFORMER_CPU_FLAGS=\"-mavx2 -mfma -mf16c\"");
 #endif
 }
 
