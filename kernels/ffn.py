@@ -225,10 +225,52 @@ def _gpu_configs() -> list:
                           num_warps=w, num_stages=s) for bm, bn, bk, w, s in shapes]
 
 
+# Shared memory per block, opt-in maximum: sm_90 (H100/H200) 227 KiB, sm_80 (A100) 163 KiB.
+_SM90_SHARED_BYTES = 232448
+
+
+def _shared_bytes_limit() -> int:
+    """The current GPU's shared memory per block; the sm_90 figure with no GPU (the AOT compile
+    check in tests/test_triton_aot.py runs this pruning on the CPU for an sm_90 target)."""
+    if not torch.cuda.is_available():
+        return _SM90_SHARED_BYTES
+    props = triton.runtime.driver.active.utils.get_device_properties(torch.cuda.current_device())
+    return props["max_shared_mem"]
+
+
+def _prune_gemm_configs(configs: list, named_args: dict, **kwargs) -> list:
+    """Drop the tiles that cannot run or that spill, before the autotuner benchmarks them.
+    Figures from ptxas (tests/test_triton_aot.py, FUSEDFORMER_AOT_SWEEP=1, sm_90, triton 3.9):
+    - shared memory: num_stages buffers of an A tile and one B tile (two for swiglu's forward,
+      which loads the gate and the up columns) must fit; swiglu bf16 at 128 x 256 x 64 with 3
+      stages asks 240 KiB (> 227);
+    - the activation-backward epilogue (act', dropout, the hidden recompute) at 128 x 256:
+      255 registers and 11.3 KB of spill stores (fp16 gelu + dropout); tiles up to 128 x 128;
+    - fp32 operands without tensor cores: 128 x 128 spilled 2.4 KB (swiglu backward), 128 x 64
+      at most 152 B; tiles up to 128 x 64.
+    Keeps the smallest config if nothing is left."""
+    elem = named_args["A"].element_size()
+    epilogue, act = kwargs.get("EPILOGUE"), kwargs.get("ACT")
+    dual = epilogue == _EPI_ACT_FWD and act == ACTIVATIONS["swiglu"]
+    max_tile = 128 * 64 if elem == 4 else 128 * 128 if epilogue == _EPI_ACT_BWD else 128 * 256
+    limit = _shared_bytes_limit()
+
+    def fits(c) -> bool:
+        bm, bn, bk = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"]
+        smem = c.num_stages * (bm * bk + (2 if dual else 1) * bk * bn) * elem
+        return smem <= limit and bm * bn <= max_tile
+
+    kept = [c for c in configs if fits(c)]
+    smallest = min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_N"] * c.num_stages)
+    return kept or [smallest]
+
+
 # Keyed by the shape and by the epilogue, which changes the tile's register needs (swiglu's
 # forward holds two accumulators).
 _ffn_gemm_autotuned = triton.autotune(configs=_gpu_configs(),
-                                      key=["M", "N", "K", "EPILOGUE", "ACT", "ROWSUM"])(_ffn_gemm_kernel)
+                                      key=["M", "N", "K", "EPILOGUE", "ACT", "ROWSUM"],
+                                      prune_configs_by={"early_config_prune": _prune_gemm_configs},
+                                      )(_ffn_gemm_kernel)
 
 # Under the interpreter: one small fixed tile. Interpreted time grows with the number of
 # programs and K steps, not the tile area: check_ffn(m=67, c=40, f=136, bf16) took 4.6 s with

@@ -270,6 +270,31 @@ def test_triton_launcher_checks():
         ffn.ffn_dropout_mask(0, (4,), 0.1, "cpu")
 
 
+def test_triton_autotune_pruning():
+    """The GPU autotuner's pruning (no GPU needed: it reads the configs and the arguments)."""
+    require_backend("ffn", "triton", "cpu")
+    ffn = importlib.import_module("fusedformer.kernels.ffn")
+    configs = ffn._gpu_configs()
+
+    def kept(dtype, epilogue, act):
+        a = torch.empty(2, 2, dtype=dtype)
+        pruned = ffn._prune_gemm_configs(configs, {"A": a}, EPILOGUE=epilogue, ACT=act)
+        return {(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.kwargs["BLOCK_K"], c.num_stages) for c in pruned}
+
+    swiglu, relu = ffn.ACTIVATIONS["swiglu"], ffn.ACTIVATIONS["relu"]
+    plain = kept(torch.bfloat16, ffn._EPI_BIAS, relu)
+    assert (128, 256, 64, 3) in plain and len(plain) == len(configs)
+    # two B tiles per stage: 3 * (128 * 64 + 2 * 64 * 256) * 2 B = 240 KiB > 227 KiB
+    assert (128, 256, 64, 3) not in kept(torch.bfloat16, ffn._EPI_ACT_FWD, swiglu)
+    assert (128, 256, 64, 3) not in kept(torch.float16, ffn._EPI_ACT_BWD, relu)
+    fp32 = kept(torch.float32, ffn._EPI_BIAS, relu)
+    assert fp32 and all(bm * bn <= 128 * 64 for bm, bn, _, _ in fp32)
+    only_large = [c for c in configs if c.kwargs["BLOCK_M"] == 128
+                  and c.kwargs["BLOCK_N"] == 256]
+    assert len(ffn._prune_gemm_configs(only_large, {"A": torch.empty(1, dtype=torch.float32)},
+                                       EPILOGUE=ffn._EPI_BIAS, ACT=relu)) == 1  # never empty
+
+
 def test_triton_empty_rows():
     require_backend("ffn", "triton", "cpu")
     x = torch.randn(0, 8, requires_grad=True)
