@@ -227,8 +227,9 @@ def _attention_fwd_config(LQ: int, LK: int, D: int, dtype: torch.dtype) -> dict:
     GPU (otherwise the autotuner below picks among _FWD_TUNE_CONFIGS, tutorial 06's search
     space): 128 x 64 with 8 warps for D <= 128, 64 x 32 for D = 256; fp32 inputs half that
     (at 128 x 64 x 128 the fp32 tf32x3 forward asked for 256 KiB of shared memory, over the
-    H100's 228). Compiled for sm_90 on this machine (no GPU has run them yet): bf16 D = 128
-    64 KiB, bf16 D = 256 48 KiB, fp32 D = 256 80 KiB of shared memory.
+    H100's 227). Compiled for sm_90 on this machine (ptxas via tests/test_triton_aot.py, triton
+    3.9; no GPU has run them yet): bf16 D = 128 128 KiB of shared memory, fp16 D = 256 100 KiB,
+    fp32 D = 64 72 KiB, fp32 D = 256 80 KiB (and 1.8 KB of register spills).
     """
     if _interpreting():
         return dict(BLOCK_M=64, BLOCK_N=32, num_warps=4, num_stages=1)
@@ -253,11 +254,13 @@ _FWD_TUNE_CONFIGS = [
 
 
 def _prune_fwd_configs(configs, named_args, **kwargs):
-    """Drop tiles too big for D = 256 (128-row tiles of a 256-wide fp32 accumulator spill).
-    Triton passes the positional arguments as named_args and the keyword ones (BLOCK_D is
-    one) as kwargs."""
+    """Drop tiles too big for D = 256: 128-row tiles of a 256-wide fp32 accumulator spill, and
+    64 x 64 with 3 stages asks 240 KiB of shared memory on sm_90 (> 227; ptxas, fp16). Triton
+    passes the positional arguments as named_args and the keyword ones (BLOCK_D is one) as
+    kwargs."""
     if kwargs.get("BLOCK_D", named_args.get("BLOCK_D", 0)) >= 256:
-        return [c for c in configs if c.kwargs["BLOCK_M"] <= 64] or configs
+        return [c for c in configs
+                if c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] * c.num_stages <= 128] or configs
     return configs
 
 
