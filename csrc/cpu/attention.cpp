@@ -44,7 +44,8 @@
 namespace fusedformer {
 namespace {
 
-constexpr int64_t kBlockM = 64;  // query rows per tile (a multiple of kLanes)
+constexpr int64_t kBlockM = 64;  // query rows per tile
+static_assert(kBlockM % Wide::kWidth == 0, "the softmax steps take a tile's queries in whole vectors");
 constexpr int64_t kBlockN = 64;  // key rows per tile
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 constexpr float kPosInf = std::numeric_limits<float>::infinity();
@@ -106,11 +107,12 @@ struct TilePos {
 // st (n, kBlockM) = k qᵀ · scale, then the mask and the causal diagonal: the one definition
 // of a score, shared by the forward and the backward so they see the same numbers. k is the
 // key tile (n, ld); qt holds the tile's queries as columns, qt[c · ldq + r] = q[r][c], with
-// zero columns up to a multiple of kLanes (those st columns are 0 and never read).
+// zero columns up to whole Wide vectors (those st columns are 0: the softmax steps read them,
+// nothing uses them).
 template <typename T>
 void score_tile(const float* k, int64_t ld, const float* qt, int64_t ldq, int64_t d, float scale,
                 const AttentionMask& mask, bool is_causal, const TilePos& t, float* st) {
-  gemm_tile<false>(t.n, round_up_lanes(t.m), d, k, ld, 1, qt, ldq, st, kBlockM, scale);
+  gemm_tile<false>(t.n, round_up_wide(t.m), d, k, ld, 1, qt, ldq, st, kBlockM, scale);
   if (mask.kind != MaskKind::kNone) {
     const int64_t off = t.bi * mask.batch_stride + t.h * mask.head_stride +
                         t.i0 * mask.row_stride + t.j0 * mask.col_stride;
@@ -147,27 +149,28 @@ void drop_probs(const AttentionFwdParams& p, const TilePos& t, float* st) {
         st[c * kBlockM + r] = 0.f;
 }
 
-// One key tile of the online softmax over the scores st (n, kBlockM), eight query columns
-// at a time: m <- max(m, max_c st), l <- l · exp(m_old - m) + Σ_c exp(st - m), st <- its
+// One key tile of the online softmax over the scores st (n, kBlockM), a vector of query
+// columns at a time: m <- max(m, max_c st), l <- l · exp(m_old - m) + Σ_c exp(st - m), st <- its
 // probabilities exp(st - m), alpha <- exp(m_old - m), the factor the accumulator rows take.
 // A column with every key so far masked keeps m = -inf, l = 0 (exp of -inf is 0 there).
 void online_softmax(const TilePos& t, float* st, float* m, float* l, float* alpha) {
-  for (int64_t r = 0; r < t.m; r += kLanes) {
-    const Vec8 m_old = load8(m + r);
-    Vec8 m_new = m_old;
-    for (int64_t c = 0; c < t.n; ++c) m_new = max8(m_new, load8(st + c * kBlockM + r));
-    const Vec8 m_use = m_new == kNegInf ? Vec8{} : m_new;  // keeps -inf - -inf out
-    Vec8 sum{};
+  using W = Wide;
+  for (int64_t r = 0; r < t.m; r += W::kWidth) {
+    const W::V m_old = W::load(m + r);
+    W::V m_new = m_old;
+    for (int64_t c = 0; c < t.n; ++c) m_new = W::max(m_new, W::load(st + c * kBlockM + r));
+    const W::V m_use = m_new == kNegInf ? W::V{} : m_new;  // keeps -inf - -inf out
+    W::V sum{};
     for (int64_t c = 0; c < t.n; ++c) {
       float* s = st + c * kBlockM + r;
-      const Vec8 pc = exp8_nearest(load8(s) - m_use);
-      store8(s, pc);
+      const W::V pc = W::exp(W::load(s) - m_use);
+      W::store(s, pc);
       sum += pc;  // l sums the probabilities before dropout: softmax's denominator
     }
-    const Vec8 a = exp8_nearest(m_old - m_use);
-    store8(alpha + r, a);
-    store8(l + r, fma8(load8(l + r), a, sum));
-    store8(m + r, m_new);
+    const W::V a = W::exp(m_old - m_use);
+    W::store(alpha + r, a);
+    W::store(l + r, W::fma(W::load(l + r), a, sum));
+    W::store(m + r, m_new);
   }
 }
 
@@ -242,14 +245,15 @@ void fwd(const AttentionFwdParams& p) {
 // lse holds +inf for a fully masked row, so that P = exp(s - inf) = 0 there.
 void probs_and_dscores(const AttentionBwdParams& p, const TilePos& t, const float* lse,
                        const float* delta, float* st, float* dpt) {
+  using W = Wide;
   if (p.dropout_p == 0.f) {
     for (int64_t c = 0; c < t.n; ++c)
-      for (int64_t r = 0; r < t.m; r += kLanes) {
+      for (int64_t r = 0; r < t.m; r += W::kWidth) {
         float* s = st + c * kBlockM + r;
         float* dp = dpt + c * kBlockM + r;
-        const Vec8 pc = exp8_nearest(load8(s) - load8(lse + r));
-        store8(s, pc);
-        store8(dp, pc * (load8(dp) - load8(delta + r)));
+        const W::V pc = W::exp(W::load(s) - W::load(lse + r));
+        W::store(s, pc);
+        W::store(dp, pc * (W::load(dp) - W::load(delta + r)));
       }
     return;
   }
@@ -257,7 +261,7 @@ void probs_and_dscores(const AttentionBwdParams& p, const TilePos& t, const floa
   for (int64_t c = 0; c < t.n; ++c) {
     float* srow = st + c * kBlockM;
     float* dprow = dpt + c * kBlockM;
-    for (int64_t r = 0; r < t.m; r += kLanes) store8(srow + r, exp8_nearest(load8(srow + r) - load8(lse + r)));
+    for (int64_t r = 0; r < t.m; r += W::kWidth) W::store(srow + r, W::exp(W::load(srow + r) - W::load(lse + r)));
     for (int64_t r = 0; r < t.m; ++r) {
       const float pc = srow[r];
       const bool keep = dropout_keep(p.seed, t.bi, t.h, t.i0 + r, t.j0 + c, p.hq, p.lq, p.lk, p.dropout_p);
@@ -270,7 +274,7 @@ void probs_and_dscores(const AttentionBwdParams& p, const TilePos& t, const floa
 template <typename T>
 void bwd(const AttentionBwdParams& p) {
   const int64_t d = p.d, dp = round_up_lanes(d), group = p.hq / p.hkv;
-  const int64_t lqp = round_up_lanes(p.lq), nqb = ceil_div(p.lq, kBlockM), nkb = ceil_div(p.lk, kBlockN);
+  const int64_t lqp = round_up_wide(p.lq), nqb = ceil_div(p.lq, kBlockM), nkb = ceil_div(p.lk, kBlockN);
   const T* Q = static_cast<const T*>(p.q);
   const T* K = static_cast<const T*>(p.k);
   const T* V = static_cast<const T*>(p.v);
@@ -321,7 +325,7 @@ void bwd(const AttentionBwdParams& p) {
             t.i0 = qb * kBlockM;
             t.m = std::min(kBlockM, p.lq - t.i0);
             score_tile<T>(k_tile, dp, qt.data() + t.i0, lqp, d, p.scale, p.mask, p.is_causal, t, st.data());
-            gemm_tile<false>(t.n, round_up_lanes(t.m), d, v_tile, dp, 1, gt.data() + t.i0, lqp,
+            gemm_tile<false>(t.n, round_up_wide(t.m), d, v_tile, dp, 1, gt.data() + t.i0, lqp,
                              dpt.data(), kBlockM);  // dPᵀ = v dOᵀ
             probs_and_dscores(p, t, lse.data() + t.i0, delta.data() + t.i0, st.data(), dpt.data());
             // dV += Pdᵀ dO, dK += dSᵀ q, dQ += dS k: each tile summed apart, then added

@@ -30,77 +30,9 @@ constexpr int64_t kLanes = 8;
 
 inline int64_t round_up_lanes(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
-typedef double Vec4d __attribute__((vector_size(32)));
-typedef uint64_t UVec4d __attribute__((vector_size(32)));
-typedef float Vec4 __attribute__((vector_size(16)));
-
-inline Vec4d fmad(Vec4d a, Vec4d b, Vec4d c) {
-#if defined(__FMA__)
-  return _mm256_fmadd_pd(a, b, c);
-#else
-  return a * b + c;
-#endif
-}
-
-#if defined(__AVX512F__)
-typedef double Vec8d __attribute__((vector_size(64)));
-typedef uint64_t UVec8d __attribute__((vector_size(64)));
-inline Vec8d fmad(Vec8d a, Vec8d b, Vec8d c) { return _mm512_fmadd_pd(a, b, c); }
-#endif
-
-// exp(x) of the floats xf in double precision (VD: as many doubles, UD: their bits): x = n ln2
-// + r with |r| <= ln2 / 2 (fdlibm's two-part ln2, n ln2_hi exact), exp(r) by its Taylor series
-// to r^8 (truncation < 2e-10 relative, 0.003 float ulp), times 2^n built in the exponent bits,
-// then rounded once to float.
-template <typename VD, typename UD, typename VF>
-inline VF exp_in_double(VF xf) {
-  const double kLog2e = 1.4426950408889634, kLn2Hi = 6.93147180369123816490e-01,
-               kLn2Lo = 1.90821492927058770002e-10;
-  const double kRound = 6755399441055744.0;  // 1.5 · 2^52: adding it rounds to an integer in the low bits
-  const VD x = __builtin_convertvector(xf, VD);
-  const VD t = fmad(x, VD{} + kLog2e, VD{} + kRound);  // constant operands: folded, no adds
-  const VD n = t - kRound;  // round(x · log2 e)
-  const VD r = fmad(n, VD{} - kLn2Lo, fmad(n, VD{} - kLn2Hi, x));
-  constexpr double kInvFact[] = {1.0 / 40320, 1.0 / 5040, 1.0 / 720, 1.0 / 120,
-                                 1.0 / 24, 1.0 / 6, 0.5, 1.0, 1.0};  // 1/8! .. 1/0!
-  VD poly = VD{} + kInvFact[0];  // Σ_k r^k / k! by Horner
-  for (int i = 1; i < 9; ++i) poly = fmad(poly, r, VD{} + kInvFact[i]);
-  UD tbits;
-  std::memcpy(&tbits, &t, sizeof(t));  // the low bits of t hold n + 2^51
-  const UD pow2_bits = (tbits - 0x4338000000000000ull + 1023u) << 52;
-  VD pow2;
-  std::memcpy(&pow2, &pow2_bits, sizeof(pow2));
-  return __builtin_convertvector(poly * pow2, VF);
-}
-
-// exp(x) per lane, computed in double and rounded once (numeric.h's exp8, 1 ulp, serves the
-// row kernels). Measured over every float in
-// [-87.33, 0]: max error 0.5 ulp; on uniform x in [-20, 0] 0.024% of results are not the
-// nearest float (libm's expf: 0.064%). A float-only Cephes polynomial (1.26 ulp max, 9.5% not
-// nearest) was ~10% faster but biased the probabilities enough that the CPU backend's
-// EncoderDecoder training curve left test_model's 1e-4 parameter tolerance. Below -87.33, where exp(x)
-// leaves the normal floats, it returns 0, so exp(-inf) = 0; NaN stays NaN; arguments above 88
-// are clamped (the kernels only pass x <= 0 plus rounding). Lanes below kLo (every masked
-// score) compute exp(0), not exp(kLo): a result rounded to just under FLT_MIN is a denormal,
-// and producing one costs a microcode assist on Intel (see numeric.h's exp8).
-inline Vec8 exp8_nearest(Vec8 x) {
-  const float kLo = -87.33654f, kHi = 88.f;  // ln(FLT_MIN); 2^127 still finite
-  const Vec8 xc = x < kLo ? Vec8{} : (x > kHi ? splat8(kHi) : x);  // NaN passes through
-#if defined(__AVX512F__)
-  const Vec8 y = exp_in_double<Vec8d, UVec8d>(xc);  // one zmm of doubles
-#else
-  Vec4 half[2];
-  std::memcpy(half, &xc, sizeof(xc));
-  half[0] = exp_in_double<Vec4d, UVec4d>(half[0]);
-  half[1] = exp_in_double<Vec4d, UVec4d>(half[1]);
-  Vec8 y;
-  std::memcpy(&y, half, sizeof(y));
-#endif
-  return x < kLo ? Vec8{} : y;
-}
-
-// The micro-kernel's vector: Lanes8 (one ymm, AVX2) everywhere, and Lanes16 (one zmm) for
-// 16- and 32-column panels when built with AVX-512, which doubles the FMA width.
+// The vector of the micro-kernel and of the softmax steps: Lanes8 (one ymm, AVX2) everywhere,
+// and Lanes16 (one zmm) when built with AVX-512, which doubles the width of every instruction.
+// exp is numeric.h's (1 ulp; exp(-inf) = 0, NaN stays NaN).
 struct Lanes8 {
   using V = Vec8;
   static constexpr int64_t kWidth = 8;
@@ -109,12 +41,13 @@ struct Lanes8 {
   static void store(float* p, V v) { store8(p, v); }
   static V splat(float s) { return splat8(s); }
   static V fma(V a, V b, V c) { return fma8(a, b, c); }
+  static V max(V a, V b) { return max8(a, b); }
+  static V exp(V x) { return exp8(x); }
 };
 
 #if defined(__AVX512F__)
-typedef float Vec16 __attribute__((vector_size(64)));
 struct Lanes16 {
-  using V = Vec16;
+  using V = f32x16;
   static constexpr int64_t kWidth = 16;
   static constexpr int kRows = 8;  // 16 accumulators of 32 zmm; 64-row tiles split evenly
   static V load(const float* p) {
@@ -124,9 +57,17 @@ struct Lanes16 {
   }
   static void store(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
   static V splat(float s) { return _mm512_set1_ps(s); }
-  static V fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }  // -std=c++20: no contraction
+  static V fma(V a, V b, V c) { return fma16(a, b, c); }
+  static V max(V a, V b) { return a > b ? a : b; }
+  static V exp(V x) { return exp16(x); }
 };
+using Wide = Lanes16;  // the widest vector this build has
+#else
+using Wide = Lanes8;
 #endif
+
+// n rounded up to whole Wide vectors: the softmax steps run over the query columns in those.
+inline int64_t round_up_wide(int64_t n) { return (n + Wide::kWidth - 1) / Wide::kWidth * Wide::kWidth; }
 
 // C[r][j] (+)= alpha · Σ_k A(r, k) B[k][j] for r < R, j < L::kWidth · NV,
 // A(r, k) = a[r · ars + k · aks].
@@ -176,11 +117,6 @@ void gemm_panel(int64_t rows, int64_t kdim, const float* a, int64_t ars, int64_t
 template <bool kAccumulate>
 void gemm_tile(int64_t rows, int64_t cols, int64_t kdim, const float* a, int64_t ars, int64_t aks,
                const float* b, int64_t ldb, float* c, int64_t ldc, float alpha = 1.f) {
-#if defined(__AVX512F__)
-  using Wide = Lanes16;
-#else
-  using Wide = Lanes8;
-#endif
   int64_t j = 0;
   for (; j + 2 * Wide::kWidth <= cols; j += 2 * Wide::kWidth)
     gemm_panel<Wide, 2, kAccumulate>(rows, kdim, a, ars, aks, b + j, ldb, c + j, ldc, alpha);

@@ -118,6 +118,15 @@ inline f32x8 fma8(f32x8 a, f32x8 b, f32x8 c) {  // a * b + c
 #endif
 }
 
+#if defined(__AVX512F__)
+// 16 lanes (one zmm), for the attention kernel's tiles when built with AVX-512.
+typedef float f32x16 __attribute__((vector_size(64)));
+typedef int32_t i32x16 __attribute__((vector_size(64)));
+inline f32x16 fma16(f32x16 a, f32x16 b, f32x16 c) { return _mm512_fmadd_ps(a, b, c); }
+inline f32x16 fmav(f32x16 a, f32x16 b, f32x16 c) { return fma16(a, b, c); }
+#endif
+inline f32x8 fmav(f32x8 a, f32x8 b, f32x8 c) { return fma8(a, b, c); }
+
 // Fixed-order horizontal reductions: ((0+4) + (2+6)) + ((1+5) + (3+7)).
 inline float hsum8(f32x8 v) {
   const float a = (v[0] + v[4]) + (v[2] + v[6]), b = (v[1] + v[5]) + (v[3] + v[7]);
@@ -264,27 +273,34 @@ inline void for_blocks8(int64_t n, F&& body) {
 // exp(0) and are replaced at the end: clamping them to lo made p · 2^n land just under FLT_MIN,
 // and a multiply that produces a denormal takes a ~100-cycle microcode assist on Intel (a
 // softmax with 10% of its keys masked, every -inf lane one assist, ran 5x slower).
-inline f32x8 exp8(f32x8 x) {
+// VF: a float vector, VI: the int32 vector of the same lanes. Constants are written VF{} + c:
+// both operands are constants, so that folds to a broadcast constant (no add at run time).
+template <typename VF, typename VI>
+inline VF exp_lanes(VF x) {
   const float lo = -87.33654475f, hi = 88.72283905f;
-  const f32x8 xc = x < lo || x > hi ? splat8(0.f) : x;  // NaN passes through
-  const f32x8 magic = splat8(12582912.f);  // 1.5 · 2^23: adding it rounds to an integer
-  const f32x8 t = fma8(xc, splat8(1.44269504088896341f), magic);
-  const f32x8 n = t - magic;
-  f32x8 r = fma8(n, splat8(-0.693359375f), xc);
-  r = fma8(n, splat8(2.12194440e-4f), r);
-  f32x8 p = splat8(1.9875691500e-4f);
-  p = fma8(p, r, splat8(1.3981999507e-3f));
-  p = fma8(p, r, splat8(8.3334519073e-3f));
-  p = fma8(p, r, splat8(4.1665795894e-2f));
-  p = fma8(p, r, splat8(1.6666665459e-1f));
-  p = fma8(p, r, splat8(5.0000001201e-1f));
-  p = fma8(p, r * r, r + 1.f);
-  const i32x8 ni = (i32x8)t - (i32x8)magic;  // n as an integer, in [-126, 128]
-  const i32x8 n1 = ni >> 1, n2 = ni - n1;
-  const f32x8 s1 = (f32x8)((n1 + 127) << 23), s2 = (f32x8)((n2 + 127) << 23);
-  const f32x8 e = p * s1 * s2;
-  return x < lo ? splat8(0.f) : (x > hi ? splat8(__builtin_inff()) : e);
+  const VF xc = x < lo || x > hi ? VF{} : x;  // NaN passes through
+  const VF magic = VF{} + 12582912.f;  // 1.5 · 2^23: adding it rounds to an integer
+  const VF t = fmav(xc, VF{} + 1.44269504088896341f, magic);
+  const VF n = t - magic;
+  VF r = fmav(n, VF{} - 0.693359375f, xc);
+  r = fmav(n, VF{} + 2.12194440e-4f, r);
+  VF p = VF{} + 1.9875691500e-4f;
+  p = fmav(p, r, VF{} + 1.3981999507e-3f);
+  p = fmav(p, r, VF{} + 8.3334519073e-3f);
+  p = fmav(p, r, VF{} + 4.1665795894e-2f);
+  p = fmav(p, r, VF{} + 1.6666665459e-1f);
+  p = fmav(p, r, VF{} + 5.0000001201e-1f);
+  p = fmav(p, r * r, r + 1.f);
+  const VI ni = (VI)t - (VI)magic;  // n as an integer, in [-126, 128]
+  const VI n1 = ni >> 1, n2 = ni - n1;
+  const VF s1 = (VF)((n1 + 127) << 23), s2 = (VF)((n2 + 127) << 23);
+  const VF e = p * s1 * s2;
+  return x < lo ? VF{} : (x > hi ? VF{} + __builtin_inff() : e);
 }
+inline f32x8 exp8(f32x8 x) { return exp_lanes<f32x8, i32x8>(x); }
+#if defined(__AVX512F__)
+inline f32x16 exp16(f32x16 x) { return exp_lanes<f32x16, i32x16>(x); }
+#endif
 
 // erf(x) = sign(x) (1 - t P(t) exp(-x²)), t = 1 / (1 + 0.3275911 |x|): Abramowitz & Stegun
 // 7.1.26 (1.5e-7 in exact arithmetic), the approximation ATen's own vectorized erf uses, so
