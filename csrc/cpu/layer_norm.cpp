@@ -30,8 +30,7 @@ namespace {
 template <typename T>
 void fwd_row(const T* x, const T* res, T* h, T* y, const float* w, const float* b, int64_t n,
              float eps, float* row, float* mean_out, float* rstd_out) {
-  f32x8 sum = {};
-  for_blocks8(n, [&](int64_t j, int k) {
+  const auto [sum] = sum_blocks8<1>(n, [&](int64_t j, int k, std::array<f32x8, 1>& acc) {
     f32x8 v = load8(x + j, k);  // lanes >= k are 0: they add nothing to sum
     if (res) {
       // Round h to storage precision first: backward sees the stored h, so both passes
@@ -41,13 +40,12 @@ void fwd_row(const T* x, const T* res, T* h, T* y, const float* w, const float* 
       v = round8<T>(v);
     }
     store8(row + j, v, k);
-    sum += v;
+    acc[0] += v;
   });
   const float mean = hsum8(sum) / float(n);
-  f32x8 sq = {};
-  for_blocks8(n, [&](int64_t j, int k) {
+  const auto [sq] = sum_blocks8<1>(n, [&](int64_t j, int k, std::array<f32x8, 1>& acc) {
     const f32x8 d = first8(load8(row + j, k) - mean, k);
-    sq += d * d;
+    acc[0] += d * d;
   });
   const float rstd = 1.f / std::sqrt(hsum8(sq) / float(n) + eps);
   for_blocks8(n, [&](int64_t j, int k) {
@@ -88,13 +86,12 @@ void fwd(const LayerNormFwdParams& p) {
 template <typename T>
 void bwd_row(const T* dy, const T* dh, const T* h, T* dx, const float* w, float mean, float rstd,
              int64_t n, float* xhat, float* g, float* gdw, float* gdb) {
-  f32x8 sum_g = {}, sum_gx = {};
-  for_blocks8(n, [&](int64_t j, int k) {
+  const auto [sum_g, sum_gx] = sum_blocks8<2>(n, [&](int64_t j, int k, std::array<f32x8, 2>& acc) {
     const f32x8 d = load8(dy + j, k);  // lanes >= k: d = 0, so g = 0 adds nothing
     const f32x8 xh = (load8(h + j, k) - mean) * rstd;
     const f32x8 gv = w ? d * load8(w + j, k) : d;
-    sum_g += gv;
-    sum_gx += gv * xh;
+    acc[0] += gv;
+    acc[1] += gv * xh;
     store8(xhat + j, xh, k);
     store8(g + j, gv, k);
     if (gdw) {
