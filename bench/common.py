@@ -32,7 +32,7 @@ def measure(benchmark, fn: Callable[[], object], **extra) -> float:
         median = triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
         benchmark.pedantic(lambda: (fn(), torch.cuda.synchronize()), rounds=1, iterations=1)
     else:
-        benchmark.pedantic(fn, rounds=7, warmup_rounds=1, iterations=1)
+        benchmark.pedantic(fn, rounds=15, warmup_rounds=2, iterations=1)
         median = benchmark.stats.stats.median
     benchmark.extra_info["median_s"] = median
     if "flops" in extra:

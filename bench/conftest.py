@@ -16,12 +16,56 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def _keep_freed_memory() -> str:
+    """CPU runs: make glibc keep freed memory for reuse, so a benchmark times the kernels and
+    not the kernel's page faults. By default glibc unmaps every freed block at or above its
+    mmap threshold (adaptive, at most 32 MiB), so the next call's outputs are fresh pages and
+    each 4 KiB page faults on first touch: at fp32 2048 x 4096 that made both LayerNorms
+    (ours and torch's) take ~19 ms instead of ~3-6, and the ratio swung 0.4x-1.7x from run to
+    run with the allocator's state. Both providers run under the same setting. Returns what
+    was set (recorded with the machine info)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return "system default (not glibc)"
+    one_gib = 1 << 30
+    if mallopt(M_MMAP_THRESHOLD, one_gib) != 1 or mallopt(M_TRIM_THRESHOLD, one_gib) != 1:
+        return "system default (mallopt refused)"
+    return "glibc mmap/trim threshold 1 GiB (freed memory reused; no page faults per call)"
+
+
+_MALLOC = "system default"
+
+
+def pytest_configure(config):
+    global _MALLOC
+    if not torch.cuda.is_available():
+        _MALLOC = _keep_freed_memory()
+
+
 def _git_sha() -> str:
     try:
         return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                               text=True, cwd=os.path.dirname(__file__)).stdout.strip() or "unknown"
     except OSError:
         return "unknown"
+
+
+def _cpu_isa() -> str:
+    """The vector ISA fusedformer's C++ CPU kernels were built for (setup.py picks the
+    building machine's), and torch's own CPU capability."""
+    try:
+        from fusedformer import _C
+        ours = _C.build_info().get("cpu_isa", "?")
+    except ImportError:
+        ours = "not built"
+    return f"fusedformer {ours}, torch {torch.backends.cpu.get_cpu_capability()}"
 
 
 def machine() -> dict[str, str]:
@@ -42,6 +86,8 @@ def machine() -> dict[str, str]:
         "triton": version("triton"),
         "python": platform.python_version(),
         "git": _git_sha(),
+        "malloc": _MALLOC,
+        "cpu_isa": _cpu_isa(),
     }
 
 
