@@ -185,3 +185,56 @@ def test_cli_check_runs_triton_interpreted_without_the_env_var():
                           "--op", "layer_norm", "--dtype", "float32"], capture_output=True, text=True, env=env)
     assert out.returncode == 0, out.stdout + out.stderr
     assert "layer_norm  triton     float32" in out.stdout and "all checks passed" in out.stdout
+
+
+def _fused_op_cases() -> dict:
+    """Per op: (the _FusedOp, its arguments for the cpu backend on small random inputs)."""
+    from fusedformer.kernels import ops
+
+    cpu = dispatch.BACKENDS.index("cpu")
+    g = torch.Generator().manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g, requires_grad=True)  # noqa: E731
+    keep = torch.rand(2, 1, 1, 9, generator=g) > 0.3
+    return {
+        "layer_norm": (ops._layer_norm_fwd, (r(5, 12), r(5, 12), r(12), r(12), 1e-5, cpu)),
+        "attention": (ops._attention_fwd, (r(2, 4, 7, 16), r(2, 2, 9, 16), r(2, 2, 9, 16), keep,
+                                           0.25, False, 0.0, None, cpu)),
+        "softmax": (ops._softmax_fwd, (r(2, 3, 7, 9), keep, 0.5, True, cpu)),
+        "ffn": (ops._ffn_fwd, (r(6, 8), r(32, 8), r(32), r(8, 16), r(8), 3, 0.0, None, cpu)),
+    }
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "attention", "softmax", "ffn"])
+def test_eager_path_matches_the_custom_op(name):
+    """Eager calls skip torch.library's dispatch (ops._FusedOp); torch.compile gets the custom
+    op. Both must give the same outputs and gradients, bit for bit, and the custom op's
+    registration (schema, fake, autograd) must pass torch.library.opcheck."""
+    if "cpu" not in dispatch.available_backends():
+        pytest.skip("the cpu backend is not built")
+    op, args = _fused_op_cases()[name]
+    leaves = [a for a in args if isinstance(a, torch.Tensor) and a.requires_grad]
+    results = []
+    for call in (op, op.op):
+        out = call(*args)
+        y = out[0] if isinstance(out, tuple) else out
+        grads = torch.autograd.grad(y, leaves, torch.ones_like(y))
+        results.append((y.detach(), grads))
+    (y_eager, g_eager), (y_op, g_op) = results
+    assert torch.equal(y_eager, y_op)
+    for a, b in zip(g_eager, g_op):
+        assert torch.equal(a, b)
+    torch.library.opcheck(op.op, args)
+
+
+def test_fake_tensors_take_the_custom_op():
+    """A FakeTensor (torch.compile's and torch.export's tracing) must reach the custom op and
+    its fake implementation, never the launcher."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    if "cpu" not in dispatch.available_backends():
+        pytest.skip("the cpu backend is not built")
+    op, args = _fused_op_cases()["layer_norm"]
+    with FakeTensorMode() as mode:
+        fake = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        y, h, mean, rstd = op(*fake)
+    assert type(y).__name__ == "FakeTensor" and y.shape == (5, 12) and mean.dtype == torch.float32
