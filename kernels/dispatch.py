@@ -89,6 +89,12 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+@functools.lru_cache(maxsize=4)
+def _build_info(ext: ModuleType) -> dict:
+    """The extension's build_info(), fixed at build time: asked once, not on every op call."""
+    return ext.build_info()
+
+
 def _status(name: str) -> tuple[bool, str, tuple[str, ...]]:
     """(available, reason if not, ops implemented) for one backend."""
     if name == "reference":
@@ -97,7 +103,7 @@ def _status(name: str) -> tuple[bool, str, tuple[str, ...]]:
         ext, why = extension()
         if ext is None:
             return False, why, ()
-        info = ext.build_info()
+        info = _build_info(ext)
         if name == "cpu":
             return True, "", tuple(info["cpu_ops"])
         if not info["cuda"]:

@@ -64,15 +64,20 @@ def launchers(backend: int | str) -> ModuleType:
     conversion of a str argument (gdb: torch::jit::_get_operation_for_overload_or_packet ->
     std::string construction), depending on which modules the process had imported."""
     name = backend if isinstance(backend, str) else dispatch.BACKENDS[backend]
+    module = _LAUNCHERS.get(name)
+    if module is not None:
+        return module
     if name in ("cpu", "cuda"):
-        from . import cpp_backend
+        from . import cpp_backend as module
+    elif name == "triton":
+        from . import triton_backend as module
+    else:
+        raise ValueError(f"backend '{name}' has no launchers (reference runs kernels/reference.py)")
+    _LAUNCHERS[name] = module
+    return module
 
-        return cpp_backend
-    if name == "triton":
-        from . import triton_backend
 
-        return triton_backend
-    raise ValueError(f"backend '{name}' has no launchers (reference runs kernels/reference.py)")
+_LAUNCHERS: dict[str, ModuleType] = {}  # imported on first use: triton is slow to import
 
 
 def _backend_id(name: str) -> int:
@@ -246,6 +251,9 @@ def layer_norm(x: Tensor, normalized_shape: int | Sequence[int], weight: Optiona
                                         upcast=True)
     check.kernel_dtype("layer_norm", backend, "x", x)
     n = math.prod(normalized_shape)
+    if k == 1 and x.dim() == 2:  # already (M, N) with (N,) weights: no views to make
+        y, h, _, _ = _layer_norm_fwd(x, residual, weight, bias, float(eps), _backend_id(backend))
+        return (y, h) if residual is not None else y
     flat = lambda t: None if t is None else t.reshape(-1, n)  # noqa: E731
     vec = lambda t: None if t is None else t.reshape(n)  # noqa: E731
     y, h, _, _ = _layer_norm_fwd(flat(x), flat(residual), vec(weight), vec(bias), float(eps),
