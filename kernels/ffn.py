@@ -42,6 +42,7 @@ Under TRITON_INTERPRET=1, tl.dot with bf16 operands returns garbage (see
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -272,6 +273,13 @@ _ffn_gemm_autotuned = triton.autotune(configs=_gpu_configs(),
                                       prune_configs_by={"early_config_prune": _prune_gemm_configs},
                                       )(_ffn_gemm_kernel)
 
+# On a GPU with FUSEDFORMER_AUTOTUNE=0 (make gpu-check's test run: every test shape would
+# otherwise benchmark every config): one tile that fits every epilogue and dtype without
+# spilling (ptxas, sm_90, tests/test_triton_aot.py's fixed-tile cases: at most 203
+# registers, no spills, 72 KiB of shared memory).
+_FIXED_GPU_CONFIG = {"BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 64, "GROUP_M": 8,
+                     "num_warps": 4, "num_stages": 3}
+
 # Under the interpreter: one small fixed tile. Interpreted time grows with the number of
 # programs and K steps, not the tile area: check_ffn(m=67, c=40, f=136, bf16) took 4.6 s with
 # 32x32x32 tiles and 2.2 s with these; the test shapes are still ragged in M, N and K, and
@@ -308,8 +316,8 @@ def _gemm(a: Tensor, b: Tensor, c: Tensor, *, a_strides: tuple[int, int],
     flags = dict(EPILOGUE=epilogue, ACT=act, HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0,
                  ROWSUM=rowsum is not None, DOT_F32=interp and dtype == torch.bfloat16,
                  PRECISION=precision, RNE=interpreter_rounds_bf16(dtype))
-    if interp:
-        cfg = _INTERPRETER_CONFIG
+    if interp or os.environ.get("FUSEDFORMER_AUTOTUNE", "1") == "0":
+        cfg = _INTERPRETER_CONFIG if interp else _FIXED_GPU_CONFIG
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
         _ffn_gemm_kernel[grid](*args, **flags, **cfg)
     else:

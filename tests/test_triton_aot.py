@@ -128,6 +128,13 @@ CASES = [
     Case("ffn-bwd-bf16-gelu", "ffn_bwd", dict(dtype=BF16, activation="gelu")),
     Case("ffn-bwd-fp16-swiglu", "ffn_bwd", dict(dtype=FP16, activation="swiglu")),
     Case("ffn-dropout-mask", "ffn_dropout_mask", {}),
+    # FUSEDFORMER_AUTOTUNE=0 (make gpu-check's tests): the FFN's one fixed GPU tile
+    Case("ffn-fwd-bf16-swiglu-fixed-tile", "ffn_fwd",
+         dict(dtype=BF16, activation="swiglu", autotune=False)),
+    Case("ffn-bwd-fp16-gelu-dropout-fixed-tile", "ffn_bwd",
+         dict(dtype=FP16, activation="gelu", dropout_p=0.1, autotune=False)),
+    Case("ffn-bwd-fp32-swiglu-fixed-tile", "ffn_bwd",
+         dict(dtype=FP32, activation="swiglu", autotune=False)),
     # the sweep (FUSEDFORMER_AOT_SWEEP=1): every autotune config, D = 256 (fp32 included),
     # sm_80 throughout
     Case("sweep-attn-fwd-bf16-d128-causal", "attention_fwd", dict(dtype=BF16, d=128, causal=True),
@@ -174,7 +181,21 @@ def _seed(args: dict) -> int:
 
 def _launch_case(case: Case) -> None:
     """Call the case's launcher on small CPU tensors (shapes in multiples of 16 unless a case
-    says otherwise, as in training, so the divisibility hints are those of a real run)."""
+    says otherwise, as in training, so the divisibility hints are those of a real run);
+    autotune=False runs it under FUSEDFORMER_AUTOTUNE=0."""
+    saved = os.environ.get("FUSEDFORMER_AUTOTUNE")
+    if case.args.get("autotune") is False:
+        os.environ["FUSEDFORMER_AUTOTUNE"] = "0"
+    try:
+        _call_launcher(case)
+    finally:
+        if saved is None:
+            os.environ.pop("FUSEDFORMER_AUTOTUNE", None)
+        else:
+            os.environ["FUSEDFORMER_AUTOTUNE"] = saved
+
+
+def _call_launcher(case: Case) -> None:
     attention, ffn, layer_norm, softmax = _kernel_modules()
     a = case.args
     dtype = a.get("dtype")
