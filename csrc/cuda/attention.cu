@@ -119,6 +119,10 @@ struct Traits {
   static constexpr int kDkdvSmem =
       (2 * kBwdBlockN + 2 * kBwdBlockM) * kStride * int(sizeof(T)) + 2 * kBwdBlockM * 4 + kScratchBytes;
   static_assert(kD % 16 == 0 && kBlockN % 16 == 0 && kBwdBlockM % 16 == 0, "mma k-steps of 16");
+  // Every tile must fit the smallest target's opt-in shared memory per block (sm_80: 163 KiB;
+  // sm_90: 227 KiB), or its launch would fail at run time (the largest, fp32 D = 128 dQ: 149 KiB).
+  static_assert(kFwdSmem <= 163 * 1024 && kDqSmem <= 163 * 1024 && kDkdvSmem <= 163 * 1024,
+                "a tile over sm_80's shared memory per block");
 };
 
 __device__ __forceinline__ uint32_t ld_shared_u32(const void* p) {
