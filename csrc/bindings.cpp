@@ -20,7 +20,7 @@
 #include "philox.h"  // Attention
 
 #ifdef FUSEDFORMER_WITH_CUDA
-#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that needs the cuBLAS/cuSPARSE headers
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAException.h>
 #endif
@@ -120,7 +120,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> layer_norm_fwd(const Tensor& x_, cons
   } else {
 #ifdef FUSEDFORMER_WITH_CUDA
     const c10::cuda::CUDAGuard guard(x.device());
-    ff::layer_norm_fwd_cuda(p, at::cuda::getCurrentCUDAStream());
+    ff::layer_norm_fwd_cuda(p, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 #else
     no_cuda("layer_norm_fwd");
@@ -183,7 +183,7 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm_bwd(const Tensor& dy_, const OptTe
   } else {
 #ifdef FUSEDFORMER_WITH_CUDA
     const c10::cuda::CUDAGuard guard(h.device());
-    ff::layer_norm_bwd_cuda(p, at::cuda::getCurrentCUDAStream());
+    ff::layer_norm_bwd_cuda(p, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 #else
     no_cuda("layer_norm_bwd");
@@ -285,7 +285,7 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q_, const Tensor& k_, con
     ff::attention_fwd_cpu(p);
   } else {
 #ifdef FUSEDFORMER_WITH_CUDA
-    ff::attention_fwd_cuda(p, at::cuda::getCurrentCUDAStream());
+    ff::attention_fwd_cuda(p, c10::cuda::getCurrentCUDAStream());
 #else
     no_cuda("attention_fwd");
 #endif
@@ -345,7 +345,7 @@ std::tuple<Tensor, Tensor, Tensor> attention_bwd(const Tensor& do_, const Tensor
     ff::attention_bwd_cpu(p);
   } else {
 #ifdef FUSEDFORMER_WITH_CUDA
-    ff::attention_bwd_cuda(p, at::cuda::getCurrentCUDAStream());
+    ff::attention_bwd_cuda(p, c10::cuda::getCurrentCUDAStream());
 #else
     no_cuda("attention_bwd");
 #endif
@@ -420,7 +420,7 @@ Tensor softmax_fwd(const Tensor& x_, const OptTensor& mask_, double scale, bool 
   } else {
 #ifdef FUSEDFORMER_WITH_CUDA
     const c10::cuda::CUDAGuard guard(x.device());
-    ff::softmax_fwd_cuda(p, at::cuda::getCurrentCUDAStream());
+    ff::softmax_fwd_cuda(p, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 #else
     no_cuda("softmax_fwd");
@@ -451,7 +451,7 @@ Tensor softmax_bwd(const Tensor& dy_, const Tensor& y_, double scale) {
   } else {
 #ifdef FUSEDFORMER_WITH_CUDA
     const c10::cuda::CUDAGuard guard(y.device());
-    ff::softmax_bwd_cuda(p, at::cuda::getCurrentCUDAStream());
+    ff::softmax_bwd_cuda(p, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 #else
     no_cuda("softmax_bwd");
@@ -562,7 +562,7 @@ std::tuple<Tensor, Tensor> ffn_fwd(const Tensor& x_, const Tensor& w1_, const Op
   } else {
 #ifdef FUSEDFORMER_WITH_CUDA
     const c10::cuda::CUDAGuard guard(x.device());
-    ff::ffn_fwd_cuda(p, at::cuda::getCurrentCUDAStream());
+    ff::ffn_fwd_cuda(p, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 #else
     no_cuda("ffn_fwd");
@@ -633,7 +633,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_bwd(
   } else {
 #ifdef FUSEDFORMER_WITH_CUDA
     const c10::cuda::CUDAGuard guard(x.device());
-    ff::ffn_bwd_cuda(p, at::cuda::getCurrentCUDAStream());
+    ff::ffn_bwd_cuda(p, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 #else
     no_cuda("ffn_bwd");
