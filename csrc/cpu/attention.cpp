@@ -221,9 +221,8 @@ void fwd(const AttentionFwdParams& p) {
         score_tile<T>(k_tile, dp, qt.data(), kBlockM, d, p.scale, p.mask, p.is_causal, t, st.data());
         online_softmax(t, st.data(), m.data(), l.data(), alpha.data());
         if (dropout) drop_probs(p, t, st.data());
-        for (int64_t r = 0; r < t.m; ++r)
-          for (int64_t e = 0; e < dp; ++e) acc[r * dp + e] *= alpha[r];
-        gemm_tile<true>(t.m, dp, t.n, st.data(), 1, kBlockM, v_tile, dp, acc.data(), dp);  // += P V
+        // acc = diag(alpha) acc + P V: the online softmax's rescale rides in the GEMM's store.
+        gemm_tile<true>(t.m, dp, t.n, st.data(), 1, kBlockM, v_tile, dp, acc.data(), dp, 1.f, alpha.data());
       }
 
       T* o_head = O + bi * p.o_batch_stride + h * p.o_head_stride;

