@@ -2,7 +2,7 @@
 // vectors, a vectorized exp and a register-blocked micro-GEMM.
 //
 // Vectors are GCC vector extensions, so the code compiles for any target; with the default
-// build flags (-mavx2 -mfma) a Vec8 is one ymm register and fma8 one vfmadd. There is no
+// build flags (-mavx2 -mfma) an f32x8 is one ymm register and fma8 one vfmadd. There is no
 // -ffast-math, so every reduction here is written as lanes of independent sums.
 //
 // gemm_tile: C (rows, cols) = or += A (rows, kdim) · B (kdim, cols), cols a multiple of 8,
@@ -24,49 +24,27 @@
 namespace fusedformer {
 namespace {  // private to the one file that includes it: direct calls, no PLT
 
-using Vec8 = f32x8;  // numeric.h's 8-wide vector layer: load8, store8, splat8, max8, fma8
 constexpr int64_t kLanes = 8;
 
 inline int64_t round_up_lanes(int64_t n) { return (n + kLanes - 1) / kLanes * kLanes; }
 
-// The vector of the micro-kernel and of the softmax steps: Lanes8 (one ymm, AVX2) everywhere,
-// and Lanes16 (one zmm) when built with AVX-512, which doubles the width of every instruction.
-// exp is numeric.h's (1 ulp; exp(-inf) = 0, NaN stays NaN).
-struct Lanes8 {
-  using V = Vec8;
-  static constexpr int64_t kWidth = 8;
-  static constexpr int kPanel = 2;  // vectors of C per micro-kernel row
-  static constexpr int kRows = 6;   // 12 accumulators + 2 B vectors + a broadcast of 16 ymm
-  static V load(const float* p) { return load8(p); }
-  static void store(float* p, V v) { store8(p, v); }
-  static V splat(float s) { return splat8(s); }
-  static V fma(V a, V b, V c) { return fma8(a, b, c); }
-  static V max(V a, V b) { return max8(a, b); }
-  static V exp(V x) { return exp8(x); }
+// The micro-kernel's blocking per vector type (numeric.h's Lanes8 / Lanes16): kRows rows of A by
+// kPanel vectors of B per block of C.
+template <typename L>
+struct Blocking;
+template <>
+struct Blocking<Lanes8> {
+  static constexpr int kPanel = 2;  // 12 accumulators + 2 B vectors + a broadcast of 16 ymm
+  static constexpr int kRows = 6;
 };
-
 #if defined(__AVX512F__)
-struct Lanes16 {
-  using V = f32x16;
-  static constexpr int64_t kWidth = 16;
+template <>
+struct Blocking<Lanes16> {
   // 24 accumulators + 4 B vectors + a broadcast of 32 zmm: 10 loads per 24 FMAs (an 8 × 2
   // block needs 10 per 16). In L1 on the dev machine: 224 vs 209 GFLOP/s per core.
   static constexpr int kPanel = 4;
   static constexpr int kRows = 6;
-  static V load(const float* p) {
-    V v;
-    std::memcpy(&v, p, sizeof(v));
-    return v;
-  }
-  static void store(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
-  static V splat(float s) { return _mm512_set1_ps(s); }
-  static V fma(V a, V b, V c) { return fma16(a, b, c); }
-  static V max(V a, V b) { return a > b ? a : b; }
-  static V exp(V x) { return exp16(x); }
 };
-using Wide = Lanes16;  // the widest vector this build has
-#else
-using Wide = Lanes8;
 #endif
 
 // n rounded up to whole Wide vectors: the softmax steps run over the query columns in those.
@@ -97,15 +75,16 @@ inline void micro_gemm(int64_t kdim, const float* a, int64_t ars, int64_t aks, c
   }
 }
 
-// One column panel (L::kWidth · NV wide) of C, L::kRows rows at a time, then the remaining rows.
+// One column panel (L::kWidth · NV wide) of C, kRows rows at a time, then the remaining rows.
 template <typename L, int NV, bool kAccumulate>
 void gemm_panel(int64_t rows, int64_t kdim, const float* a, int64_t ars, int64_t aks,
                 const float* b, int64_t ldb, float* c, int64_t ldc, float alpha, const float* c_scale) {
-  static_assert(L::kRows <= 6, "the remainder switch below covers 1 to 5 rows");
+  constexpr int kRows = Blocking<L>::kRows;
+  static_assert(kRows <= 6, "the remainder switch below covers 1 to 5 rows");
   int64_t r = 0;
-  for (; r + L::kRows <= rows; r += L::kRows)
-    micro_gemm<L, L::kRows, NV, kAccumulate>(kdim, a + r * ars, ars, aks, b, ldb, c + r * ldc, ldc,
-                                             alpha, c_scale ? c_scale + r : nullptr);
+  for (; r + kRows <= rows; r += kRows)
+    micro_gemm<L, kRows, NV, kAccumulate>(kdim, a + r * ars, ars, aks, b, ldb, c + r * ldc, ldc, alpha,
+                                          c_scale ? c_scale + r : nullptr);
   const float* ar = a + r * ars;
   float* cr = c + r * ldc;
   const float* sr = c_scale ? c_scale + r : nullptr;
@@ -120,8 +99,8 @@ void gemm_panel(int64_t rows, int64_t kdim, const float* a, int64_t ars, int64_t
 }
 
 // C (rows, cols) = alpha · A·B, or when kAccumulate (alpha unused) C = c_scale[row] · C + A·B
-// (C += A·B without c_scale). cols % 8 == 0. Panels of Wide::kPanel vectors, then halves of
-// that, then one 8-wide vector: 64 + 32 + 16 + 8 columns with AVX-512, 16 + 8 with AVX2.
+// (C += A·B without c_scale). cols % 8 == 0. Panels of kPanel vectors, then halves of that,
+// then one 8-wide vector: 64 + 32 + 16 + 8 columns with AVX-512, 16 + 8 with AVX2.
 template <bool kAccumulate>
 void gemm_tile(int64_t rows, int64_t cols, int64_t kdim, const float* a, int64_t ars, int64_t aks,
                const float* b, int64_t ldb, float* c, int64_t ldc, float alpha = 1.f,
@@ -132,9 +111,9 @@ void gemm_tile(int64_t rows, int64_t cols, int64_t kdim, const float* a, int64_t
       for (; j + NV * Wide::kWidth <= cols; j += NV * Wide::kWidth)
         gemm_panel<Wide, NV, kAccumulate>(rows, kdim, a, ars, aks, b + j, ldb, c + j, ldc, alpha, c_scale);
   };
-  panels.template operator()<Wide::kPanel>();
-  panels.template operator()<Wide::kPanel / 2>();
-  panels.template operator()<Wide::kPanel / 4>();
+  panels.template operator()<Blocking<Wide>::kPanel>();
+  panels.template operator()<Blocking<Wide>::kPanel / 2>();
+  panels.template operator()<Blocking<Wide>::kPanel / 4>();
   if (j < cols)
     gemm_panel<Lanes8, 1, kAccumulate>(rows, kdim, a, ars, aks, b + j, ldb, c + j, ldc, alpha, c_scale);
 }

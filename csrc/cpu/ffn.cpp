@@ -8,8 +8,8 @@
 // Napkin math (fp32 forward epilogue): read acc1 (4 B) + write pre, hidden (4 + 4 B) per
 // hidden element, and one exp (gelu, gelu_tanh, swiglu) per element: as scalar libm calls
 // (erff, tanhf, expf) they cost about as much as the GEMMs at the benchmark shapes, so the
-// epilogues run 8 lanes at a time with exp8/erf8/tanh8 (numeric.h) and the GEMMs
-// (2·M·C·F1 + 2·M·F·C FLOPs) dominate.
+// epilogues run a vector at a time (numeric.h's Wide: 16 lanes with AVX-512, else 8) and the
+// GEMMs (2·M·C·F1 + 2·M·F·C FLOPs) dominate.
 #include "../ffn.h"
 
 #include <omp.h>
@@ -19,46 +19,49 @@
 namespace fusedformer {
 namespace {
 
-// ---- the activations of ffn.h, 8 lanes at a time ---------------------------------------
+// ---- the activations of ffn.h, a vector (numeric.h's Wide: 16 lanes with AVX-512) at a time
 //   gelu:      0.5 a (1 + erf(a/√2));  d/da = 0.5 (1 + erf(a/√2)) + a φ(a), φ(a) = e^(-a²/2)/√(2π)
 //   gelu_tanh: 0.5 a (1 + t), t = tanh(k (a + 0.044715 a³))
 //   swiglu:    silu(g) = g σ(g), σ(g) = 1 / (1 + e^-g)
 
+using L = Wide;
+using V = L::V;
+
 constexpr float kSqrtHalf = 0.70710678118654752f, kInvSqrt2Pi = 0.39894228040143268f;
 constexpr float kTanhK = 0.79788456080286536f, kTanhC = 0.044715f;
 
-inline f32x8 sigmoid8(f32x8 g) { return 1.f / (1.f + exp8(-g)); }
+inline V sigmoid(V g) { return 1.f / (1.f + L::exp(-g)); }
 
-inline f32x8 act8(FfnActivation act, f32x8 a) {
-  if (act == FfnActivation::kRelu) return a > 0.f ? a : splat8(0.f);
+inline V activate(FfnActivation act, V a) {
+  if (act == FfnActivation::kRelu) return a > 0.f ? a : V{};
   if (act == FfnActivation::kGelu) {
-    const f32x8 z = a * kSqrtHalf;
-    return 0.5f * a * (1.f + erf8(z, exp8(-(z * z))));
+    const V z = a * kSqrtHalf;
+    return 0.5f * a * (1.f + L::erf(z, L::exp(-(z * z))));
   }
-  return 0.5f * a * (1.f + tanh8(kTanhK * (a + kTanhC * a * a * a)));
+  return 0.5f * a * (1.f + L::tanh(kTanhK * (a + kTanhC * a * a * a)));
 }
 
 // act(a) and act'(a) together: GELU's erf and φ share one exp.
-inline void act_and_grad8(FfnActivation act, f32x8 a, f32x8& value, f32x8& grad) {
+inline void act_and_grad(FfnActivation act, V a, V& value, V& grad) {
   if (act == FfnActivation::kRelu) {
-    value = a > 0.f ? a : splat8(0.f);
-    grad = a > 0.f ? splat8(1.f) : splat8(0.f);
+    value = a > 0.f ? a : V{};
+    grad = a > 0.f ? L::splat(1.f) : V{};
   } else if (act == FfnActivation::kGelu) {
-    const f32x8 z = a * kSqrtHalf, e = exp8(-(z * z));
-    const f32x8 cdf = 0.5f * (1.f + erf8(z, e));
+    const V z = a * kSqrtHalf, e = L::exp(-(z * z));
+    const V cdf = 0.5f * (1.f + L::erf(z, e));
     value = a * cdf;
     grad = cdf + a * kInvSqrt2Pi * e;
   } else {
-    const f32x8 t = tanh8(kTanhK * (a + kTanhC * a * a * a));
+    const V t = L::tanh(kTanhK * (a + kTanhC * a * a * a));
     value = 0.5f * a * (1.f + t);
     grad = 0.5f * (1.f + t) + 0.5f * a * (1.f - t * t) * kTanhK * (1.f + 3.f * kTanhC * a * a);
   }
 }
 
 // keep / (1 - p) for hidden elements (i, [j, j + k)): 1 without dropout.
-inline f32x8 dropout8(uint64_t seed, float p, int64_t i, int64_t j, int k, int64_t f) {
-  if (p == 0.f) return splat8(1.f);
-  f32x8 d = {};
+inline V dropout(uint64_t seed, float p, int64_t i, int64_t j, int k, int64_t f) {
+  if (p == 0.f) return L::splat(1.f);
+  V d = {};
   for (int l = 0; l < k; ++l) d[l] = ffn_dropout_scale(seed, i, j + l, f, p);
   return d;
 }
@@ -73,26 +76,26 @@ void fwd_epilogue(const FfnFwdParams& p) {
   // Round pre to storage precision first: backward recomputes act from the stored pre, so
   // both passes see exactly the same numbers (as the GPU's epilogue does).
   auto pre_at = [&](const float* acc, T* pre_row, int64_t j, int k) {
-    f32x8 a = load8(acc + j, k);
-    if (b1) a += load8(b1 + j, k);
-    a = round8<T>(a);
-    store8(pre_row + j, a, k);
+    V a = L::load(acc + j, k);
+    if (b1) a += L::load(b1 + j, k);
+    a = L::round<T>(a);
+    L::store(pre_row + j, a, k);
     return a;
   };
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < p.m; ++i) {
     const float* acc = p.acc1 + i * f1;
     T* pre_row = pre + i * f1;
-    for_blocks8(f, [&](int64_t j, int k) {
-      const f32x8 a = pre_at(acc, pre_row, j, k);
-      f32x8 hv;
+    for_blocks<L>(f, [&](int64_t j, int k) {
+      const V a = pre_at(acc, pre_row, j, k);
+      V hv;
       if (swiglu) {
-        const f32x8 u = pre_at(acc, pre_row, f + j, k);
-        hv = a * sigmoid8(a) * u;
+        const V u = pre_at(acc, pre_row, f + j, k);
+        hv = a * sigmoid(a) * u;
       } else {
-        hv = act8(p.act, a);
+        hv = activate(p.act, a);
       }
-      store8(hidden + i * f + j, hv * dropout8(p.seed, p.dropout_p, i, j, k, f), k);
+      L::store(hidden + i * f + j, hv * dropout(p.seed, p.dropout_p, i, j, k, f), k);
     });
   }
 }
@@ -109,22 +112,22 @@ void bwd_epilogue(const FfnBwdParams& p) {
     const float* dh = p.acc_dh + i * f;
     const T* pre_row = pre + i * f1;
     T* dpre_row = d_pre + i * f1;
-    for_blocks8(f, [&](int64_t j, int k) {
-      const f32x8 drop = dropout8(p.seed, p.dropout_p, i, j, k, f);
-      const f32x8 g = load8(dh + j, k) * drop;  // gradient of act(pre) (before dropout)
-      const f32x8 a = load8(pre_row + j, k);
-      f32x8 hv;
+    for_blocks<L>(f, [&](int64_t j, int k) {
+      const V drop = dropout(p.seed, p.dropout_p, i, j, k, f);
+      const V g = L::load(dh + j, k) * drop;  // gradient of act(pre) (before dropout)
+      const V a = L::load(pre_row + j, k);
+      V hv;
       if (swiglu) {
-        const f32x8 u = load8(pre_row + f + j, k), s = sigmoid8(a), silu = a * s;
-        store8(dpre_row + j, g * u * s * (1.f + a * (1.f - s)), k);
-        store8(dpre_row + f + j, g * silu, k);
+        const V u = L::load(pre_row + f + j, k), s = sigmoid(a), silu = a * s;
+        L::store(dpre_row + j, g * u * s * (1.f + a * (1.f - s)), k);
+        L::store(dpre_row + f + j, g * silu, k);
         hv = silu * u;
       } else {
-        f32x8 grad;
-        act_and_grad8(p.act, a, hv, grad);
-        store8(dpre_row + j, g * grad, k);
+        V grad;
+        act_and_grad(p.act, a, hv, grad);
+        L::store(dpre_row + j, g * grad, k);
       }
-      store8(hidden + i * f + j, hv * drop, k);
+      L::store(hidden + i * f + j, hv * drop, k);
     });
   }
 }

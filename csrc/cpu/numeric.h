@@ -349,26 +349,120 @@ inline f32x16 exp16(f32x16 x) {
 
 // erf(x) = sign(x) (1 - t P(t) exp(-x²)), t = 1 / (1 + 0.3275911 |x|): Abramowitz & Stegun
 // 7.1.26 (1.5e-7 in exact arithmetic), the approximation ATen's own vectorized erf uses, so
-// GELU's error matches torch's CPU one. exp_neg_x2 = exp(-x²) is passed in: GELU's backward reuses it.
-inline f32x8 erf8(f32x8 x, f32x8 exp_neg_x2) {
-  const f32x8 ax = x < 0.f ? -x : x;
-  const f32x8 t = 1.f / fma8(splat8(0.3275911f), ax, splat8(1.f));
-  f32x8 q = splat8(1.061405429f);
-  q = fma8(q, t, splat8(-1.453152027f));
-  q = fma8(q, t, splat8(1.421413741f));
-  q = fma8(q, t, splat8(-0.284496736f));
-  q = fma8(q, t, splat8(0.254829592f));
-  const f32x8 e = 1.f - q * t * exp_neg_x2;
+// GELU's error matches torch's CPU one. exp_neg_x2 = exp(-x²) is passed in: GELU's backward
+// reuses it. VF: f32x8 or f32x16.
+template <typename VF>
+inline VF erf_lanes(VF x, VF exp_neg_x2) {
+  const VF ax = x < 0.f ? -x : x;
+  const VF t = 1.f / fmav(VF{} + 0.3275911f, ax, VF{} + 1.f);
+  VF q = VF{} + 1.061405429f;
+  q = fmav(q, t, VF{} - 1.453152027f);
+  q = fmav(q, t, VF{} + 1.421413741f);
+  q = fmav(q, t, VF{} - 0.284496736f);
+  q = fmav(q, t, VF{} + 0.254829592f);
+  const VF e = 1.f - q * t * exp_neg_x2;
   return x < 0.f ? -e : e;
 }
+inline f32x8 erf8(f32x8 x, f32x8 exp_neg_x2) { return erf_lanes(x, exp_neg_x2); }
 
 // tanh(x) = sign(x) (1 - e) / (1 + e), e = exp(-2 |x|) in (0, 1]: no overflow; the error is
-// absolute (ulps of 1), all that GELU's 1 + tanh needs.
-inline f32x8 tanh8(f32x8 x) {
-  const f32x8 ax = x < 0.f ? -x : x;
-  const f32x8 e = exp8(-2.f * ax);
-  const f32x8 t = (1.f - e) / (1.f + e);
+// absolute (ulps of 1), all that GELU's 1 + tanh needs. exp: exp8 or exp16.
+template <typename VF, typename Exp>
+inline VF tanh_lanes(VF x, Exp exp) {
+  const VF ax = x < 0.f ? -x : x;
+  const VF e = exp(-2.f * ax);
+  const VF t = (1.f - e) / (1.f + e);
   return x < 0.f ? -t : t;
+}
+inline f32x8 tanh8(f32x8 x) { return tanh_lanes(x, exp8); }
+
+// ---- one vector of floats, as a type: the kernels' loops are written once over L ---------
+// L::V the vector, L::kWidth its lanes; load/store of any storage type T with a tail of k
+// lanes (lanes >= k load as 0 and are not stored); round<T> as round8; splat, fma, max, exp,
+// erf, tanh. Lanes8 is one ymm (AVX2); Lanes16 one zmm, built with AVX-512 (setup.py adds
+// -mavx512f on a CPU that has it), where every instruction does twice the work.
+struct Lanes8 {
+  using V = f32x8;
+  static constexpr int kWidth = 8;
+  static V load(const float* p) { return load8(p); }
+  static void store(float* p, V v) { store8(p, v); }
+  template <typename T>
+  static V load(const T* p, int k) { return load8(p, k); }
+  template <typename T>
+  static void store(T* p, V v, int k) { store8(p, v, k); }
+  template <typename T>
+  static V round(V v) { return round8<T>(v); }
+  static V splat(float s) { return splat8(s); }
+  static V fma(V a, V b, V c) { return fma8(a, b, c); }
+  static V max(V a, V b) { return max8(a, b); }
+  static V exp(V x) { return exp8(x); }
+  static V erf(V x, V exp_neg_x2) { return erf8(x, exp_neg_x2); }
+  static V tanh(V x) { return tanh8(x); }
+};
+
+#if defined(__AVX512F__)
+struct Lanes16 {
+  using V = f32x16;
+  static constexpr int kWidth = 16;
+  static V join(f32x8 lo, f32x8 hi) {
+    return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  }
+  static f32x8 lo(V v) { return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7); }
+  static f32x8 hi(V v) { return __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15); }
+  static V load(const float* p) {
+    V v;
+    std::memcpy(&v, p, sizeof(v));
+    return v;
+  }
+  static void store(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
+  // 16-bit storage converts 8 lanes at a time (numeric.h's conversions are 8-wide).
+  template <typename T>
+  static V load(const T* p, int k) {
+    if constexpr (std::is_same_v<T, float>)
+      if (k >= 16) return load(p);
+    if (k >= 16) return join(load8(p), load8(p + 8));
+    T tmp[16] = {};
+    std::memcpy(tmp, p, sizeof(T) * k);
+    return join(load8(tmp), load8(tmp + 8));
+  }
+  template <typename T>
+  static void store(T* p, V v, int k) {
+    if constexpr (std::is_same_v<T, float>)
+      if (k >= 16) return store(p, v);
+    if (k >= 16) {
+      store8(p, lo(v));
+      store8(p + 8, hi(v));
+      return;
+    }
+    T tmp[16];
+    store8(tmp, lo(v));
+    store8(tmp + 8, hi(v));
+    std::memcpy(p, tmp, sizeof(T) * k);
+  }
+  template <typename T>
+  static V round(V v) {
+    if constexpr (std::is_same_v<T, float>) return v;
+    return join(round8<T>(lo(v)), round8<T>(hi(v)));
+  }
+  static V splat(float s) { return _mm512_set1_ps(s); }
+  static V fma(V a, V b, V c) { return fma16(a, b, c); }
+  static V max(V a, V b) { return a > b ? a : b; }
+  static V exp(V x) { return exp16(x); }
+  static V erf(V x, V exp_neg_x2) { return erf_lanes(x, exp_neg_x2); }
+  static V tanh(V x) { return tanh_lanes(x, exp16); }
+};
+using Wide = Lanes16;  // the widest vector this build has
+#else
+using Wide = Lanes8;
+#endif
+
+// Runs body(j, k) over [0, n) in blocks of L::kWidth: k = kWidth for every full block, then
+// the tail if any (for_blocks8 for any width).
+template <typename L, typename F>
+inline void for_blocks(int64_t n, F&& body) {
+  int64_t j = 0;
+  for (; j + L::kWidth <= n; j += L::kWidth) body(j, L::kWidth);
+  if (j < n) body(j, int(n - j));
 }
 
 // Calls f(T{}) with T the storage type of dt: the CPU kernels' one dtype switch.
