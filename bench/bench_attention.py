@@ -6,6 +6,7 @@ forward. Report TFLOP/s and, on a GPU, the ratio to SDPA-flash measured in the s
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 import torch
@@ -24,6 +25,32 @@ else:
     PEERS = ["sdpa"]
 
 
+def _tma_providers() -> list[str]:
+    """fusedformer-triton-tma: the triton backend with its opt-in TMA forward
+    (FUSEDFORMER_TRITON_TMA=1; the backward is the same as fusedformer-triton's), where it can
+    run: sm_90+ and a Triton with host tensor descriptors."""
+    if "fusedformer-triton" not in fused_providers("attention"):
+        return []
+    from fusedformer.kernels import attention
+
+    if attention.TensorDescriptor is None or torch.cuda.get_device_capability() < (9, 0):
+        return []
+    return ["fusedformer-triton-tma"]
+
+
+@contextlib.contextmanager
+def _tma(on: bool):
+    saved = os.environ.get("FUSEDFORMER_TRITON_TMA")
+    os.environ["FUSEDFORMER_TRITON_TMA"] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if saved is None:
+            os.environ.pop("FUSEDFORMER_TRITON_TMA")
+        else:
+            os.environ["FUSEDFORMER_TRITON_TMA"] = saved
+
+
 def _sdpa_context(provider: str):
     if provider == "sdpa":
         return contextlib.nullcontext()
@@ -34,7 +61,8 @@ def _sdpa_context(provider: str):
     return sdpa_kernel([kind])
 
 
-@pytest.mark.parametrize("provider", fused_providers("attention") + PEERS)
+@pytest.mark.parametrize("provider", fused_providers("attention") + (_tma_providers() if ON_GPU else [])
+                         + PEERS)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -49,7 +77,9 @@ def test_attention(benchmark, provider, causal, dtype, shape, mode):
 
     def attend():
         if provider.startswith("fusedformer-"):
-            return fusedformer.attention(q, k, v, is_causal=causal, backend=provider.split("-", 1)[1])
+            backend = provider.split("-")[1]
+            with _tma(provider.endswith("-tma")):
+                return fusedformer.attention(q, k, v, is_causal=causal, backend=backend)
         with _sdpa_context(provider):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 

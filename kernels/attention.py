@@ -42,8 +42,10 @@ fp32 inputs use input_precision="tf32x3" on a GPU (three TF32 mmas, ~fp32 accura
 TF32), with small tiles and no autotuning: fp32 attention is for accuracy, fp16 / bf16 for
 speed.
 
-Not used: Hopper TMA descriptors and warp specialization (they would need capability checks
-and cannot run under the interpreter); the kernels are the portable sm_80+ formulation.
+TMA (forward only, opt-in with FUSEDFORMER_TRITON_TMA=1, sm_90+, Triton >= 3.4): Q, K, V and
+O move as 4-D tensor descriptors, and with 128-row tiles the key loop is warp-specialized;
+see _fwd_tma_descriptors. Off by default until a GPU run measures it; the backward and every other
+case use the portable sm_80+ pointer formulation.
 Offsets inside one (b, h) slice are int32: LQ · stride(L) and LK · stride(L) must stay below
 2^31 (e.g. L = 1M rows of 2048 elements); batch and head offsets are int64.
 """
@@ -59,6 +61,11 @@ import triton.language as tl
 from torch import Tensor
 
 from . import alloc
+
+try:  # host-side TMA descriptors: Triton >= 3.4
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # older Triton: the pointer path only
+    TensorDescriptor = None
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 MAX_HEAD_DIM = 256
@@ -142,16 +149,20 @@ def _attn_fwd_kernel(
     LQ_BUCKET, LK_BUCKET,  # autotune key only: next_power_of_2 of the lengths
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
     DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, RNE_BF16: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
+    """USE_TMA: Q, K, V, O are 4-D tensor descriptors (B, H, L, D) with blocks (1, 1, BLOCK_*,
+    BLOCK_D) instead of pointers (their stride arguments are then unused): the tiles move by
+    TMA, rows past L and columns past D read as 0 and stores clip there, as the masked loads
+    and stores of the pointer path do. With TMA and 128-row tiles (8 warps) the key loop is
+    warp-specialized (producer / consumer warps): Triton 3.9's NVGPUWarpSpecialization pass
+    fails on the 64-row, 4-warp tiles for sm_90 (tests/test_triton_aot.py, compiled without a
+    GPU), so those keep the software pipeline."""
     start_m = tl.program_id(0)
     off_b = tl.program_id(1).to(tl.int64)
     off_h = tl.program_id(2).to(tl.int64)
     off_hkv = off_h // GROUP
-    q_base = Q + off_b * stride_qb + off_h * stride_qh
-    k_base = K + off_b * stride_kb + off_hkv * stride_kh
-    v_base = V + off_b * stride_vb + off_hkv * stride_vh
     mask_base = MASK + off_b * stride_mb + off_h * stride_mh
     bh_offset = (off_b * HQ + off_h) * LQ * LK
 
@@ -159,8 +170,17 @@ def _attn_fwd_kernel(
     offs_n0 = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     d_ok = offs_d < D
-    q = tl.load(q_base + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                mask=(offs_m[:, None] < LQ) & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
+    if USE_TMA:  # descriptor coordinates are int32
+        tma_b = tl.program_id(1)
+        tma_h = tl.program_id(2)
+        tma_hkv = tma_h // GROUP
+        q = Q.load([tma_b, tma_h, start_m * BLOCK_M, 0]).reshape(BLOCK_M, BLOCK_D)
+    else:
+        k_base = K + off_b * stride_kb + off_hkv * stride_kh
+        v_base = V + off_b * stride_vb + off_hkv * stride_vh
+        q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm
+                    + offs_d[None, :] * stride_qd, mask=(offs_m[:, None] < LQ) & d_ok[None, :],
+                    other=0.0)  # (BLOCK_M, BLOCK_D)
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # running max, base-2 units
     l_i = tl.zeros((BLOCK_M,), tl.float32)  # running sum of exp2(s - m_i)
@@ -182,11 +202,14 @@ def _attn_fwd_kernel(
             lo = hi1
             if IS_CAUSAL:
                 hi = tl.minimum((start_m + 1) * BLOCK_M, LK)
-        for start_n in range(lo, hi, BLOCK_N):
+        for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=USE_TMA and BLOCK_M >= 128):
             offs_n = start_n + offs_n0
             kv_mask = (offs_n[:, None] < LK) & d_ok[None, :]
-            k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                        mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+            if USE_TMA:
+                k = K.load([tma_b, tma_hkv, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+            else:
+                k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                            mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
             qk = _dot(q, tl.trans(k), DOT_FP32, PRECISION)  # (BLOCK_M, BLOCK_N)
             s = _masked_scores(qk, qk_scale, offs_m[:, None], offs_n[None, :], LQ, LK,
                                mask_base, stride_mm, stride_mn, HAS_MASK, MASK_BOOL,
@@ -200,8 +223,11 @@ def _attn_fwd_kernel(
                 keep = _dropout_keep(seed, bh_offset, offs_m[:, None], offs_n[None, :], LK,
                                      dropout_p)
                 p = tl.where(keep, p * inv_keep, 0.0)
-            v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                        mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+            if USE_TMA:
+                v = V.load([tma_b, tma_hkv, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+            else:
+                v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                            mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
             acc = acc * alpha[:, None] + _dot(_rne(p, RNE_BF16).to(v.dtype), v, DOT_FP32, PRECISION)
             m_i = m_new
 
@@ -209,9 +235,13 @@ def _attn_fwd_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     o = acc / l_safe[:, None]  # acc is 0 on empty rows, so o = 0 exactly
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    o_base = O + off_b * stride_ob + off_h * stride_oh
-    tl.store(o_base + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od,
-             _rne(o, RNE_BF16).to(O.dtype.element_ty), mask=(offs_m[:, None] < LQ) & d_ok[None, :])
+    if USE_TMA:
+        O.store([tma_b, tma_h, start_m * BLOCK_M, 0],
+                _rne(o, RNE_BF16).to(q.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
+    else:
+        tl.store(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om
+                 + offs_d[None, :] * stride_od, _rne(o, RNE_BF16).to(O.dtype.element_ty),
+                 mask=(offs_m[:, None] < LQ) & d_ok[None, :])
     tl.store(LSE + (off_b * HQ + off_h) * LQ + offs_m, lse, mask=offs_m < LQ)
 
 
@@ -245,9 +275,52 @@ def _attention_fwd_config(LQ: int, LK: int, D: int, dtype: torch.dtype) -> dict:
     return dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3)
 
 
+def _tma_descriptor(t: Tensor) -> Optional["TensorDescriptor"]:
+    """t (4-D) as a TMA tensor descriptor, or None where TMA cannot address it: the last dim
+    must be contiguous and every other stride a positive multiple of 16 bytes, the base 16-byte
+    aligned. A dim of size 1 is only ever at coordinate 0, so its stride (0 in an expanded
+    tensor) is replaced by a valid one. The block shape is a placeholder, set per launch."""
+    size = t.element_size()
+    if (t.stride(-1) != 1 and t.shape[-1] != 1) or t.data_ptr() % 16:
+        return None
+    unused = -(-max(st * n for st, n in zip(t.stride(), t.shape)) * size // 16) * 16 // size
+    strides = []
+    for st, n in zip(t.stride()[:-1], t.shape[:-1]):
+        st = unused if n == 1 else st
+        if st <= 0 or st * size % 16:
+            return None
+        strides.append(st)
+    return TensorDescriptor(t, list(t.shape), strides + [1], [1, 1, 16, 16])
+
+
+def _fwd_tma_descriptors(q: Tensor, k: Tensor, v: Tensor, o: Tensor) -> Optional[tuple]:
+    """(Q, K, V, O) descriptors for the forward's TMA path, or None for the pointer path.
+
+    Opt-in (FUSEDFORMER_TRITON_TMA=1) until a GPU run has measured it against the pointer
+    path (bench/bench_attention.py runs both); on a GPU it needs sm_90+ (TMA hardware) and a
+    Triton with host descriptors. The interpreter runs it too, which is how the CPU tier tests
+    it. Any input TMA cannot address (see _tma_descriptor) takes the pointer path."""
+    if TensorDescriptor is None or os.environ.get("FUSEDFORMER_TRITON_TMA", "0") != "1":
+        return None
+    if q.device.type == "cuda" and torch.cuda.get_device_capability(q.device) < (9, 0):
+        return None
+    descs = tuple(_tma_descriptor(t) for t in (q, k, v, o))
+    return None if any(d is None for d in descs) else descs
+
+
+def _set_fwd_blocks(nargs: dict) -> None:
+    """Block shapes of the forward's descriptors for the config in nargs (its BLOCK_*): the
+    autotune configs' pre_hook, and called directly for a fixed config."""
+    if isinstance(nargs["Q"], TensorDescriptor if TensorDescriptor is not None else ()):
+        bm, bn, bd = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_D"]
+        nargs["Q"].block_shape = nargs["O"].block_shape = [1, 1, bm, bd]
+        nargs["K"].block_shape = nargs["V"].block_shape = [1, 1, bn, bd]
+
+
 # Candidates for triton.autotune on GPUs (tutorial 06's space, pruned for D = 256 below).
 _FWD_TUNE_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s,
+                  pre_hook=_set_fwd_blocks)
     for bm, bn, w in ((128, 64, 8), (128, 32, 8), (64, 64, 4), (64, 32, 4))
     for s in (2, 3)
 ]
@@ -277,7 +350,8 @@ def _fwd_kernel_autotuned():
     if _fwd_tuned is None:
         _fwd_tuned = triton.autotune(
             configs=_FWD_TUNE_CONFIGS,
-            key=["LQ_BUCKET", "LK_BUCKET", "BLOCK_D", "IS_CAUSAL", "HAS_MASK", "DROPOUT"],
+            key=["LQ_BUCKET", "LK_BUCKET", "BLOCK_D", "IS_CAUSAL", "HAS_MASK", "DROPOUT",
+                 "USE_TMA"],
             prune_configs_by={"early_config_prune": _prune_fwd_configs},
         )(_attn_fwd_kernel)
     return _fwd_tuned
@@ -616,16 +690,20 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale
         return o, lse
     mask_t, mask_strides, has_mask, mask_bool = _mask_args(mask, q)
     block_d = max(16, triton.next_power_of_2(d))
-    args = (q, k, v, mask_t, o, lse, *q.stride(), *k.stride(), *v.stride(), *mask_strides,
+    descs = _fwd_tma_descriptors(q, k, v, o)
+    q_, k_, v_, o_ = descs if descs is not None else (q, k, v, o)
+    args = (q_, k_, v_, mask_t, o_, lse, *q.stride(), *k.stride(), *v.stride(), *mask_strides,
             *o.stride(), hq, lq, lk, d, hq // hkv, float(scale) * LOG2E, int(seed),
             float(dropout_p), triton.next_power_of_2(lq), triton.next_power_of_2(lk))
     flags = dict(HAS_MASK=has_mask, MASK_BOOL=mask_bool, IS_CAUSAL=bool(is_causal),
-                 DROPOUT=dropout_p > 0.0, BLOCK_D=block_d, **_dot_flags(q.dtype))
+                 DROPOUT=dropout_p > 0.0, BLOCK_D=block_d, USE_TMA=descs is not None,
+                 **_dot_flags(q.dtype))
     tune = not _interpreting() and q.dtype != torch.float32 and os.environ.get(
         "FUSEDFORMER_AUTOTUNE", "1") != "0"
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
         if not tune:
             cfg = _attention_fwd_config(lq, lk, d, q.dtype)
+            _set_fwd_blocks(dict(Q=q_, K=k_, V=v_, O=o_, BLOCK_D=block_d, **cfg))
             _attn_fwd_kernel[(triton.cdiv(lq, cfg["BLOCK_M"]), b, hq)](*args, **flags, **cfg)
         else:
             grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), b, hq)  # noqa: E731

@@ -461,3 +461,82 @@ def test_launcher_checks(backend, device):
         att.attention_fwd(q, k, k, None, 0.25, False, 0.1, -1)
     with pytest.raises(ValueError, match=r"shape must be \(B, HQ, LQ, LK\)"):
         att.attention_dropout_mask(0, (2, 8, 8), 0.1, device)
+
+
+# ----------------------------------------------------------------------------------------
+# The opt-in TMA forward (FUSEDFORMER_TRITON_TMA=1): the interpreter runs tensor descriptors
+
+
+@pytest.fixture
+def tma_forward(monkeypatch):
+    """Turns the TMA forward on and records, per forward launch, whether it took it."""
+    att = _launchers()
+    if att.TensorDescriptor is None:
+        pytest.skip("this Triton has no host-side tensor descriptors")
+    monkeypatch.setenv("FUSEDFORMER_TRITON_TMA", "1")
+    taken = []
+    real = att._fwd_tma_descriptors
+
+    def spy(*tensors):
+        descs = real(*tensors)
+        taken.append(descs is not None)
+        return descs
+
+    monkeypatch.setattr(att, "_fwd_tma_descriptors", spy)
+    return taken
+
+
+def _require_tma_device(device):
+    if device == "cuda" and torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("TMA needs sm_90 or newer")
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", [(2, 2, 2, 37, 80, 40, True), (1, 2, 2, 80, 37, 80, True),
+                                   (1, 4, 2, 45, 37, 32, False)], ids=str)
+def test_tma_forward_rule(backend, device, dtype, shape, tma_forward):
+    """Rows past L and columns past D (40 and 80 run in 64- and 128-wide tiles) come from the
+    descriptors' zero fill and clipped stores, GQA from the kv-head coordinate."""
+    require_backend("attention", backend, device)
+    _require_tma_device(device)
+    b, hq, hkv, lq, lk, d, causal = shape
+    torch.manual_seed(hash(shape) % 1000)
+    _check_rule(backend, *_qkv(b, hq, hkv, lq, lk, d, dtype, device), causal=causal)
+    assert tma_forward and all(tma_forward), "the forward did not take the TMA path"
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_tma_forward_strided_masked_dropout(backend, device, tma_forward):
+    """(B, L, H, D) storage seen through a transpose, a float mask and dropout, on TMA."""
+    require_backend("attention", backend, device)
+    _require_tma_device(device)
+    torch.manual_seed(71)
+    b, hq, hkv, lq, lk, d = 2, 4, 2, 37, 45, 32
+    q = torch.randn(b, lq, hq, d, device=device).transpose(1, 2)
+    k, v = (torch.randn(b, lk, hkv, d, device=device).transpose(1, 2) for _ in range(2))
+    _check_rule(backend, q, k, v, _mask("float", b, hq, lq, lk, torch.float32, device),
+                yardstick="ref", dropout_p=0.25, torch_seed=4321)
+    assert tma_forward and all(tma_forward), "the forward did not take the TMA path"
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_tma_falls_back_where_tma_cannot_address(backend, device, tma_forward):
+    """Rows of 36 fp16 (72 bytes, not a multiple of 16) and kv heads expanded with stride 0
+    (the autograd path clones them, so the launcher is called directly) take the pointer
+    path, with the right answer."""
+    require_backend("attention", backend, device)
+    _require_tma_device(device)
+    att = _launchers()
+    torch.manual_seed(72)
+    q, k, v = _qkv(1, 2, 2, 17, 19, 36, torch.float16, device)
+    assert att._tma_descriptor(q) is None
+    _check_rule(backend, q, k, v)
+    q, k, v = _qkv(1, 2, 1, 17, 19, 32, torch.float32, device)
+    assert att._tma_descriptor(k) is not None  # size-1 dims: any stride will do
+    k, v = k.expand(1, 2, 19, 32), v.expand(1, 2, 19, 32)
+    assert att._tma_descriptor(k) is None and att._tma_descriptor(k.contiguous()) is not None
+    o, _ = att.attention_fwd(q, k, v, None, 32 ** -0.5, False, 0.0, 0)  # as the launcher sees it
+    o_ref = reference.attention_ref(q.double(), k.double(), v.double())
+    assert_close("o", o, o_ref, atol=1e-5)
+    assert tma_forward == [False, False]

@@ -84,6 +84,13 @@ CASES = [
     Case("attn-fwd-fp32-d64-floatmask-causal", "attention_fwd",
          dict(dtype=FP32, d=64, mask="float", causal=True)),
     Case("attn-fwd-bf16-d72-l77-unaligned", "attention_fwd", dict(dtype=BF16, d=72, length=77)),
+    # the opt-in TMA forward (FUSEDFORMER_TRITON_TMA=1): tensor descriptors, warp-specialized
+    Case("attn-fwd-bf16-d128-causal-tma", "attention_fwd",
+         dict(dtype=BF16, d=128, causal=True, tma=True), configs="extremes"),
+    Case("attn-fwd-fp16-d80-boolmask-dropout-tma-fixed-tile", "attention_fwd",
+         dict(dtype=FP16, d=80, mask="bool", dropout_p=0.1, tma=True, autotune=False)),
+    Case("attn-fwd-fp32-d64-floatmask-causal-tma", "attention_fwd",
+         dict(dtype=FP32, d=64, mask="float", causal=True, tma=True)),
     Case("attn-bwd-bf16-d128-causal", "attention_bwd", dict(dtype=BF16, d=128, causal=True),
          archs=(90, 80)),
     Case("attn-bwd-fp16-d80-boolmask-dropout", "attention_bwd",
@@ -182,17 +189,21 @@ def _seed(args: dict) -> int:
 def _launch_case(case: Case) -> None:
     """Call the case's launcher on small CPU tensors (shapes in multiples of 16 unless a case
     says otherwise, as in training, so the divisibility hints are those of a real run);
-    autotune=False runs it under FUSEDFORMER_AUTOTUNE=0."""
-    saved = os.environ.get("FUSEDFORMER_AUTOTUNE")
-    if case.args.get("autotune") is False:
-        os.environ["FUSEDFORMER_AUTOTUNE"] = "0"
+    autotune=False runs it under FUSEDFORMER_AUTOTUNE=0, tma=True under FUSEDFORMER_TRITON_TMA=1."""
+    env = {"FUSEDFORMER_AUTOTUNE": "0" if case.args.get("autotune") is False else None,
+           "FUSEDFORMER_TRITON_TMA": "1" if case.args.get("tma") else None}
+    saved = {name: os.environ.get(name) for name in env}
+    for name, value in env.items():
+        if value is not None:
+            os.environ[name] = value
     try:
         _call_launcher(case)
     finally:
-        if saved is None:
-            os.environ.pop("FUSEDFORMER_AUTOTUNE", None)
-        else:
-            os.environ["FUSEDFORMER_AUTOTUNE"] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 def _call_launcher(case: Case) -> None:
@@ -293,12 +304,13 @@ def _record_launches(case: Case) -> list[tuple]:
 
 
 def _configs(kernel, args: tuple, kwargs: dict, which: str) -> list[tuple]:
-    """[(jit function, kwargs with the config's meta-parameters, autotuned)] for one recorded
-    launch; `which` as Case.configs."""
+    """[(jit function, kwargs with the config's meta-parameters, autotuned, pre_hook)] for one
+    recorded launch; `which` as Case.configs. pre_hook: the config's, which the autotuner runs
+    before each launch (it sets the attention forward's TMA block shapes), or None."""
     from triton.runtime.autotuner import Autotuner
 
     if not isinstance(kernel, Autotuner):
-        return [(kernel, kwargs, False)]
+        return [(kernel, kwargs, False, None)]
     kernel.nargs = dict(zip(kernel.arg_names, args))  # what Autotuner.run sets before pruning
     configs = sorted(kernel.prune_configs(kwargs),
                      key=lambda c: (_tile_size(c.kwargs), c.num_warps, c.num_stages))
@@ -306,7 +318,7 @@ def _configs(kernel, args: tuple, kwargs: dict, which: str) -> list[tuple]:
         configs = configs[:1]
     elif which == "extremes" and len(configs) > 2:
         configs = [configs[0], configs[-1]]
-    return [(kernel.fn, {**kwargs, **c.all_kwargs()}, True) for c in configs]
+    return [(kernel.fn, {**kwargs, **c.all_kwargs()}, True, c.pre_hook) for c in configs]
 
 
 def _tile_size(meta: dict) -> int:
@@ -344,7 +356,9 @@ def _jobs(case_ids: list[str]) -> list[dict]:
     for case_id in case_ids:
         case = CASES_BY_ID[case_id]
         for kernel, args, kwargs in _record_launches(case):
-            for fn, kw, autotuned in _configs(kernel, args, kwargs, case.configs):
+            for fn, kw, autotuned, pre_hook in _configs(kernel, args, kwargs, case.configs):
+                if pre_hook is not None:
+                    pre_hook({**dict(zip(fn.arg_names, args)), **kw})
                 signature, constexprs, attrs, options = _specialize(fn, args, kw)
                 for arch in case.archs:
                     key = repr((fn.__name__, signature, constexprs, attrs, options, arch))
@@ -378,7 +392,10 @@ def _compile(job: dict) -> dict:
     result = dict(module=job["fn"].fn.__module__.rsplit(".", 1)[-1], kernel=job["fn"].__name__,
                   config=job["config"], arch=job["arch"],
                   autotuned=job["autotuned"], cases=job["cases"],
-                  dtypes=sorted({t for t in job["signature"].values() if t.startswith("*")}),
+                  dtypes=sorted({"*" + t[len("tensordesc<"):].split("[")[0]
+                                 if t.startswith("tensordesc<") else t
+                                 for t in job["signature"].values()
+                                 if t.startswith(("*", "tensordesc<"))}),
                   interpreter_flags=[k for k in INTERPRETER_FLAGS if job["constexprs"].get(k)])
     start = time.perf_counter()
     log = io.StringIO()
