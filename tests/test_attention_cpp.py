@@ -12,7 +12,7 @@ from fusedformer.kernels import cpp_backend, reference, testing
 
 BACKENDS = [p for p in backend_params("attention") if p.values[0] in ("cpu", "cuda")]
 
-# (B, HQ, HKV, LQ, LK, D, causal, mask kind): T = 1, 97, 257; D = 32, 40, 80, 128 and D = 7, 20
+# (B, HQ, HKV, LQ, LK, D, causal, mask kind): T = 1, 97, 257; D = 32, 40, 80, 96, 128 and D = 7, 20
 # (not a multiple of the CPU kernel's 8-wide vectors); LQ != LK; B·H = 1; GQA (HQ = 2·HKV) and
 # MQA (HKV = 1); every mask kind, with and without causal.
 CASES = [
@@ -23,6 +23,7 @@ CASES = [
     (2, 2, 2, 97, 130, 32, True, "bool_2d"),
     (1, 3, 3, 257, 257, 40, False, "bool_2d"),
     (1, 2, 1, 130, 97, 80, False, "float"),
+    (1, 2, 2, 97, 70, 96, True, "key_padding"),
     (2, 4, 4, 97, 97, 128, True, "float"),
     (2, 2, 1, 70, 45, 20, True, "key_padding"),
     (1, 2, 2, 13, 150, 7, False, "float"),
