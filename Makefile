@@ -40,14 +40,24 @@ bench: $(BUILT)
 # if a later stage runs out. gpu-check (build, oracle check, gpu test tier) fits one command;
 # gpu-bench is a second. Tests run with autotuning off (one fixed tile per kernel; otherwise
 # each test shape would benchmark every config); the benchmarks autotune.
+# The gpu tier runs as four pytest processes at once (Triton compiles each kernel specialization
+# on first use, on one CPU core per process); the last shard is every other test file.
+GPU_SHARDS := tests/test_attention_triton.py tests/test_ffn.py \
+              tests/test_softmax.py,tests/test_layer_norm.py \
+              tests,--ignore=tests/test_attention_triton.py,--ignore=tests/test_ffn.py,--ignore=tests/test_softmax.py,--ignore=tests/test_layer_norm.py
+
 gpu-check:
 	mkdir -p $(OUT)
 	MAX_JOBS=16 FUSEDFORMER_CUDA_ARCHS="90a" timeout 270 $(GPU_PY) -m pip install --no-deps --no-build-isolation -e . > $(OUT)/build.log 2>&1; \
 	  echo "build exit $$?" >> $(OUT)/build.log; tail -3 $(OUT)/build.log
 	-$(GPU_PY) -m fusedformer info 2>&1 | tee $(OUT)/info.txt
 	-timeout 60 $(GPU_PY) -m fusedformer check 2>&1 | tee $(OUT)/check.txt
-	-FUSEDFORMER_AUTOTUNE=0 timeout 200 $(GPU_PY) -m pytest -m gpu -q -rs --junitxml=$(OUT)/tests.xml > $(OUT)/tests.log 2>&1; \
-	  echo "tests exit $$?" >> $(OUT)/tests.log; tail -15 $(OUT)/tests.log
+	-i=0; for files in $(GPU_SHARDS); do \
+	  i=$$((i + 1)); \
+	  ( FUSEDFORMER_AUTOTUNE=0 timeout 200 $(GPU_PY) -m pytest $$(echo $$files | tr , ' ') -m gpu -q -rs \
+	      -p no:cacheprovider --junitxml=$(OUT)/tests-$$i.xml > $(OUT)/tests-$$i.log 2>&1; \
+	    echo "tests exit $$? ($$files)" >> $(OUT)/tests-$$i.log ) & \
+	done; wait; tail -n 6 $(OUT)/tests-*.log
 
 gpu-bench:
 	mkdir -p $(OUT)
