@@ -138,6 +138,44 @@ def _dropout_keep(seed, bh_offset, i, j, LK, dropout_p):
 
 
 @triton.jit
+def _fwd_key_block(acc, l_i, m_i, q, k_src, v_src, start_n, offs_m, offs_d, LQ, LK, D, qk_scale,
+                   mask_base, stride_mm, stride_mn, stride_kn, stride_kd, stride_vn, stride_vd,
+                   tma_b, tma_hkv, seed, bh_offset, dropout_p,
+                   HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, DIAGONAL: tl.constexpr,
+                   DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, RNE_BF16: tl.constexpr,
+                   PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+                   BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+    """One key block [start_n, start_n + BLOCK_N) of the forward's online softmax: returns
+    the updated (acc, l_i, m_i). k_src, v_src: the (b, kv head)'s row pointers, or (USE_TMA)
+    the K and V descriptors read at (tma_b, tma_hkv). DIAGONAL: apply the causal compare."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    kv_mask = (offs_n[:, None] < LK) & (offs_d[None, :] < D)
+    if USE_TMA:
+        k = k_src.load([tma_b, tma_hkv, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+    else:
+        k = tl.load(k_src + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+                    mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+    qk = _dot(q, tl.trans(k), DOT_FP32, PRECISION)  # (BLOCK_M, BLOCK_N)
+    s = _masked_scores(qk, qk_scale, offs_m[:, None], offs_n[None, :], LQ, LK, mask_base,
+                       stride_mm, stride_mn, HAS_MASK, MASK_BOOL, DIAGONAL, False)
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far
+    p = tl.math.exp2(s - m_safe[:, None])  # (BLOCK_M, BLOCK_N)
+    alpha = tl.math.exp2(m_i - m_safe)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    if DROPOUT:
+        keep = _dropout_keep(seed, bh_offset, offs_m[:, None], offs_n[None, :], LK, dropout_p)
+        p = tl.where(keep, p * (1.0 / (1.0 - dropout_p)), 0.0)
+    if USE_TMA:
+        v = v_src.load([tma_b, tma_hkv, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
+    else:
+        v = tl.load(v_src + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+                    mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
+    acc = acc * alpha[:, None] + _dot(_rne(p, RNE_BF16).to(v.dtype), v, DOT_FP32, PRECISION)
+    return acc, l_i, m_new
+
+
+@triton.jit
 def _attn_fwd_kernel(
     Q, K, V, MASK, O, LSE,
     stride_qb, stride_qh, stride_qm, stride_qd,
@@ -167,25 +205,25 @@ def _attn_fwd_kernel(
     bh_offset = (off_b * HQ + off_h) * LQ * LK
 
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
-    offs_n0 = tl.arange(0, BLOCK_N)  # (BLOCK_N,)
     offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     d_ok = offs_d < D
-    if USE_TMA:  # descriptor coordinates are int32
-        tma_b = tl.program_id(1)
-        tma_h = tl.program_id(2)
-        tma_hkv = tma_h // GROUP
+    tma_b = tl.program_id(1)  # descriptor coordinates are int32
+    tma_h = tl.program_id(2)
+    tma_hkv = tma_h // GROUP
+    if USE_TMA:
         q = Q.load([tma_b, tma_h, start_m * BLOCK_M, 0]).reshape(BLOCK_M, BLOCK_D)
+        k_src = K
+        v_src = V
     else:
-        k_base = K + off_b * stride_kb + off_hkv * stride_kh
-        v_base = V + off_b * stride_vb + off_hkv * stride_vh
         q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm
                     + offs_d[None, :] * stride_qd, mask=(offs_m[:, None] < LQ) & d_ok[None, :],
                     other=0.0)  # (BLOCK_M, BLOCK_D)
+        k_src = K + off_b * stride_kb + off_hkv * stride_kh  # this (b, kv head)'s rows
+        v_src = V + off_b * stride_vb + off_hkv * stride_vh
 
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)  # running max, base-2 units
     l_i = tl.zeros((BLOCK_M,), tl.float32)  # running sum of exp2(s - m_i)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
-    inv_keep = 1.0 / (1.0 - dropout_p)
 
     # Stage 1: key blocks left of the diagonal (every key, or for causal those with j <
     # start_m * BLOCK_M <= i: no causal compare needed). Stage 2 (causal only): the diagonal
@@ -202,34 +240,24 @@ def _attn_fwd_kernel(
             lo = hi1
             if IS_CAUSAL:
                 hi = tl.minimum((start_m + 1) * BLOCK_M, LK)
-        for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=USE_TMA and BLOCK_M >= 128):
-            offs_n = start_n + offs_n0
-            kv_mask = (offs_n[:, None] < LK) & d_ok[None, :]
-            if USE_TMA:
-                k = K.load([tma_b, tma_hkv, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-            else:
-                k = tl.load(k_base + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                            mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-            qk = _dot(q, tl.trans(k), DOT_FP32, PRECISION)  # (BLOCK_M, BLOCK_N)
-            s = _masked_scores(qk, qk_scale, offs_m[:, None], offs_n[None, :], LQ, LK,
-                               mask_base, stride_mm, stride_mn, HAS_MASK, MASK_BOOL,
-                               IS_CAUSAL and stage == 1, False)
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # all masked so far
-            p = tl.math.exp2(s - m_safe[:, None])  # (BLOCK_M, BLOCK_N)
-            alpha = tl.math.exp2(m_i - m_safe)
-            l_i = l_i * alpha + tl.sum(p, 1)
-            if DROPOUT:
-                keep = _dropout_keep(seed, bh_offset, offs_m[:, None], offs_n[None, :], LK,
-                                     dropout_p)
-                p = tl.where(keep, p * inv_keep, 0.0)
-            if USE_TMA:
-                v = V.load([tma_b, tma_hkv, start_n, 0]).reshape(BLOCK_N, BLOCK_D)
-            else:
-                v = tl.load(v_base + offs_n[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                            mask=kv_mask, other=0.0)  # (BLOCK_N, BLOCK_D)
-            acc = acc * alpha[:, None] + _dot(_rne(p, RNE_BF16).to(v.dtype), v, DOT_FP32, PRECISION)
-            m_i = m_new
+        # The warp-specialized loop is a separate static branch (not warp_specialize=<flag>)
+        # so that a Triton without the keyword (< 3.4, which has no TMA either) never sees it.
+        if USE_TMA and BLOCK_M >= 128:
+            for start_n in tl.range(lo, hi, BLOCK_N, warp_specialize=True):
+                acc, l_i, m_i = _fwd_key_block(
+                    acc, l_i, m_i, q, k_src, v_src, start_n, offs_m, offs_d, LQ, LK, D, qk_scale,
+                    mask_base, stride_mm, stride_mn, stride_kn, stride_kd, stride_vn, stride_vd,
+                    tma_b, tma_hkv, seed, bh_offset, dropout_p, HAS_MASK, MASK_BOOL,
+                    IS_CAUSAL and stage == 1, DROPOUT, DOT_FP32, RNE_BF16, PRECISION, USE_TMA,
+                    BLOCK_N, BLOCK_D)
+        else:
+            for start_n in range(lo, hi, BLOCK_N):
+                acc, l_i, m_i = _fwd_key_block(
+                    acc, l_i, m_i, q, k_src, v_src, start_n, offs_m, offs_d, LQ, LK, D, qk_scale,
+                    mask_base, stride_mm, stride_mn, stride_kn, stride_kd, stride_vn, stride_vd,
+                    tma_b, tma_hkv, seed, bh_offset, dropout_p, HAS_MASK, MASK_BOOL,
+                    IS_CAUSAL and stage == 1, DROPOUT, DOT_FP32, RNE_BF16, PRECISION, USE_TMA,
+                    BLOCK_N, BLOCK_D)
 
     empty = l_i == 0.0  # every key masked
     l_safe = tl.where(empty, 1.0, l_i)
