@@ -19,6 +19,17 @@ def test_residual_rule(backend, device, dtype, shape):
     assert_rule(testing.check_layer_norm(backend, dtype, device, shape))
 
 
+@pytest.mark.parametrize("backend,device", backend_params("layer_norm"))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("shape", [(2, 6144), (2, 12288), (2, 12289)], ids=str)
+def test_wide_rows(backend, device, dtype, shape):
+    """The CUDA kernels' shared-memory boundaries: the forward caches rows of up to 12288 fp32
+    (48 KiB, over the launch default once the kernel's static buffer counts), the backward
+    accumulates dweight/dbias in shared memory up to 6144 columns."""
+    require_backend("layer_norm", backend, device)
+    assert_rule(testing.check_layer_norm(backend, dtype, device, shape))
+
+
 def _grads(fn, tensors, dy):
     leaves = [t.detach().clone().requires_grad_() if t is not None else None for t in tensors]
     out = fn(*leaves)

@@ -535,9 +535,7 @@ template <typename Kernel, typename Params>
 void launch(Kernel kernel, dim3 grid, int threads, int smem, cudaStream_t stream,
             const char* what, const Params& params) {
   if (grid.x == 0 || grid.y == 0 || grid.z == 0) return;
-  if (smem > 48 * 1024)
-    check_cuda(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem), what);
-  kernel<<<grid, threads, smem, stream>>>(params);
+  launch_with_smem(kernel, grid, threads, size_t(smem), stream, params);
   check_cuda(cudaGetLastError(), what);
 }
 

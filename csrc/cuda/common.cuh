@@ -87,6 +87,18 @@ void chunks_switch(int64_t per_lane, F&& f) {
   return f(std::integral_constant<int, MAX>{});
 }
 
+// kernel<<<grid, block, smem, stream>>>(args...), opting in to its dynamic shared memory first:
+// without the opt-in a launch may use at most 48 KiB minus the kernel's static shared memory,
+// so exactly 48 KiB fails for a kernel with a static reduction buffer (LayerNorm's cached row at
+// 12288 columns did). An error of either call surfaces through cudaGetLastError, as a launch
+// error does.
+template <typename... Params, typename... Args>
+void launch_with_smem(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                      cudaStream_t stream, Args&&... args) {
+  if (smem > 0) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  kernel<<<grid, block, smem, stream>>>(static_cast<Args&&>(args)...);
+}
+
 // Calls f(T{}) with T the CUDA storage type of dt.
 template <typename F>
 inline void dispatch_cuda_dtype(DType dt, F&& f) {

@@ -248,7 +248,7 @@ __global__ void __launch_bounds__(256) ln_bwd_reduce(const LayerNormBwdParams p)
 
 constexpr int kWarpBlock = 128;                 // 4 rows per block
 constexpr int kRowBlock = 256;
-constexpr int64_t kSmemFloats = 48 * 1024 / 4;  // default dynamic shared memory limit
+constexpr int64_t kSmemFloats = 48 * 1024 / 4;  // cached row floats: occupancy, not a hard limit
 
 template <typename T>
 void fwd(const LayerNormFwdParams& p, cudaStream_t stream) {
@@ -276,10 +276,10 @@ void fwd(const LayerNormFwdParams& p, cudaStream_t stream) {
   const bool cache = p.cols <= kSmemFloats;
   const size_t smem = cache ? size_t(p.cols) * sizeof(float) : 0;
   if (vec) {
-    if (cache) ln_fwd_block<T, V, true><<<grid, kRowBlock, smem, stream>>>(p);
+    if (cache) launch_with_smem(ln_fwd_block<T, V, true>, unsigned(grid), kRowBlock, smem, stream, p);
     else ln_fwd_block<T, V, false><<<grid, kRowBlock, 0, stream>>>(p);
   } else {
-    if (cache) ln_fwd_block<T, 1, true><<<grid, kRowBlock, smem, stream>>>(p);
+    if (cache) launch_with_smem(ln_fwd_block<T, 1, true>, unsigned(grid), kRowBlock, smem, stream, p);
     else ln_fwd_block<T, 1, false><<<grid, kRowBlock, 0, stream>>>(p);
   }
 }
@@ -294,10 +294,10 @@ void bwd(const LayerNormBwdParams& p, cudaStream_t stream) {
   const size_t smem = smem_acc ? size_t(2 * p.cols) * sizeof(float) : 0;
   const unsigned grid = unsigned(p.groups);  // <= layer_norm_bwd_groups_cuda's 512
   if (vec) {
-    if (smem_acc) ln_bwd_dx<T, V, true><<<grid, kRowBlock, smem, stream>>>(p);
+    if (smem_acc) launch_with_smem(ln_bwd_dx<T, V, true>, grid, kRowBlock, smem, stream, p);
     else ln_bwd_dx<T, V, false><<<grid, kRowBlock, 0, stream>>>(p);
   } else {
-    if (smem_acc) ln_bwd_dx<T, 1, true><<<grid, kRowBlock, smem, stream>>>(p);
+    if (smem_acc) launch_with_smem(ln_bwd_dx<T, 1, true>, grid, kRowBlock, smem, stream, p);
     else ln_bwd_dx<T, 1, false><<<grid, kRowBlock, 0, stream>>>(p);
   }
   if (want) {
