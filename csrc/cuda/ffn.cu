@@ -27,6 +27,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 
 #include "../ffn.h"
@@ -397,12 +399,21 @@ Operand operand(const void* ptr, int64_t rows, int64_t ld, bool k_contig) {
   return Operand{ptr, rows, ld, k_contig, vec};
 }
 
+// grid.y counts column tiles and may not pass 65535: a clear error instead of the launch's
+// "invalid configuration" (bf16 N > 8.4M columns; fp32 swiglu > 2.1M hidden units).
+void check_column_tiles(int64_t tiles, int64_t N) {
+  if (tiles > 65535)
+    throw std::runtime_error("ffn (cuda): a GEMM with N = " + std::to_string(N) + " needs " +
+                             std::to_string(tiles) + " column tiles; the kernel supports 65535");
+}
+
 template <typename T, bool PAIRED = false, typename Epi>
 void gemm(const Operand& a, const Operand& b, int64_t M, int64_t N, int64_t K, const Epi& epi,
           cudaStream_t stream) {
   // N: output columns, or hidden units when PAIRED (each unit is two tile columns).
   if constexpr (std::is_same<T, float>::value) {
     const int64_t per = PAIRED ? kSBN / 2 : kSBN;
+    check_column_tiles((N + per - 1) / per, N);
     const dim3 grid(unsigned((M + kSBM - 1) / kSBM), unsigned((N + per - 1) / per));
     gemm_simt<Epi, PAIRED><<<grid, 256, 0, stream>>>(a, b, M, N, K, epi);
   } else {
@@ -411,6 +422,7 @@ void gemm(const Operand& a, const Operand& b, int64_t M, int64_t N, int64_t K, c
     a2.vec = a.vec && (a.k_contig ? K % 8 == 0 : a.rows % 8 == 0);
     b2.vec = b.vec && (b.k_contig ? K % 8 == 0 : b.rows % 8 == 0);
     const int64_t per = PAIRED ? kBN / 2 : kBN;
+    check_column_tiles((N + per - 1) / per, N);
     const dim3 grid(unsigned((M + kBM - 1) / kBM), unsigned((N + per - 1) / per));
     gemm_mma<T, Epi, PAIRED><<<grid, kThreads, 0, stream>>>(a2, b2, M, N, K, epi);
   }
