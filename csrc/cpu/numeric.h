@@ -323,8 +323,9 @@ inline f32x8 exp8(f32x8 x) { return exp_lanes<f32x8, i32x8>(x); }
 #if defined(__AVX512F__)
 // The AVX-512 exp: the same reduction and polynomial, with n rounded by vrndscaleps and 2^n
 // applied by vscalefps, which covers the whole range in one instruction (p · 2^128 for x near
-// ln FLT_MAX included, and +inf past it); lanes below lo become 0 at the end. Same 1.24 ulp worst case as
-// exp_lanes on the grid above, and 1.5x its throughput (2.9 vs 4.5 ns per 16 lanes, dev machine).
+// ln FLT_MAX included, and +inf past it); lanes below lo become 0 at the end. Same 1.24 ulp
+// worst case as exp_lanes on the grid above, and 1.5x its throughput (2.9 vs 4.5 ns per 16
+// lanes, dev machine).
 inline f32x16 exp16(f32x16 x) {
   const __m512 lo = _mm512_set1_ps(-87.33654475f), hi = _mm512_set1_ps(89.f);
   const __mmask16 below = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
