@@ -44,8 +44,8 @@ speed.
 
 TMA (forward only, opt-in with FUSEDFORMER_TRITON_TMA=1, sm_90+, Triton >= 3.4): Q, K, V and
 O move as 4-D tensor descriptors, and with 128-row tiles the key loop is warp-specialized;
-see _fwd_tma_descriptors. Off by default until a GPU run measures it; the backward and every other
-case use the portable sm_80+ pointer formulation.
+see _fwd_tma_descriptors. Off by default until a GPU run measures it; the backward and every
+other case use the portable sm_80+ pointer formulation.
 Offsets inside one (b, h) slice are int32: LQ · stride(L) and LK · stride(L) must stay below
 2^31 (e.g. L = 1M rows of 2048 elements); batch and head offsets are int64.
 """
