@@ -82,6 +82,9 @@ __device__ __forceinline__ uint32_t pack2_raw(T lo, T hi) {
 template <typename T>
 __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
                                           uint32_t b1) {
+#if defined(FUSEDFORMER_CUDA_EMULATION)  // tests/cuda_emu: the same fragments, on the CPU
+  emu::mma_m16n8k16<T>(c, a, b0, b1);
+#else
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
@@ -95,6 +98,7 @@ __device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4],
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
   }
+#endif
 }
 
 // ---------------------------------------------------------------------------------------

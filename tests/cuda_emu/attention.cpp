@@ -1,0 +1,200 @@
+// csrc/cuda/attention.cu (forward and backward, through its public entry points, so the host
+// dispatch, grids and shared-memory sizes are the real ones) against an fp64 reference.
+// Run by tests/test_cuda_emulated.py; see driver.h for the command line.
+#include "attention.cu"  // the real source, launch syntax rewritten at build time
+#include "driver.h"
+
+namespace {
+
+using namespace fusedformer;
+using driver::load;
+
+enum class Mask {
+  kNone,
+  kKeyPadding,    // bool (B, 1, 1, LK)
+  kAdditive,      // additive (1, HQ, LQ, LK), -inf entries, row LQ / 2 fully masked
+  kBoolRows,      // bool (B, 1, LQ, LK), rows 0 and LQ - 1 fully masked
+};
+
+struct Case {
+  int64_t b, hq, hkv, lq, lk, d;
+  bool causal;
+  Mask mask;
+  float dropout;
+};
+
+template <typename T>
+void run(const Case& c, double tol) {
+  const int64_t b = c.b, hq = c.hq, hkv = c.hkv, lq = c.lq, lk = c.lk, d = c.d, group = hq / hkv;
+  // q is a strided view, stored (B, LQ, HQ, D); the other tensors are contiguous (B, H, L, D).
+  std::vector<T> q = driver::random_tensor<T>(b * lq * hq * d), k = driver::random_tensor<T>(b * hkv * lk * d),
+                 v = driver::random_tensor<T>(b * hkv * lk * d), dO = driver::random_tensor<T>(b * hq * lq * d);
+  std::vector<T> o = driver::poisoned<T>(b * hq * lq * d), dq = driver::poisoned<T>(b * hq * lq * d),
+                 dk = driver::poisoned<T>(b * hkv * lk * d), dv = driver::poisoned<T>(b * hkv * lk * d);
+  std::vector<float> lse(b * hq * lq, NAN), delta(b * hq * lq, NAN);
+
+  std::vector<unsigned char> bool_mask;
+  std::vector<T> add_mask;
+  AttentionMask mk;
+  if (c.mask == Mask::kKeyPadding) {
+    bool_mask.resize(b * lk);
+    for (auto& x : bool_mask) x = driver::uniform() > 0.25;
+    mk = {MaskKind::kBool, bool_mask.data(), lk, 0, 0, 1};
+  } else if (c.mask == Mask::kAdditive) {
+    add_mask.resize(hq * lq * lk);
+    for (auto& x : add_mask) x = driver::store<T>(driver::uniform() < 0.2 ? -INFINITY : float(driver::randn()));
+    for (int64_t h = 0; h < hq; ++h)
+      for (int64_t j = 0; j < lk; ++j) add_mask[(h * lq + lq / 2) * lk + j] = driver::store<T>(-INFINITY);
+    mk = {MaskKind::kAdditive, add_mask.data(), 0, lq * lk, lk, 1};
+  } else if (c.mask == Mask::kBoolRows) {
+    bool_mask.resize(b * lq * lk);
+    for (auto& x : bool_mask) x = driver::uniform() > 0.3;
+    for (int64_t bi = 0; bi < b; ++bi)
+      for (int64_t j = 0; j < lk; ++j) bool_mask[(bi * lq) * lk + j] = bool_mask[(bi * lq + lq - 1) * lk + j] = 0;
+    mk = {MaskKind::kBool, bool_mask.data(), lq * lk, 0, lk, 1};
+  }
+  const float scale = 1.f / std::sqrt(float(d));
+  const uint64_t seed = 987654321ull;
+
+  AttentionFwdParams p{};
+  p.dtype = driver::dtype_of<T>();
+  p.b = b, p.hq = hq, p.hkv = hkv, p.lq = lq, p.lk = lk, p.d = d;
+  p.q = q.data(), p.k = k.data(), p.v = v.data(), p.o = o.data();
+  p.q_batch_stride = lq * hq * d, p.q_head_stride = d, p.q_row_stride = hq * d;
+  p.k_batch_stride = hkv * lk * d, p.k_head_stride = lk * d, p.k_row_stride = d;
+  p.v_batch_stride = hkv * lk * d, p.v_head_stride = lk * d, p.v_row_stride = d;
+  p.o_batch_stride = hq * lq * d, p.o_head_stride = lq * d, p.o_row_stride = d;
+  p.mask = mk, p.scale = scale, p.is_causal = c.causal, p.dropout_p = c.dropout, p.seed = seed;
+  p.lse = lse.data();
+  attention_fwd_cuda(p, nullptr);
+
+  AttentionBwdParams bp{};
+  bp.dtype = p.dtype;
+  bp.b = b, bp.hq = hq, bp.hkv = hkv, bp.lq = lq, bp.lk = lk, bp.d = d;
+  bp.q = q.data(), bp.k = k.data(), bp.v = v.data(), bp.o = o.data(), bp.do_ = dO.data();
+  bp.dq = dq.data(), bp.dk = dk.data(), bp.dv = dv.data();
+  bp.q_batch_stride = p.q_batch_stride, bp.q_head_stride = p.q_head_stride, bp.q_row_stride = p.q_row_stride;
+  bp.k_batch_stride = p.k_batch_stride, bp.k_head_stride = p.k_head_stride, bp.k_row_stride = p.k_row_stride;
+  bp.v_batch_stride = p.v_batch_stride, bp.v_head_stride = p.v_head_stride, bp.v_row_stride = p.v_row_stride;
+  bp.o_batch_stride = p.o_batch_stride, bp.o_head_stride = p.o_head_stride, bp.o_row_stride = p.o_row_stride;
+  bp.do_batch_stride = hq * lq * d, bp.do_head_stride = lq * d, bp.do_row_stride = d;
+  bp.dq_batch_stride = hq * lq * d, bp.dq_head_stride = lq * d, bp.dq_row_stride = d;
+  bp.dk_batch_stride = hkv * lk * d, bp.dk_head_stride = lk * d, bp.dk_row_stride = d;
+  bp.dv_batch_stride = hkv * lk * d, bp.dv_head_stride = lk * d, bp.dv_row_stride = d;
+  bp.mask = mk, bp.scale = scale, bp.is_causal = c.causal, bp.dropout_p = c.dropout, bp.seed = seed;
+  bp.lse = lse.data(), bp.delta = delta.data();
+  attention_bwd_cuda(bp, nullptr);
+
+  // fp64 reference on the same (rounded) inputs. Delta = rowsum(dO ∘ O) is taken from the
+  // kernel's stored o (checked above against the exact one), as the backward defines it: with
+  // the exact Σ_j P dP instead, dK of a bf16 row with LK = 1 (dS = P (dP - Delta) = 0 exactly)
+  // would measure only o's storage rounding, summed over every query row of the group.
+  auto Q = [&](int64_t bi, int64_t h, int64_t i, int64_t e) { return load(q[bi * p.q_batch_stride + h * d + i * hq * d + e]); };
+  auto K = [&](int64_t bi, int64_t h, int64_t j, int64_t e) { return load(k[((bi * hkv + h) * lk + j) * d + e]); };
+  auto V = [&](int64_t bi, int64_t h, int64_t j, int64_t e) { return load(v[((bi * hkv + h) * lk + j) * d + e]); };
+  auto G = [&](int64_t bi, int64_t h, int64_t i, int64_t e) { return load(dO[((bi * hq + h) * lq + i) * d + e]); };
+  const double rp = c.dropout > 0 ? 1.0 / (1.0 - c.dropout) : 1.0;
+  std::vector<double> ro(b * hq * lq * d, 0.0), rlse(b * hq * lq), rdq(b * hq * lq * d, 0.0),
+      rdk(b * hkv * lk * d, 0.0), rdv(b * hkv * lk * d, 0.0), s(lk), P(lk), dP(lk);
+  for (int64_t bi = 0; bi < b; ++bi)
+    for (int64_t h = 0; h < hq; ++h)
+      for (int64_t i = 0; i < lq; ++i) {
+        const int64_t hk = h / group, row = (bi * hq + h) * lq + i;
+        double mx = -INFINITY;
+        for (int64_t j = 0; j < lk; ++j) {
+          double acc = 0.0;
+          for (int64_t e = 0; e < d; ++e) acc += Q(bi, h, i, e) * K(bi, hk, j, e);
+          double sc = acc * scale;
+          const int64_t mo = bi * mk.batch_stride + h * mk.head_stride + i * mk.row_stride + j;
+          if (mk.kind == MaskKind::kBool && !bool_mask[mo]) sc = -INFINITY;
+          if (mk.kind == MaskKind::kAdditive) sc += load(add_mask[mo]);
+          if (c.causal && j > i) sc = -INFINITY;
+          s[j] = sc;
+          mx = std::max(mx, sc);
+        }
+        if (mx == -INFINITY) {  // every key masked: o = 0, lse = -inf, no gradient
+          rlse[row] = -INFINITY;
+          continue;
+        }
+        double l = 0.0;
+        for (int64_t j = 0; j < lk; ++j) l += std::exp(s[j] - mx);
+        rlse[row] = mx + std::log(l);
+        double delta_i = 0.0;
+        for (int64_t e = 0; e < d; ++e) delta_i += G(bi, h, i, e) * load(o[row * d + e]);
+        for (int64_t j = 0; j < lk; ++j) {
+          P[j] = std::exp(s[j] - rlse[row]);
+          const bool keep = c.dropout == 0 || dropout_keep(seed, bi, h, i, j, hq, lq, lk, c.dropout);
+          double dpj = 0.0;
+          for (int64_t e = 0; e < d; ++e) dpj += G(bi, h, i, e) * V(bi, hk, j, e);
+          dP[j] = keep ? dpj * rp : 0.0;
+          const double pd = keep ? P[j] * rp : 0.0;
+          for (int64_t e = 0; e < d; ++e) {
+            ro[row * d + e] += pd * V(bi, hk, j, e);
+            rdv[((bi * hkv + hk) * lk + j) * d + e] += pd * G(bi, h, i, e);
+          }
+        }
+        for (int64_t j = 0; j < lk; ++j) {
+          const double ds = P[j] * (dP[j] - delta_i);
+          for (int64_t e = 0; e < d; ++e) {
+            rdq[row * d + e] += scale * ds * K(bi, hk, j, e);
+            rdk[((bi * hkv + hk) * lk + j) * d + e] += scale * ds * Q(bi, h, i, e);
+          }
+        }
+      }
+
+  char config[160];
+  snprintf(config, sizeof config, "%-4s b=%ld hq=%ld hkv=%ld lq=%ld lk=%ld d=%ld causal=%d mask=%d p=%.1f",
+           driver::dtype_name<T>(), long(b), long(hq), long(hkv), long(lq), long(lk), long(d), int(c.causal),
+           int(c.mask), c.dropout);
+  driver::report("o", config, driver::rel_error(o, ro), tol);
+  double lse_err = 0.0;
+  for (size_t x = 0; x < rlse.size(); ++x) {
+    const double e = std::isinf(rlse[x]) ? (lse[x] == rlse[x] ? 0.0 : INFINITY) : std::abs(lse[x] - rlse[x]);
+    lse_err = std::max(lse_err, e == e ? e : INFINITY);
+  }
+  driver::report("lse", config, lse_err, tol);
+  driver::report("dq", config, driver::rel_error(dq, rdq), 2 * tol);
+  driver::report("dk", config, driver::rel_error(dk, rdk), 2 * tol);
+  driver::report("dv", config, driver::rel_error(dv, rdv), 2 * tol);
+}
+
+// Every padded head dim (32, 64, 96, 128, 256) in every dtype family, d with zero-filled
+// columns (1, 20, 33, 40, 80, 100, 200), L = 1, LK = 0, Lq != Lk, lengths off the block
+// multiples, GQA and MQA, every mask kind with fully masked rows, causal, dropout.
+constexpr double kF32 = 2e-5, k16 = 3e-2;
+using M = Mask;
+const bool registered = [] {
+  auto add = [](auto tag, Case c, double tol) {
+    driver::cases().push_back([=] { run<decltype(tag)>(c, tol); });
+  };
+  const __nv_bfloat16 bf{};
+  const __half f16{};
+  add(0.f, {1, 1, 1, 1, 1, 32, false, M::kNone, 0.f}, kF32);
+  add(0.f, {1, 2, 1, 97, 70, 20, true, M::kKeyPadding, 0.f}, kF32);
+  add(0.f, {2, 4, 2, 70, 130, 40, false, M::kAdditive, 0.f}, kF32);
+  add(0.f, {1, 2, 2, 77, 70, 64, true, M::kBoolRows, 0.3f}, kF32);
+  add(0.f, {1, 2, 1, 33, 97, 80, true, M::kAdditive, 0.f}, kF32);
+  add(0.f, {1, 2, 1, 130, 45, 128, true, M::kKeyPadding, 0.2f}, kF32);
+  add(0.f, {1, 2, 2, 40, 75, 200, false, M::kBoolRows, 0.f}, kF32);
+  add(0.f, {1, 1, 1, 1, 200, 64, true, M::kNone, 0.f}, kF32);
+  add(0.f, {1, 4, 1, 200, 1, 33, true, M::kAdditive, 0.1f}, kF32);
+  add(0.f, {1, 2, 2, 128, 128, 64, true, M::kNone, 0.f}, kF32);
+  add(0.f, {1, 2, 1, 65, 0, 32, false, M::kNone, 0.f}, kF32);
+  add(bf, {1, 1, 1, 1, 1, 32, false, M::kNone, 0.f}, k16);
+  add(bf, {2, 2, 1, 97, 70, 20, true, M::kKeyPadding, 0.f}, k16);
+  add(bf, {1, 4, 2, 70, 130, 40, false, M::kAdditive, 0.f}, k16);
+  add(bf, {1, 2, 2, 77, 70, 64, true, M::kBoolRows, 0.3f}, k16);
+  add(f16, {1, 2, 1, 33, 97, 80, true, M::kAdditive, 0.f}, k16);
+  add(f16, {1, 2, 1, 130, 45, 128, true, M::kKeyPadding, 0.2f}, k16);
+  add(bf, {1, 2, 2, 40, 75, 200, false, M::kBoolRows, 0.f}, k16);
+  add(bf, {1, 1, 1, 1, 200, 64, true, M::kNone, 0.f}, k16);
+  add(bf, {1, 4, 1, 200, 1, 33, true, M::kAdditive, 0.1f}, k16);
+  add(bf, {2, 4, 1, 100, 190, 100, true, M::kBoolRows, 0.2f}, k16);
+  add(f16, {1, 2, 2, 128, 128, 1, true, M::kKeyPadding, 0.f}, k16);
+  add(f16, {1, 2, 1, 50, 60, 256, false, M::kNone, 0.f}, k16);
+  return true;
+}();
+
+}  // namespace
+
+int main(int argc, char** argv) { return driver::main(argc, argv); }

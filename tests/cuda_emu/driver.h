@@ -1,0 +1,104 @@
+// Shared pieces of the tests/cuda_emu drivers: deterministic inputs, storage conversions, the
+// error metric against an fp64 reference, the case table and the command line.
+//
+// A driver registers cases; `driver ORDER SHARD NSHARDS` runs the cases whose index is SHARD
+// modulo NSHARDS with the fiber scheduling ORDER (0 forward, 1 reverse, 2 random; fibers.h),
+// prints one line per checked output ("ok" or "FAIL", the case, the error, the tolerance) and
+// exits non-zero when any check failed.
+#pragma once
+
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <random>
+#include <string>
+#include <vector>
+
+namespace driver {
+
+inline std::mt19937 rng(123);
+inline double randn() { return std::normal_distribution<double>()(rng); }
+inline double uniform() { return std::uniform_real_distribution<double>()(rng); }
+
+template <typename T>
+inline T store(float v) { return fusedformer::cuda_common::from_f<T>(v); }
+template <typename T>
+inline double load(T v) { return double(fusedformer::cuda_common::to_f(v)); }
+
+template <typename T>
+inline fusedformer::DType dtype_of() {
+  if constexpr (std::is_same_v<T, float>) return fusedformer::DType::kFloat32;
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return fusedformer::DType::kBFloat16;
+  else return fusedformer::DType::kFloat16;
+}
+template <typename T>
+inline const char* dtype_name() {
+  if constexpr (std::is_same_v<T, float>) return "f32";
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return "bf16";
+  else return "f16";
+}
+
+// Storage rounded random normals, and outputs poisoned with NaN (an element the kernel never
+// writes fails the comparison).
+template <typename T>
+inline std::vector<T> random_tensor(size_t n) {
+  std::vector<T> v(n);
+  for (T& x : v) x = store<T>(float(randn()));
+  return v;
+}
+template <typename T>
+inline std::vector<T> poisoned(size_t n) {
+  return std::vector<T>(n, store<T>(NAN));
+}
+
+// max |got - ref| / max(1, max |ref|); infinity when any element is NaN or an infinity differs.
+template <typename T>
+inline double rel_error(const std::vector<T>& got, const std::vector<double>& ref) {
+  double scale = 1.0, err = 0.0;
+  for (double r : ref)
+    if (std::isfinite(r)) scale = std::max(scale, std::abs(r));
+  for (size_t i = 0; i < ref.size(); ++i) {
+    const double g = load(got[i]);
+    if (std::isinf(ref[i]) || std::isinf(g)) {
+      if (g != ref[i]) return INFINITY;
+      continue;
+    }
+    const double e = std::abs(g - ref[i]);
+    if (!(e == e)) return INFINITY;
+    err = std::max(err, e);
+  }
+  return err / scale;
+}
+
+inline int failures = 0;
+
+// One line of the case table.
+inline void report(const std::string& what, const std::string& config, double err, double tol) {
+  const bool ok = err <= tol;
+  if (!ok) ++failures;
+  printf("%s %-7s %-64s err=%-10.3g tol=%.1g\n", ok ? "ok  " : "FAIL", what.c_str(), config.c_str(), err, tol);
+}
+
+inline std::vector<std::function<void()>>& cases() {
+  static std::vector<std::function<void()>> all;
+  return all;
+}
+
+inline int main(int argc, char** argv) {
+  if (argc != 4) {
+    fprintf(stderr, "usage: %s ORDER SHARD NSHARDS\n", argv[0]);
+    return 2;
+  }
+  emu::order = emu::Order(atoi(argv[1]));
+  const size_t shard = size_t(atoi(argv[2])), nshards = size_t(atoi(argv[3]));
+  for (size_t i = shard; i < cases().size(); i += nshards) {
+    rng.seed(unsigned(123 + i));  // a case draws the same inputs whatever the sharding
+    cases()[i]();
+  }
+  printf("%d failures\n", failures);
+  fflush(stdout);
+  return failures != 0;
+}
+
+}  // namespace driver

@@ -1,0 +1,63 @@
+// Warp-level mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 on the CPU, for
+// tests/cuda_emu (attention.cu's mma_16816 calls it when FUSEDFORMER_CUDA_EMULATION is set).
+//
+// Each lane holds a fragment: A (16 x 16, row-major) in 4 registers of two 16-bit values, B
+// (16 x 8, column-major) in 2, C/D (16 x 8, fp32) in 4 floats. With lane = 4 · group + t
+// (PTX ISA, "Matrix Fragments for mma.m16n8k16 with floating point type"):
+//   A register i, half h (h = 0 the low 16 bits): row group + 8 · (i & 1),
+//                                                 column 2t + h + 8 · (i >> 1)
+//   B register i, half h:                         row (k) 2t + h + 8 · i, column (n) group
+//   C element i:                                  row group + 8 · (i >> 1), column 2t + (i & 1)
+// The lanes publish their registers through the warp's exchange slots, so a fragment value in
+// the wrong register or lane puts a wrong number in the product, as on the hardware.
+//
+// Faithful: the fragment layouts, the operand rounding (the inputs are already 16-bit), the
+// requirement that all 32 lanes take part (a warp barrier; a diverged lane deadlocks).
+// Not emulated: the tensor core's accumulation order and rounding. The 16 products of a dot
+// are summed in double and added to C once, which is at least as accurate as the hardware;
+// tests compare against an fp64 reference with a tolerance for the 16-bit operands.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+#include "fibers.h"
+
+namespace emu {
+
+template <typename T>
+float half_to_float(uint16_t bits);  // defined by cuda_shim.h for __nv_bfloat16 and __half
+
+template <typename T>
+inline float unpack(uint32_t reg, int half) {
+  return half_to_float<T>(uint16_t(half ? reg >> 16 : reg & 0xffffu));
+}
+
+template <typename T>
+inline void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+  warp_barrier();  // every lane has consumed the previous exchange
+  uint64_t* mine = exchange_slots(lane_id());
+  for (int i = 0; i < 4; ++i) mine[i] = a[i];
+  mine[4] = b0;
+  mine[5] = b1;
+  warp_barrier();  // every lane's fragments are published
+
+  float A[16][16], B[16][8];
+  for (int lane = 0; lane < kWarpSize; ++lane) {
+    const uint64_t* r = exchange_slots(lane);
+    const int group = lane >> 2, t = lane & 3;
+    for (int i = 0; i < 4; ++i)
+      for (int h = 0; h < 2; ++h) A[group + 8 * (i & 1)][2 * t + h + 8 * (i >> 1)] = unpack<T>(uint32_t(r[i]), h);
+    for (int i = 0; i < 2; ++i)
+      for (int h = 0; h < 2; ++h) B[2 * t + h + 8 * i][group] = unpack<T>(uint32_t(r[4 + i]), h);
+  }
+  const int group = lane_id() >> 2, t = lane_id() & 3;
+  for (int i = 0; i < 4; ++i) {
+    const int row = group + 8 * (i >> 1), col = 2 * t + (i & 1);
+    double dot = 0.0;
+    for (int k = 0; k < 16; ++k) dot += double(A[row][k]) * double(B[k][col]);
+    c[i] = float(double(c[i]) + dot);
+  }
+}
+
+}  // namespace emu
