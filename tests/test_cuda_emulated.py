@@ -5,14 +5,21 @@ and is not emulated) and checked against an fp64 reference by the drivers there.
 
 The kernel source is the real file, read at test time: C++ has no syntax for a kernel launch or a
 __shared__ array, so `_emulated_source` rewrites exactly those (launches, `extern __shared__`,
-static `__shared__`) into calls of the emulator, and nothing else; the one inline-PTX helper that
-the emulator replaces (attention.cu's mma_16816) calls it under FUSEDFORMER_CUDA_EMULATION.
+static `__shared__`) into calls of the emulator, and nothing else; the inline-PTX helpers that
+the emulator replaces (attention.cu's mma_16816, ffn.cu's Mma<T>::run and cp_async16 /
+cp_async_commit / cp_async_wait_all) call it under FUSEDFORMER_CUDA_EMULATION. cp.async copies
+are queued per thread and land only at that thread's wait_group (cp_async.h), so a missing or
+misplaced wait reads stale shared memory (NaN poison or the previous stage).
 
 Each driver is compiled at -O1 and its cases are split over two processes, one per core; the
 attention driver runs twice, with the threads resumed in forward and in reverse order at every
-barrier (a missing barrier that one order hides shows in the other); layer_norm and softmax run
-once in a pseudo-random order. ffn.cu (cp.async inline PTX) is not emulated yet.
-Measured on the 2-core CI machine: 11.4 s for the whole module (builds about 4 s in parallel).
+barrier (a missing barrier that one order hides shows in the other); layer_norm, softmax and ffn
+run once in a pseudo-random order. ffn covers forward and backward (y, pre, d_pre, dx, dw1, db1,
+dw2, db2) for relu / gelu / gelu_tanh / swiglu in fp32 (SIMT GEMM) and bf16 / fp16 (mma.sync with
+the cp.async pipeline, the transposed 16-byte loads and the scalar loads), with and without
+biases, dropout 0 and 0.2, shapes off the tile multiples.
+Measured on the 2-core CI machine: 15.3 s for the whole module (18 s wall with the interpreter's
+start; builds about 4 s in parallel; ffn adds about 4 s: a 2.4 s build, 1.1 s per shard).
 """
 import concurrent.futures
 import os
@@ -53,9 +60,9 @@ def _has_ucontext() -> bool:
 
 pytestmark = pytest.mark.skipif(not _has_ucontext(), reason="needs g++ and <ucontext.h> (glibc) for the CUDA emulator")
 
-DRIVERS = ["attention", "layer_norm", "softmax"]
+DRIVERS = ["attention", "layer_norm", "softmax", "ffn"]
 # (driver, scheduling order): 0 forward, 1 reverse, 2 random (tests/cuda_emu/fibers.h).
-RUNS = [("attention", 0), ("attention", 1), ("layer_norm", 2), ("softmax", 2)]
+RUNS = [("attention", 0), ("attention", 1), ("layer_norm", 2), ("softmax", 2), ("ffn", 2)]
 
 
 def _build(name: str, src_dir: pathlib.Path, out_dir: pathlib.Path) -> subprocess.CompletedProcess:

@@ -146,24 +146,39 @@ struct Mma;
 template <>
 struct Mma<__nv_bfloat16> {
   __device__ __forceinline__ static void run(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(FUSEDFORMER_CUDA_EMULATION)  // tests/cuda_emu: the same fragments, on the CPU
+    emu::mma_m16n8k16<__nv_bfloat16>(c, a, b[0], b[1]);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
   }
 };
 template <>
 struct Mma<__half> {
   __device__ __forceinline__ static void run(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
+#if defined(FUSEDFORMER_CUDA_EMULATION)  // tests/cuda_emu: the same fragments, on the CPU
+    emu::mma_m16n8k16<__half>(c, a, b[0], b[1]);
+#else
     asm volatile(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
         "{%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+#endif
   }
 };
 
+#if defined(FUSEDFORMER_CUDA_EMULATION)  // tests/cuda_emu: per-thread queued copies (cp_async.h)
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+  emu::cp_async16(smem, gmem, valid ? 16 : 0);
+}
+__device__ __forceinline__ void cp_async_commit() { emu::cp_async_commit_group(); }
+__device__ __forceinline__ void cp_async_wait_all() { emu::cp_async_wait_group(0); }
+#else
 __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
   const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
   const int bytes = valid ? 16 : 0;  // 0: nothing read, the 16 bytes are zero-filled
@@ -171,6 +186,7 @@ __device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool va
 }
 __device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
 __device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
+#endif
 
 template <typename T>
 struct alignas(16) Vec8 {

@@ -15,7 +15,9 @@
 //   - shared memory is exactly as large as requested and starts as 0xff bytes (NaN in every
 //     float type), re-poisoned for each block, so reading what no thread wrote shows up as NaN
 //     in the outputs; writes past the dynamic size are caught by a guard zone;
-//   - bf16 / fp16 storage and round-to-nearest-even conversions, bit-exact.
+//   - bf16 / fp16 storage and round-to-nearest-even conversions, bit-exact;
+//   - cp.async (cp_async.h): per-thread copies that land only at that thread's wait_group,
+//     into 16-byte-aligned shared memory, zero-filled for src-size 0.
 // Not emulated: timing, occupancy, register limits (__launch_bounds__ is ignored), bank
 // conflicts, the fast-math intrinsics' approximation errors (__expf, __logf, rsqrtf are the
 // libm functions here), concurrency between blocks (they run in sequence), streams.
@@ -139,6 +141,7 @@ inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) {
 inline __half2 __floats2half2_rn(float lo, float hi) { return {__float2half_rn(lo), __float2half_rn(hi)}; }
 
 #include "mma.h"
+#include "cp_async.h"
 
 namespace emu {
 template <>
@@ -168,7 +171,20 @@ inline std::vector<unsigned char> dyn_smem;
 inline size_t dyn_size = 0;
 inline uint64_t block_serial = 0;                    // which block poisoned a static array last
 inline std::map<const void*, uint64_t> static_seen;  // array -> block_serial
+inline std::map<const char*, size_t> static_extent;  // array -> its size in bytes
 inline size_t static_bytes = 0;                      // this block's static shared memory
+
+// Whether [p, p + bytes) lies inside the dynamic shared memory or one static __shared__ array
+// of the running block (cp_async.h checks its destinations with it).
+inline bool in_shared_memory(const void* p, size_t bytes) {
+  const char* c = static_cast<const char*>(p);
+  const char* dyn = reinterpret_cast<const char*>(dyn_smem.data());
+  if (c >= dyn && c + bytes <= dyn + dyn_size) return true;
+  auto it = static_extent.upper_bound(c);
+  if (it == static_extent.begin()) return false;
+  --it;
+  return static_seen[it->first] == block_serial && c + bytes <= it->first + it->second;
+}
 
 inline cudaError_t fail(cudaError_t err, const std::string& why) {
   fprintf(stderr, "emu: launch failed: %s\n", why.c_str());
@@ -189,6 +205,7 @@ inline void static_shared(A& array) {
   seen = block_serial;
   memset(&array, 0xff, sizeof(A));
   static_bytes += sizeof(A);
+  static_extent[reinterpret_cast<const char*>(&array)] = sizeof(A);
 }
 
 template <typename... Params>
@@ -226,6 +243,8 @@ struct Launch {
           ++block_serial;
           static_bytes = 0;
           dyn_smem.assign(smem + kGuard, 0xff);
+          cp_async_queues.assign(threads.x, {});
+          thread_exit_check = cp_async_check_exit;
           run_block(int(threads.x), body);
           if (std::any_of(dyn_smem.begin() + smem, dyn_smem.end(), [](unsigned char b) { return b != 0xff; }))
             throw std::logic_error("emu: a write past the dynamic shared memory of the launch");

@@ -97,8 +97,12 @@ inline uint64_t* exchange_slots(int lane) {
 }
 inline int lane_id() { return int(self().tid) % kWarpSize; }
 
+// Checks run when a thread returns (cp_async.h: no copies left pending); null when unused.
+inline void (*thread_exit_check)() = nullptr;
+
 inline void thread_entry() {
   (*block.body)();
+  if (thread_exit_check) thread_exit_check();
   block.current->done = true;
   ++block.progress;
 }

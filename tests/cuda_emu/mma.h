@@ -1,5 +1,6 @@
 // Warp-level mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 on the CPU, for
-// tests/cuda_emu (attention.cu's mma_16816 calls it when FUSEDFORMER_CUDA_EMULATION is set).
+// tests/cuda_emu (attention.cu's mma_16816 and ffn.cu's Mma<T>::run call it when
+// FUSEDFORMER_CUDA_EMULATION is set).
 //
 // Each lane holds a fragment: A (16 x 16, row-major) in 4 registers of two 16-bit values, B
 // (16 x 8, column-major) in 2, C/D (16 x 8, fp32) in 4 floats. With lane = 4 · group + t

@@ -1,0 +1,85 @@
+// cp.async (sm_80 asynchronous global -> shared copies) on the CPU, for tests/cuda_emu
+// (ffn.cu's cp_async16 / cp_async_commit / cp_async_wait_all call these when
+// FUSEDFORMER_CUDA_EMULATION is set).
+//
+// PTX semantics kept (PTX ISA, "cp.async", "cp.async.commit_group", "cp.async.wait_group"):
+//   - cp.async.cg.shared.global [dst], [src], 16, src_size: the 16 bytes land at dst only
+//     when the issuing thread waits for them; until then shared memory keeps what it held
+//     (the NaN poison, or the previous stage's tile), so a read before the wait, or by
+//     another thread before a barrier that follows the wait, sees stale data. src_size < 16
+//     reads that many bytes and zero-fills the rest (0: nothing is read);
+//   - copies are per thread: commit_group closes this thread's open copies into a group;
+//     wait_group N lands every committed group but the N most recent. Copies not yet
+//     committed are not covered by any wait and stay pending (the adversarial choice: on the
+//     hardware they may land at any time);
+//   - dst must be 16-byte aligned and inside the block's shared memory (dynamic buffer or a
+//     static __shared__ array), src 16-byte aligned when it is read;
+//   - a thread that exits with copies still pending is an error (their landing time is
+//     undefined), reported as a deadlock-style abort with a message.
+// The source bytes are read at issue time: global memory does not change during a kernel here.
+// Not emulated: the cp-size 4 / 8 forms, .ca, cache hints, mbarrier-based completion.
+#pragma once
+
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <vector>
+
+#include "fibers.h"
+
+namespace emu {
+
+bool in_shared_memory(const void* p, size_t bytes);  // cuda_shim.h
+
+struct CpAsyncCopy {
+  unsigned char* dst;
+  unsigned char data[16];
+};
+struct CpAsyncQueue {
+  std::vector<CpAsyncCopy> open;                   // issued, not yet committed
+  std::vector<std::vector<CpAsyncCopy>> groups;    // committed, oldest first
+  bool empty() const { return open.empty() && groups.empty(); }
+};
+inline std::vector<CpAsyncQueue> cp_async_queues;  // per thread of the running block
+
+inline CpAsyncQueue& cp_async_queue() {
+  if (cp_async_queues.size() < size_t(block.nthreads)) cp_async_queues.resize(size_t(block.nthreads));
+  return cp_async_queues[self().tid];
+}
+
+inline void cp_async16(void* smem, const void* gmem, int src_size) {
+  if (src_size < 0 || src_size > 16) throw std::logic_error("emu: cp.async src-size out of [0, 16]");
+  if (reinterpret_cast<uintptr_t>(smem) % 16 != 0) throw std::logic_error("emu: cp.async dst not 16-byte aligned");
+  if (!in_shared_memory(smem, 16)) throw std::logic_error("emu: cp.async dst outside shared memory");
+  if (src_size > 0 && reinterpret_cast<uintptr_t>(gmem) % 16 != 0)
+    throw std::logic_error("emu: cp.async src not 16-byte aligned");
+  CpAsyncCopy c{static_cast<unsigned char*>(smem), {}};
+  if (src_size > 0) memcpy(c.data, gmem, size_t(src_size));  // the rest stays zero
+  cp_async_queue().open.push_back(c);
+}
+
+inline void cp_async_commit_group() {
+  CpAsyncQueue& q = cp_async_queue();
+  q.groups.push_back(std::move(q.open));  // an empty group is legal
+  q.open.clear();
+}
+
+inline void cp_async_wait_group(int n) {
+  CpAsyncQueue& q = cp_async_queue();
+  while (q.groups.size() > size_t(n)) {
+    for (const CpAsyncCopy& c : q.groups.front()) memcpy(c.dst, c.data, 16);
+    q.groups.erase(q.groups.begin());
+  }
+}
+
+// Called by fibers.h when a thread returns.
+inline void cp_async_check_exit() {
+  if (cp_async_queues.size() > self().tid && !cp_async_queues[self().tid].empty()) {
+    fprintf(stderr, "emu: thread %u exited with cp.async copies pending (no wait_group for them)\n", self().tid);
+    abort();
+  }
+}
+
+}  // namespace emu
