@@ -115,9 +115,11 @@ struct Traits {
   static constexpr int kBwdBlockM = 32;                // queries per inner tile of dK/dV
   // Shared rows padded by 16 bytes: the 8 rows a fragment load touches hit distinct banks.
   static constexpr int kStride = kD + 16 / int(sizeof(T));
-  // fp32 only: per-warp scratch for the register operand of gemm_rs_nn (16 x K floats).
+  // fp32 only: per-warp scratch for the register operand of gemm_rs_nn (16 x K floats, rows
+  // padded by 4: see gemm_rs_nn).
   static constexpr int kScratchCols = kBlockN > kBwdBlockM ? kBlockN : kBwdBlockM;
-  static constexpr int kScratchBytes = kTensorCores ? 0 : kWarps * 16 * kScratchCols * 4;
+  static constexpr int kScratchWarpFloats = 16 * (kScratchCols + 4);
+  static constexpr int kScratchBytes = kTensorCores ? 0 : kWarps * kScratchWarpFloats * 4;
   static constexpr int kFwdSmem = (kBlockM + 2 * kBlockN) * kStride * int(sizeof(T)) + kScratchBytes;
   static constexpr int kDqSmem =
       (2 * kBlockM + 2 * kBlockN) * kStride * int(sizeof(T)) + 2 * kBlockM * 4 + kScratchBytes;
@@ -125,7 +127,7 @@ struct Traits {
       (2 * kBwdBlockN + 2 * kBwdBlockM) * kStride * int(sizeof(T)) + 2 * kBwdBlockM * 4 + kScratchBytes;
   static_assert(kD % 16 == 0 && kBlockN % 16 == 0 && kBwdBlockM % 16 == 0, "mma k-steps of 16");
   // Every tile must fit the smallest target's opt-in shared memory per block (sm_80: 163 KiB;
-  // sm_90: 227 KiB), or its launch would fail at run time (the largest, fp32 D = 128 dQ: 149 KiB).
+  // sm_90: 227 KiB), or its launch would fail at run time (the largest, fp32 D = 128 dQ: 149.5 KiB).
   static_assert(kFwdSmem <= 163 * 1024 && kDqSmem <= 163 * 1024 && kDkdvSmem <= 163 * 1024,
                 "a tile over sm_80's shared memory per block");
 };
@@ -169,7 +171,9 @@ __device__ __forceinline__ void gemm_nt(float (&acc)[kN / 8][4], const T* A, con
 }
 
 // acc(16 x kN) += P(16 x kK) · B, P a register slab in the accumulator layout, B (kK x kN)
-// row-major in shared memory. fp32: P goes through the warp's scratch (16 x kK floats).
+// row-major in shared memory. fp32: P goes through the warp's scratch (16 x kK floats, row
+// stride kK + 4: the 8 rows a step reads start in distinct banks; unpadded, kK = 32 or 64 put
+// them all in one, an 8-way conflict).
 template <typename T, int kK, int kN, int kStride>
 __device__ __forceinline__ void gemm_rs_nn(float (&acc)[kN / 8][4], const float (&P)[kK / 8][4],
                                            const T* B, float* scratch, int lane) {
@@ -194,13 +198,13 @@ __device__ __forceinline__ void gemm_rs_nn(float (&acc)[kN / 8][4], const float 
 #pragma unroll
     for (int nt = 0; nt < kK / 8; ++nt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) scratch[(g + 8 * (e >> 1)) * kK + nt * 8 + 2 * t + (e & 1)] = P[nt][e];
+      for (int e = 0; e < 4; ++e) scratch[(g + 8 * (e >> 1)) * (kK + 4) + nt * 8 + 2 * t + (e & 1)] = P[nt][e];
     __syncwarp();
 #pragma unroll
     for (int nt = 0; nt < kN / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const float* p = scratch + (g + 8 * (e >> 1)) * kK;
+        const float* p = scratch + (g + 8 * (e >> 1)) * (kK + 4);
         const float* b = B + nt * 8 + 2 * t + (e & 1);
         float s = 0.f;
 #pragma unroll 4
@@ -291,7 +295,7 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
   T* sK = sQ + kBM * kS;
   T* sV = sK + kBN * kS;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-  float* scratch = reinterpret_cast<float*>(sV + kBN * kS) + warp * 16 * Tr::kScratchCols;
+  float* scratch = reinterpret_cast<float*>(sV + kBN * kS) + warp * Tr::kScratchWarpFloats;
 
   const int64_t qb = blockIdx.x, h = blockIdx.y, bi = blockIdx.z, hk = h / (p.hq / p.hkv);
   const int64_t i0 = qb * kBM;
@@ -414,7 +418,7 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
   float* s_lse = reinterpret_cast<float*>(sdO + kBM * kS);
   float* s_delta = s_lse + kBM;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-  float* scratch = s_delta + kBM + warp * 16 * Tr::kScratchCols;
+  float* scratch = s_delta + kBM + warp * Tr::kScratchWarpFloats;
 
   const int64_t kb = blockIdx.x, hk = blockIdx.y, bi = blockIdx.z, group = p.hq / p.hkv;
   const int64_t j0 = kb * kBN;
@@ -481,7 +485,7 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
   float* s_lse = reinterpret_cast<float*>(sV + kBN * kS);
   float* s_delta = s_lse + kBM;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-  float* scratch = s_delta + kBM + warp * 16 * Tr::kScratchCols;
+  float* scratch = s_delta + kBM + warp * Tr::kScratchWarpFloats;
 
   const int64_t qb = blockIdx.x, h = blockIdx.y, bi = blockIdx.z, hk = h / (p.hq / p.hkv);
   const int64_t i0 = qb * kBM;
