@@ -261,27 +261,6 @@ inline void for_blocks8(int64_t n, F&& body) {
   if (j < n) body(j, int(n - j));
 }
 
-// Runs body(j, k, acc) over n columns in blocks of 8, as for_blocks8, where body adds its
-// block's terms into acc (kSums vector sums), rotating over four accumulator sets: one running
-// vector sum is a chain of dependent adds, 4 cycles each, and that chain, not memory, bounded
-// LayerNorm's row passes (fp32 2048 x 4096 forward, 1 thread: 8.0 ms vs torch's 5.5). Returns
-// (acc0 + acc1) + (acc2 + acc3) per sum: a fixed order, so the result is deterministic.
-template <int kSums, typename F>
-inline std::array<f32x8, kSums> sum_blocks8(int64_t n, F&& body) {
-  std::array<f32x8, kSums> a0{}, a1{}, a2{}, a3{};
-  int64_t j = 0;
-  for (; j + 32 <= n; j += 32) {
-    body(j, 8, a0);
-    body(j + 8, 8, a1);
-    body(j + 16, 8, a2);
-    body(j + 24, 8, a3);
-  }
-  for (; j + 8 <= n; j += 8) body(j, 8, a0);
-  if (j < n) body(j, int(n - j), a1);
-  for (int s = 0; s < kSums; ++s) a0[s] = (a0[s] + a1[s]) + (a2[s] + a3[s]);
-  return a0;
-}
-
 // ---- vectorized fp32 math --------------------------------------------------------------
 // Max errors vs fp64, measured on a 1.3e-5 grid over [-10, 10] (exp8: its whole range):
 //   exp8: 1 ulp (relative 1.2e-7)   erf8: 5.7e-7 absolute   tanh8: 8.9e-8 absolute
@@ -399,6 +378,8 @@ struct Lanes8 {
   static V exp(V x) { return exp8(x); }
   static V erf(V x, V exp_neg_x2) { return erf8(x, exp_neg_x2); }
   static V tanh(V x) { return tanh8(x); }
+  static V first(V v, int k) { return first8(v, k); }
+  static float hsum(V v) { return hsum8(v); }
 };
 
 #if defined(__AVX512F__)
@@ -416,34 +397,52 @@ struct Lanes16 {
     return v;
   }
   static void store(float* p, V v) { std::memcpy(p, &v, sizeof(v)); }
-  // 16-bit storage converts 8 lanes at a time (numeric.h's conversions are 8-wide).
+  // Storage <-> fp32 16 lanes at a time, with the semantics of the 8-wide conversions above:
+  // bf16 -> fp32 a shift, fp32 -> bf16 round to nearest even with NaN kept NaN (quieted), fp16
+  // by vcvtph2ps / vcvtps2ph. (vcvtneps2bf16 would be one instruction on AVX512_BF16 CPUs, but
+  // it flushes denormals, which neither torch's nor the GPU's conversion does.)
+  static V from_bits(__m256i b, bf16) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(b), 16));
+  }
+  static V from_bits(__m256i b, fp16) { return _mm512_cvtph_ps(b); }
+  static __m512i rne_bf16(V v) {  // v rounded to bf16, as fp32 bits (the low 16 still set)
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7fff)));
+    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    return _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
+  }
+  static __m256i to_bits(V v, bf16) { return _mm512_cvtepi32_epi16(_mm512_srli_epi32(rne_bf16(v), 16)); }
+  static __m256i to_bits(V v, fp16) { return _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT); }
   template <typename T>
   static V load(const T* p, int k) {
-    if constexpr (std::is_same_v<T, float>)
+    if constexpr (std::is_same_v<T, float>) {
       if (k >= 16) return load(p);
-    if (k >= 16) return join(load8(p), load8(p + 8));
-    T tmp[16] = {};
-    std::memcpy(tmp, p, sizeof(T) * k);
-    return join(load8(tmp), load8(tmp + 8));
+      float tmp[16] = {};
+      std::memcpy(tmp, p, sizeof(float) * k);
+      return load(tmp);
+    } else {
+      __m256i b = _mm256_setzero_si256();
+      std::memcpy(&b, p, sizeof(T) * (k >= 16 ? 16 : k));
+      return from_bits(b, T{});
+    }
   }
   template <typename T>
   static void store(T* p, V v, int k) {
-    if constexpr (std::is_same_v<T, float>)
+    if constexpr (std::is_same_v<T, float>) {
       if (k >= 16) return store(p, v);
-    if (k >= 16) {
-      store8(p, lo(v));
-      store8(p + 8, hi(v));
-      return;
+      std::memcpy(p, &v, sizeof(float) * k);
+    } else {
+      const __m256i b = to_bits(v, T{});
+      std::memcpy(p, &b, sizeof(T) * (k >= 16 ? 16 : k));
     }
-    T tmp[16];
-    store8(tmp, lo(v));
-    store8(tmp + 8, hi(v));
-    std::memcpy(p, tmp, sizeof(T) * k);
   }
   template <typename T>
   static V round(V v) {
     if constexpr (std::is_same_v<T, float>) return v;
-    return join(round8<T>(lo(v)), round8<T>(hi(v)));
+    else if constexpr (std::is_same_v<T, bf16>)
+      return _mm512_castsi512_ps(_mm512_and_si512(rne_bf16(v), _mm512_set1_epi32(int(0xffff0000u))));
+    else return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT));
   }
   static V splat(float s) { return _mm512_set1_ps(s); }
   static V fma(V a, V b, V c) { return fma16(a, b, c); }
@@ -451,6 +450,12 @@ struct Lanes16 {
   static V exp(V x) { return exp16(x); }
   static V erf(V x, V exp_neg_x2) { return erf_lanes(x, exp_neg_x2); }
   static V tanh(V x) { return tanh_lanes(x, exp16); }
+  static V first(V v, int k) {  // lanes >= k zeroed
+    if (k >= 16) return v;
+    const i32x16 lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+    return lane < k ? v : V{};
+  }
+  static float hsum(V v) { return hsum8(lo(v) + hi(v)); }  // a fixed order
 };
 using Wide = Lanes16;  // the widest vector this build has
 #else
@@ -464,6 +469,32 @@ inline void for_blocks(int64_t n, F&& body) {
   int64_t j = 0;
   for (; j + L::kWidth <= n; j += L::kWidth) body(j, L::kWidth);
   if (j < n) body(j, int(n - j));
+}
+
+// Runs body(j, k, acc) over n columns in blocks of L::kWidth, as for_blocks, where body adds its
+// block's terms into acc (kSums vector sums), rotating over four accumulator sets: one running
+// vector sum is a chain of dependent adds, 4 cycles each, and that chain, not memory, bounded
+// LayerNorm's row passes (fp32 2048 x 4096 forward, 1 thread: 8.0 ms vs torch's 5.5). Returns
+// (acc0 + acc1) + (acc2 + acc3) per sum: a fixed order, so the result is deterministic.
+template <typename L, int kSums, typename F>
+inline std::array<typename L::V, kSums> sum_blocks(int64_t n, F&& body) {
+  constexpr int W = L::kWidth;
+  std::array<typename L::V, kSums> a0{}, a1{}, a2{}, a3{};
+  int64_t j = 0;
+  for (; j + 4 * W <= n; j += 4 * W) {
+    body(j, W, a0);
+    body(j + W, W, a1);
+    body(j + 2 * W, W, a2);
+    body(j + 3 * W, W, a3);
+  }
+  for (; j + W <= n; j += W) body(j, W, a0);
+  if (j < n) body(j, int(n - j), a1);
+  for (int s = 0; s < kSums; ++s) a0[s] = (a0[s] + a1[s]) + (a2[s] + a3[s]);
+  return a0;
+}
+template <int kSums, typename F>
+inline std::array<f32x8, kSums> sum_blocks8(int64_t n, F&& body) {
+  return sum_blocks<Lanes8, kSums>(n, static_cast<F&&>(body));
 }
 
 // Calls f(T{}) with T the storage type of dt: the CPU kernels' one dtype switch.
