@@ -23,8 +23,13 @@ struct Case {
   float dropout;
 };
 
+// Worst errors measured over these cases: fp32 o / lse 6.1e-7, dq / dk / dv 7.8e-6 (dk where
+// the true gradient is near 0); bf16 3.4e-3 forward, 4.1e-3 gradients; fp16 3.9e-4 and 6.3e-4:
+// about one rounding unit of the storage type (2^-8, 2^-11).
+constexpr driver::Tolerance kFwd{2e-6, 8e-3, 1e-3}, kBwd{2e-5, 1e-2, 1.5e-3};
+
 template <typename T>
-void run(const Case& c, double tol) {
+void run(const Case& c) {
   const int64_t b = c.b, hq = c.hq, hkv = c.hkv, lq = c.lq, lk = c.lk, d = c.d, group = hq / hkv;
   // q is a strided view, stored (B, LQ, HQ, D); the other tensors are contiguous (B, H, L, D).
   std::vector<T> q = driver::random_tensor<T>(b * lq * hq * d), k = driver::random_tensor<T>(b * hkv * lk * d),
@@ -146,6 +151,7 @@ void run(const Case& c, double tol) {
   snprintf(config, sizeof config, "%-4s b=%ld hq=%ld hkv=%ld lq=%ld lk=%ld d=%ld causal=%d mask=%d p=%.1f",
            driver::dtype_name<T>(), long(b), long(hq), long(hkv), long(lq), long(lk), long(d), int(c.causal),
            int(c.mask), c.dropout);
+  const double tol = driver::pick<T>(kFwd), tol_bwd = driver::pick<T>(kBwd);
   driver::report("o", config, driver::rel_error(o, ro), tol);
   double lse_err = 0.0;
   for (size_t x = 0; x < rlse.size(); ++x) {
@@ -153,45 +159,42 @@ void run(const Case& c, double tol) {
     lse_err = std::max(lse_err, e == e ? e : INFINITY);
   }
   driver::report("lse", config, lse_err, tol);
-  driver::report("dq", config, driver::rel_error(dq, rdq), 2 * tol);
-  driver::report("dk", config, driver::rel_error(dk, rdk), 2 * tol);
-  driver::report("dv", config, driver::rel_error(dv, rdv), 2 * tol);
+  driver::report("dq", config, driver::rel_error(dq, rdq), tol_bwd);
+  driver::report("dk", config, driver::rel_error(dk, rdk), tol_bwd);
+  driver::report("dv", config, driver::rel_error(dv, rdv), tol_bwd);
 }
 
 // Every padded head dim (32, 64, 96, 128, 256) in every dtype family, d with zero-filled
 // columns (1, 20, 33, 40, 80, 100, 200), L = 1, LK = 0, Lq != Lk, lengths off the block
 // multiples, GQA and MQA, every mask kind with fully masked rows, causal, dropout.
-constexpr double kF32 = 2e-5, k16 = 3e-2;
 using M = Mask;
 const bool registered = [] {
-  auto add = [](auto tag, Case c, double tol) {
-    driver::cases().push_back([=] { run<decltype(tag)>(c, tol); });
-  };
+  auto add = [](auto tag, Case c) { driver::cases().push_back([=] { run<decltype(tag)>(c); }); };
   const __nv_bfloat16 bf{};
   const __half f16{};
-  add(0.f, {1, 1, 1, 1, 1, 32, false, M::kNone, 0.f}, kF32);
-  add(0.f, {1, 2, 1, 97, 70, 20, true, M::kKeyPadding, 0.f}, kF32);
-  add(0.f, {2, 4, 2, 70, 130, 40, false, M::kAdditive, 0.f}, kF32);
-  add(0.f, {1, 2, 2, 77, 70, 64, true, M::kBoolRows, 0.3f}, kF32);
-  add(0.f, {1, 2, 1, 33, 97, 80, true, M::kAdditive, 0.f}, kF32);
-  add(0.f, {1, 2, 1, 130, 45, 128, true, M::kKeyPadding, 0.2f}, kF32);
-  add(0.f, {1, 2, 2, 40, 75, 200, false, M::kBoolRows, 0.f}, kF32);
-  add(0.f, {1, 1, 1, 1, 200, 64, true, M::kNone, 0.f}, kF32);
-  add(0.f, {1, 4, 1, 200, 1, 33, true, M::kAdditive, 0.1f}, kF32);
-  add(0.f, {1, 2, 2, 128, 128, 64, true, M::kNone, 0.f}, kF32);
-  add(0.f, {1, 2, 1, 65, 0, 32, false, M::kNone, 0.f}, kF32);
-  add(bf, {1, 1, 1, 1, 1, 32, false, M::kNone, 0.f}, k16);
-  add(bf, {2, 2, 1, 97, 70, 20, true, M::kKeyPadding, 0.f}, k16);
-  add(bf, {1, 4, 2, 70, 130, 40, false, M::kAdditive, 0.f}, k16);
-  add(bf, {1, 2, 2, 77, 70, 64, true, M::kBoolRows, 0.3f}, k16);
-  add(f16, {1, 2, 1, 33, 97, 80, true, M::kAdditive, 0.f}, k16);
-  add(f16, {1, 2, 1, 130, 45, 128, true, M::kKeyPadding, 0.2f}, k16);
-  add(bf, {1, 2, 2, 40, 75, 200, false, M::kBoolRows, 0.f}, k16);
-  add(bf, {1, 1, 1, 1, 200, 64, true, M::kNone, 0.f}, k16);
-  add(bf, {1, 4, 1, 200, 1, 33, true, M::kAdditive, 0.1f}, k16);
-  add(bf, {2, 4, 1, 100, 190, 100, true, M::kBoolRows, 0.2f}, k16);
-  add(f16, {1, 2, 2, 128, 128, 1, true, M::kKeyPadding, 0.f}, k16);
-  add(f16, {1, 2, 1, 50, 60, 256, false, M::kNone, 0.f}, k16);
+  add(0.f, {1, 1, 1, 1, 1, 32, false, M::kNone, 0.f});
+  add(0.f, {1, 2, 1, 97, 70, 20, true, M::kKeyPadding, 0.f});
+  add(0.f, {2, 4, 2, 70, 130, 40, false, M::kAdditive, 0.f});
+  add(0.f, {1, 2, 2, 77, 70, 64, true, M::kBoolRows, 0.3f});
+  add(0.f, {1, 2, 1, 33, 97, 80, true, M::kAdditive, 0.f});
+  add(0.f, {1, 2, 1, 130, 45, 128, true, M::kKeyPadding, 0.2f});
+  add(0.f, {1, 2, 2, 40, 75, 200, false, M::kBoolRows, 0.f});
+  add(0.f, {1, 1, 1, 1, 200, 64, true, M::kNone, 0.f});
+  add(0.f, {1, 4, 1, 200, 1, 33, true, M::kAdditive, 0.1f});
+  add(0.f, {1, 2, 2, 128, 128, 64, true, M::kNone, 0.f});
+  add(0.f, {1, 2, 1, 65, 0, 32, false, M::kNone, 0.f});
+  add(bf, {1, 1, 1, 1, 1, 32, false, M::kNone, 0.f});
+  add(bf, {2, 2, 1, 97, 70, 20, true, M::kKeyPadding, 0.f});
+  add(bf, {1, 4, 2, 70, 130, 40, false, M::kAdditive, 0.f});
+  add(bf, {1, 2, 2, 77, 70, 64, true, M::kBoolRows, 0.3f});
+  add(f16, {1, 2, 1, 33, 97, 80, true, M::kAdditive, 0.f});
+  add(f16, {1, 2, 1, 130, 45, 128, true, M::kKeyPadding, 0.2f});
+  add(bf, {1, 2, 2, 40, 75, 200, false, M::kBoolRows, 0.f});
+  add(bf, {1, 1, 1, 1, 200, 64, true, M::kNone, 0.f});
+  add(bf, {1, 4, 1, 200, 1, 33, true, M::kAdditive, 0.1f});
+  add(bf, {2, 4, 1, 100, 190, 100, true, M::kBoolRows, 0.2f});
+  add(f16, {1, 2, 2, 128, 128, 1, true, M::kKeyPadding, 0.f});
+  add(f16, {1, 2, 1, 50, 60, 256, false, M::kNone, 0.f});
   return true;
 }();
 

@@ -71,13 +71,26 @@ inline double rel_error(const std::vector<T>& got, const std::vector<double>& re
   return err / scale;
 }
 
+// A bound on rel_error per storage type. Each driver sets its bounds at 2-3x the worst error
+// measured on this emulator over its cases (the numbers are in its comment): a bound that a
+// regression cannot slip under, and not the ~30x slack a generic per-dtype bound would leave.
+struct Tolerance {
+  double f32, bf16, f16;
+};
+template <typename T>
+inline double pick(const Tolerance& t) {
+  if constexpr (std::is_same_v<T, float>) return t.f32;
+  else if constexpr (std::is_same_v<T, __nv_bfloat16>) return t.bf16;
+  else return t.f16;
+}
+
 inline int failures = 0;
 
 // One line of the case table.
 inline void report(const std::string& what, const std::string& config, double err, double tol) {
   const bool ok = err <= tol;
   if (!ok) ++failures;
-  printf("%s %-7s %-64s err=%-10.3g tol=%.1g\n", ok ? "ok  " : "FAIL", what.c_str(), config.c_str(), err, tol);
+  printf("%s %-7s %-64s err=%-10.3g tol=%.2g\n", ok ? "ok  " : "FAIL", what.c_str(), config.c_str(), err, tol);
 }
 
 inline std::vector<std::function<void()>>& cases() {

@@ -17,8 +17,12 @@ struct Case {
   bool residual, affine, dh;
 };
 
+// Worst errors measured over these cases: fp32 9.8e-8 forward (y, h, mean, rstd), 1.5e-7
+// backward (dx, dweight, dbias); bf16 2.5e-3 and 3.3e-3; fp16 2.7e-4 and 4.1e-4.
+constexpr driver::Tolerance kFwd{3e-7, 8e-3, 1e-3}, kBwd{5e-7, 1e-2, 1.5e-3};
+
 template <typename T>
-void run(const Case& c, double tol) {
+void run(const Case& c) {
   const int64_t rows = c.rows, cols = c.cols, n = rows * cols;
   const std::vector<T> x = driver::random_tensor<T>(n), res = driver::random_tensor<T>(n),
                        w = driver::random_tensor<T>(cols), bias = driver::random_tensor<T>(cols),
@@ -76,34 +80,32 @@ void run(const Case& c, double tol) {
   char config[120];
   snprintf(config, sizeof config, "%-4s rows=%ld cols=%ld residual=%d affine=%d dh=%d", driver::dtype_name<T>(),
            long(rows), long(cols), int(c.residual), int(c.affine), int(c.dh));
+  const double tol = driver::pick<T>(kFwd), tol_bwd = driver::pick<T>(kBwd);
   driver::report("y", config, driver::rel_error(y, ry), tol);
   if (c.residual) driver::report("h", config, driver::rel_error(h, rh), tol);
   driver::report("mean", config, driver::rel_error(mean, rmean), tol);
   driver::report("rstd", config, driver::rel_error(rstd, rrstd), tol);
-  driver::report("dx", config, driver::rel_error(dx, rdx), 2 * tol);
+  driver::report("dx", config, driver::rel_error(dx, rdx), tol_bwd);
   if (c.affine) {
-    driver::report("dweight", config, driver::rel_error(dw, rdw), 2 * tol);
-    driver::report("dbias", config, driver::rel_error(db, rdb), 2 * tol);
+    driver::report("dweight", config, driver::rel_error(dw, rdw), tol_bwd);
+    driver::report("dbias", config, driver::rel_error(db, rdb), tol_bwd);
   }
 }
 
-constexpr double kF32 = 2e-5, k16 = 2e-2;
 const bool registered = [] {
-  auto add = [](auto tag, Case c, double tol) {
-    driver::cases().push_back([=] { run<decltype(tag)>(c, tol); });
-  };
+  auto add = [](auto tag, Case c) { driver::cases().push_back([=] { run<decltype(tag)>(c); }); };
   const __nv_bfloat16 bf{};
   const __half f16{};
-  add(0.f, {3, 1, false, true, false}, kF32);     // warp, scalar, 1 column
-  add(0.f, {5, 7, true, true, true}, kF32);       // warp, scalar; backward block, partial buffer
-  add(bf, {6, 200, true, false, false}, k16);     // warp, scalar, 7 chunks
-  add(0.f, {5, 1024, false, true, true}, kF32);   // warp, vectorized, 8 chunks
-  add(f16, {4, 1024, true, true, false}, k16);    // warp, vectorized (VEC 8), 4 chunks
-  add(0.f, {2, 1025, true, true, false}, kF32);   // block, scalar, cached row
-  add(bf, {2, 4099, false, true, true}, k16);     // block, scalar, cached; bwd smem accumulators
-  add(f16, {2, 6144, true, true, false}, k16);    // block, vectorized, cached; bwd smem (largest)
-  add(0.f, {2, 12288, false, true, false}, kF32); // block, vectorized, 48 KiB cache; bwd partial
-  add(bf, {2, 12289, true, true, true}, k16);     // block, scalar, uncached
+  add(0.f, {3, 1, false, true, false});     // warp, scalar, 1 column
+  add(0.f, {5, 7, true, true, true});       // warp, scalar; backward block, partial buffer
+  add(bf, {6, 200, true, false, false});     // warp, scalar, 7 chunks
+  add(0.f, {5, 1024, false, true, true});   // warp, vectorized, 8 chunks
+  add(f16, {4, 1024, true, true, false});    // warp, vectorized (VEC 8), 4 chunks
+  add(0.f, {2, 1025, true, true, false});   // block, scalar, cached row
+  add(bf, {2, 4099, false, true, true});     // block, scalar, cached; bwd smem accumulators
+  add(f16, {2, 6144, true, true, false});    // block, vectorized, cached; bwd smem (largest)
+  add(0.f, {2, 12288, false, true, false}); // block, vectorized, 48 KiB cache; bwd partial
+  add(bf, {2, 12289, true, true, true});     // block, scalar, uncached
   return true;
 }();
 
