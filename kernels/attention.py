@@ -339,7 +339,7 @@ def _fwd_tma_descriptors(q: Tensor, k: Tensor, v: Tensor, o: Tensor) -> Optional
 def _set_fwd_blocks(nargs: dict) -> None:
     """Block shapes of the forward's descriptors for the config in nargs (its BLOCK_*): the
     autotune configs' pre_hook, and called directly for a fixed config."""
-    if isinstance(nargs["Q"], TensorDescriptor if TensorDescriptor is not None else ()):
+    if TensorDescriptor is not None and isinstance(nargs["Q"], TensorDescriptor):
         bm, bn, bd = nargs["BLOCK_M"], nargs["BLOCK_N"], nargs["BLOCK_D"]
         nargs["Q"].block_shape = nargs["O"].block_shape = [1, 1, bm, bd]
         nargs["K"].block_shape = nargs["V"].block_shape = [1, 1, bn, bd]

@@ -274,10 +274,11 @@ inline void for_blocks8(int64_t n, F&& body) {
 // exp(0) and are replaced at the end: clamping them to lo made p · 2^n land just under FLT_MIN,
 // and a multiply that produces a denormal takes a ~100-cycle microcode assist on Intel (a
 // softmax with 10% of its keys masked, every -inf lane one assist, ran 5x slower).
-// VF: a float vector, VI: the int32 vector of the same lanes. Constants are written VF{} + c:
-// both operands are constants, so that folds to a broadcast constant (no add at run time).
-template <typename VF, typename VI>
-inline VF exp_lanes(VF x) {
+// Constants are written VF{} + c: both operands are constants, so that folds to a broadcast
+// constant (no add at run time).
+inline f32x8 exp8(f32x8 x) {
+  using VF = f32x8;
+  using VI = i32x8;
   const float lo = -87.33654475f, hi = 88.72283905f;
   const VF xc = x < lo || x > hi ? VF{} : x;  // NaN passes through
   const VF magic = VF{} + 12582912.f;  // 1.5 · 2^23: adding it rounds to an integer
@@ -298,12 +299,11 @@ inline VF exp_lanes(VF x) {
   const VF e = p * s1 * s2;
   return x < lo ? VF{} : (x > hi ? VF{} + __builtin_inff() : e);
 }
-inline f32x8 exp8(f32x8 x) { return exp_lanes<f32x8, i32x8>(x); }
 #if defined(__AVX512F__)
 // The AVX-512 exp: the same reduction and polynomial, with n rounded by vrndscaleps and 2^n
 // applied by vscalefps, which covers the whole range in one instruction (p · 2^128 for x near
 // ln FLT_MAX included, and +inf past it); lanes below lo become 0 at the end. Same 1.24 ulp
-// worst case as exp_lanes on the grid above, and 1.5x its throughput (2.9 vs 4.5 ns per 16
+// worst case as exp8 on the grid above, and 1.5x its throughput (2.9 vs 4.5 ns per 16
 // lanes, dev machine).
 inline f32x16 exp16(f32x16 x) {
   const __m512 lo = _mm512_set1_ps(-87.33654475f), hi = _mm512_set1_ps(89.f);
@@ -386,9 +386,6 @@ struct Lanes8 {
 struct Lanes16 {
   using V = f32x16;
   static constexpr int kWidth = 16;
-  static V join(f32x8 lo, f32x8 hi) {
-    return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-  }
   static f32x8 lo(V v) { return __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7); }
   static f32x8 hi(V v) { return __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15); }
   static V load(const float* p) {
