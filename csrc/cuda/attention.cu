@@ -27,13 +27,22 @@
 // Head dims: templates for D in {32, 64, 96, 128, 256} (the issue's 80 and 96 run in 96, not
 // padded to 128: a quarter to three eighths fewer FLOPs); any d <= 256 runs in the smallest
 // that fits, with zero-filled columns (d = 40 -> 64, d = 80 -> 96). kD needs only kD % 16 == 0
-// (mma k-steps); the 96-wide shared rows (208 bytes with padding) still put the 8 rows of a
-// fragment load in distinct banks. Global loads are element-wise
-// and bounds-checked (any row stride, any alignment); vectorised 16-byte loads, ldmatrix and a
-// cp.async pipeline are the next steps once this runs on a GPU.
+// (mma k-steps); the 96-wide shared rows (208 bytes with padding) still put the 8 rows of an
+// ldmatrix matrix in distinct banks.
 //
-// STATUS: compiled for sm_80 and sm_90a (tests/test_nvcc.py); written without a GPU and never
-// run on one yet. The gpu tier of tests/test_attention_cpp.py checks it against the oracle.
+// Data movement (16-bit): fragments come from shared memory through ldmatrix (.trans for the
+// k-major B operand of gemm_rs_nn), four 8x8 matrices per instruction. Tiles move from global
+// memory as 16-byte cp.async chunks, zero-filled past L and d by the copy itself, whenever a
+// head's rows are 16-byte aligned (any contiguous head with d % 8 == 0); the tiles a block
+// re-reads in its loop are double-buffered, so tile n + 1 is in flight while tile n is
+// multiplied, with one barrier per step. Other layouts take an element-wise, bounds-checked
+// path (any row stride, any alignment).
+//
+// STATUS: compiled for sm_80 and sm_90a (tests/test_nvcc.py) and executed on the CPU by the
+// emulator in tests/cuda_emu (real barriers, ldmatrix, mma.sync and cp.async semantics); never
+// run on a GPU yet. The gpu tier of tests/test_attention_cpp.py checks it against the oracle.
+// Known: the D = 256 dK/dV kernel spills about 1 KiB (two 16 x 256 fp32 accumulators per warp
+// are 256 registers a thread by themselves); splitting D over warps would fix it.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -46,6 +55,7 @@
 #include "../attention.h"
 #include "../philox.h"
 #include "common.cuh"
+#include "tensor_core.cuh"
 
 namespace fusedformer {
 namespace {
@@ -72,89 +82,69 @@ __device__ __forceinline__ uint32_t pack2<__half>(float lo, float hi) {
   return *reinterpret_cast<const uint32_t*>(&v);
 }
 
-template <typename T>
-__device__ __forceinline__ uint32_t pack2_raw(T lo, T hi) {
-  return uint32_t(*reinterpret_cast<const uint16_t*>(&lo)) |
-         (uint32_t(*reinterpret_cast<const uint16_t*>(&hi)) << 16);
-}
-
-// D(16x8, fp32) += A(16x16) · B(16x8), bf16 or fp16 operands.
-template <typename T>
-__device__ __forceinline__ void mma_16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
-                                          uint32_t b1) {
-#if defined(FUSEDFORMER_CUDA_EMULATION)  // tests/cuda_emu: the same fragments, on the CPU
-  emu::mma_m16n8k16<T>(c, a, b0, b1);
-#else
-  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-#endif
-}
-
 // ---------------------------------------------------------------------------------------
 // Tiling of one (dtype, padded head dim) instantiation
 
 template <typename T, int kD>
 struct Traits {
   static constexpr bool kTensorCores = !std::is_same_v<T, float>;
+  // Tiles that a block re-reads from global memory in its loop (K, V in the forward and dQ;
+  // Q, dO in dK/dV) have kStages buffers: with two, tile n + 1's cp.async copies are in flight
+  // while tile n is multiplied. fp32 keeps one (two do not fit sm_80's 163 KiB at D = 128).
+  static constexpr int kStages = kTensorCores ? 2 : 1;
   static constexpr int kWarps = kD <= 128 ? 4 : 2;  // D = 256: fewer rows, to fit registers
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kBlockM = 16 * kWarps;          // query rows: fwd and dQ blocks
   static constexpr int kBlockN = kD <= 128 ? 64 : 32;  // keys per inner tile: fwd and dQ
   static constexpr int kBwdBlockN = 16 * kWarps;       // key rows of a dK/dV block
   static constexpr int kBwdBlockM = 32;                // queries per inner tile of dK/dV
-  // Shared rows padded by 16 bytes: the 8 rows a fragment load touches hit distinct banks.
+  // Shared rows padded by 16 bytes: the 8 rows that one ldmatrix matrix (or one fp32 fragment
+  // load) reads start 4 banks apart, so together they hit each of the 32 banks once.
   static constexpr int kStride = kD + 16 / int(sizeof(T));
   // fp32 only: per-warp scratch for the register operand of gemm_rs_nn (16 x K floats, rows
   // padded by 4: see gemm_rs_nn).
   static constexpr int kScratchCols = kBlockN > kBwdBlockM ? kBlockN : kBwdBlockM;
   static constexpr int kScratchWarpFloats = 16 * (kScratchCols + 4);
   static constexpr int kScratchBytes = kTensorCores ? 0 : kWarps * kScratchWarpFloats * 4;
-  static constexpr int kFwdSmem = (kBlockM + 2 * kBlockN) * kStride * int(sizeof(T)) + kScratchBytes;
+  static constexpr int kRowBytes = kStride * int(sizeof(T));  // one shared tile row
+  static constexpr int kFwdSmem = (kBlockM + 2 * kStages * kBlockN) * kRowBytes + kScratchBytes;
   static constexpr int kDqSmem =
-      (2 * kBlockM + 2 * kBlockN) * kStride * int(sizeof(T)) + 2 * kBlockM * 4 + kScratchBytes;
+      (2 * kBlockM + 2 * kStages * kBlockN) * kRowBytes + 2 * kBlockM * 4 + kScratchBytes;
   static constexpr int kDkdvSmem =
-      (2 * kBwdBlockN + 2 * kBwdBlockM) * kStride * int(sizeof(T)) + 2 * kBwdBlockM * 4 + kScratchBytes;
+      (2 * kBwdBlockN + 2 * kStages * kBwdBlockM) * kRowBytes + 2 * kStages * kBwdBlockM * 4 + kScratchBytes;
   static_assert(kD % 16 == 0 && kBlockN % 16 == 0 && kBwdBlockM % 16 == 0, "mma k-steps of 16");
+  static_assert(kRowBytes % 16 == 0, "16-byte cp.async chunks and ldmatrix rows");
   // Every tile must fit the smallest target's opt-in shared memory per block (sm_80: 163 KiB;
-  // sm_90: 227 KiB), or its launch would fail at run time (the largest, fp32 D = 128 dQ: 149.5 KiB).
+  // sm_90: 227 KiB), or its launch would fail at run time. The largest: fp32 D = 128 dQ,
+  // 149.5 KiB; 16-bit (two stages) D = 128 dQ, 102 KiB.
   static_assert(kFwdSmem <= 163 * 1024 && kDqSmem <= 163 * 1024 && kDkdvSmem <= 163 * 1024,
                 "a tile over sm_80's shared memory per block");
 };
 
-__device__ __forceinline__ uint32_t ld_shared_u32(const void* p) {
-  return *reinterpret_cast<const uint32_t*>(p);
-}
-
 // acc(16 x kN) += A(16 x kK) · Btᵀ, A and Bt (kN x kK) row-major in shared memory.
 template <typename T, int kK, int kN, int kStride>
 __device__ __forceinline__ void gemm_nt(float (&acc)[kN / 8][4], const T* A, const T* Bt, int lane) {
-  const int g = lane >> 2, t = lane & 3;
   if constexpr (!std::is_same_v<T, float>) {
+    static_assert(kN % 16 == 0, "one ldmatrix moves the B fragments of two n-tiles");
+    // This lane's ldmatrix rows (tensor_core.cuh). A: row lane % 16 at k + 8 · (lane / 16)
+    // gives a0..a3. Bt: row lane % 8 + 8 · (lane / 16) at k + 8 · (lane / 8 % 2) gives b0, b1
+    // of n-tiles 2np and 2np + 1.
+    const T* a_row = A + (lane & 15) * kStride + 8 * (lane >> 4);
+    const T* b_row = Bt + ((lane & 7) + 8 * (lane >> 4)) * kStride + 8 * ((lane >> 3) & 1);
 #pragma unroll
     for (int kk = 0; kk < kK; kk += 16) {
       uint32_t a[4];
-      a[0] = ld_shared_u32(A + g * kStride + kk + 2 * t);
-      a[1] = ld_shared_u32(A + (g + 8) * kStride + kk + 2 * t);
-      a[2] = ld_shared_u32(A + g * kStride + kk + 8 + 2 * t);
-      a[3] = ld_shared_u32(A + (g + 8) * kStride + kk + 8 + 2 * t);
+      ldmatrix_x4(a, a_row + kk);
 #pragma unroll
-      for (int nt = 0; nt < kN / 8; ++nt) {
-        const T* b = Bt + (nt * 8 + g) * kStride + kk + 2 * t;
-        mma_16816<T>(acc[nt], a, ld_shared_u32(b), ld_shared_u32(b + 8));
+      for (int np = 0; np < kN / 16; ++np) {
+        uint32_t b[4];
+        ldmatrix_x4(b, b_row + np * 16 * kStride + kk);
+        mma_16816<T>(acc[2 * np], a, b[0], b[1]);
+        mma_16816<T>(acc[2 * np + 1], a, b[2], b[3]);
       }
     }
   } else {
+    const int g = lane >> 2, t = lane & 3;
 #pragma unroll
     for (int nt = 0; nt < kN / 8; ++nt) {
 #pragma unroll
@@ -179,18 +169,21 @@ __device__ __forceinline__ void gemm_rs_nn(float (&acc)[kN / 8][4], const float 
                                            const T* B, float* scratch, int lane) {
   const int g = lane >> 2, t = lane & 3;
   if constexpr (!std::is_same_v<T, float>) {
+    static_assert(kN % 16 == 0, "one ldmatrix moves the B fragments of two n-tiles");
+    // B is k-major, so its fragments come through ldmatrix.trans: this lane's row is
+    // k = lane % 16 at columns n + 8 · (lane / 16), which gives b0, b1 of n-tiles 2np, 2np + 1.
+    const T* b_row = B + (lane & 15) * kStride + 8 * (lane >> 4);
 #pragma unroll
     for (int kc = 0; kc < kK / 16; ++kc) {
       const uint32_t a[4] = {pack2<T>(P[2 * kc][0], P[2 * kc][1]), pack2<T>(P[2 * kc][2], P[2 * kc][3]),
                              pack2<T>(P[2 * kc + 1][0], P[2 * kc + 1][1]),
                              pack2<T>(P[2 * kc + 1][2], P[2 * kc + 1][3])};
-      const T* b = B + (kc * 16 + 2 * t) * kStride + g;
 #pragma unroll
-      for (int nt = 0; nt < kN / 8; ++nt) {
-        const T* bn = b + nt * 8;
-        const uint32_t b0 = pack2_raw(bn[0], bn[kStride]);
-        const uint32_t b1 = pack2_raw(bn[8 * kStride], bn[9 * kStride]);
-        mma_16816<T>(acc[nt], a, b0, b1);
+      for (int np = 0; np < kN / 16; ++np) {
+        uint32_t b[4];
+        ldmatrix_x4_trans(b, b_row + kc * 16 * kStride + np * 16);
+        mma_16816<T>(acc[2 * np], a, b[0], b[1]);
+        mma_16816<T>(acc[2 * np + 1], a, b[2], b[3]);
       }
     }
   } else {
@@ -215,14 +208,37 @@ __device__ __forceinline__ void gemm_rs_nn(float (&acc)[kN / 8][4], const float 
   }
 }
 
+// Whether a head's rows can move as 16-byte cp.async chunks: a 16-byte aligned start and a
+// row stride that keeps every row so (contiguous heads with d % 8 == 0 in 16-bit storage,
+// d % 4 == 0 in fp32; views with other strides take the element-wise path).
+template <typename T>
+__device__ __forceinline__ bool rows_16b_aligned(const T* head, int64_t ld) {
+  return (reinterpret_cast<uintptr_t>(head) & 15u) == 0 && ld % (16 / int(sizeof(T))) == 0;
+}
+
 // Rows [r0, r0 + kRows) of one head (row stride `ld`, unit column stride) into a shared tile
-// (kRows x kD, row stride kStride); rows >= L and columns >= d are zero.
+// (kRows x kD, row stride kStride); rows >= L and columns >= d are zero. vec (rows_16b_aligned):
+// 16-byte cp.async chunks, zero-filled past L and d in the copy itself, landed by the caller's
+// cp_async_wait and barrier; otherwise element by element, stored before this returns.
 template <typename T, int kRows, int kD, int kStride, int kThreads>
 __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t ld, int64_t r0, int64_t L,
-                                          int64_t d) {
-  for (int idx = threadIdx.x; idx < kRows * kD; idx += kThreads) {
-    const int r = idx / kD, c = idx % kD;
-    dst[r * kStride + c] = (r0 + r < L && c < d) ? src[(r0 + r) * ld + c] : from_f<T>(0.f);
+                                          int64_t d, bool vec) {
+  if (vec) {
+    constexpr int kPer = 16 / int(sizeof(T)), kChunks = kRows * kD / kPer;
+#pragma unroll 1
+    for (int it = 0; it < (kChunks + kThreads - 1) / kThreads; ++it) {
+      const int idx = threadIdx.x + it * kThreads;
+      if (kChunks % kThreads != 0 && idx >= kChunks) break;
+      const int r = idx / (kD / kPer), c = idx % (kD / kPer) * kPer;
+      const int64_t cols = r0 + r < L ? min(d - c, int64_t(kPer)) : 0;  // of this chunk, in [.., 8]
+      const int bytes = cols > 0 ? int(cols) * int(sizeof(T)) : 0;
+      cp_async16(dst + r * kStride + c, bytes > 0 ? src + (r0 + r) * ld + c : src, bytes);
+    }
+  } else {
+    for (int idx = threadIdx.x; idx < kRows * kD; idx += kThreads) {
+      const int r = idx / kD, c = idx % kD;
+      dst[r * kStride + c] = (r0 + r < L && c < d) ? src[(r0 + r) * ld + c] : from_f<T>(0.f);
+    }
   }
 }
 
@@ -289,13 +305,13 @@ template <typename T, int kD>
 __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
     attention_fwd_kernel(const AttentionFwdParams p) {
   using Tr = Traits<T, kD>;
-  constexpr int kBM = Tr::kBlockM, kBN = Tr::kBlockN, kS = Tr::kStride;
+  constexpr int kBM = Tr::kBlockM, kBN = Tr::kBlockN, kS = Tr::kStride, kStages = Tr::kStages;
   extern __shared__ __align__(16) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
-  T* sK = sQ + kBM * kS;
-  T* sV = sK + kBN * kS;
+  T* sK = sQ + kBM * kS;              // kStages tiles of kBN rows
+  T* sV = sK + kStages * kBN * kS;    // the same
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-  float* scratch = reinterpret_cast<float*>(sV + kBN * kS) + warp * Tr::kScratchWarpFloats;
+  float* scratch = reinterpret_cast<float*>(sV + kStages * kBN * kS) + warp * Tr::kScratchWarpFloats;
 
   const int64_t qb = blockIdx.x, h = blockIdx.y, bi = blockIdx.z, hk = h / (p.hq / p.hkv);
   const int64_t i0 = qb * kBM;
@@ -304,21 +320,39 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
   const T* q_head = static_cast<const T*>(p.q) + bi * p.q_batch_stride + h * p.q_head_stride;
   const T* k_head = static_cast<const T*>(p.k) + bi * p.k_batch_stride + hk * p.k_head_stride;
   const T* v_head = static_cast<const T*>(p.v) + bi * p.v_batch_stride + hk * p.v_head_stride;
-  load_tile<T, kBM, kD, kS, Tr::kThreads>(sQ, q_head, p.q_row_stride, i0, p.lq, p.d);
+  const bool k_vec = rows_16b_aligned(k_head, p.k_row_stride), v_vec = rows_16b_aligned(v_head, p.v_row_stride);
+  auto load_kv = [&](int64_t kb, int stage) {
+    load_tile<T, kBN, kD, kS, Tr::kThreads>(sK + stage * kBN * kS, k_head, p.k_row_stride, kb * kBN, p.lk, p.d, k_vec);
+    load_tile<T, kBN, kD, kS, Tr::kThreads>(sV + stage * kBN * kS, v_head, p.v_row_stride, kb * kBN, p.lk, p.d, v_vec);
+  };
 
   float acc[kD / 8][4] = {};
   float m[2] = {-kInf, -kInf}, l[2] = {0.f, 0.f};  // rows g and g + 8 of this warp's slab
   const int64_t nkb = ceil_div(p.lk, kBN);
   const int64_t kb_end = p.is_causal ? min(nkb, ceil_div(min(i0 + kBM, p.lq), kBN)) : nkb;
+  load_tile<T, kBM, kD, kS, Tr::kThreads>(sQ, q_head, p.q_row_stride, i0, p.lq, p.d,
+                                          rows_16b_aligned(q_head, p.q_row_stride));
+  if (kb_end > 0) load_kv(0, 0);
+  cp_async_commit();
   for (int64_t kb = 0; kb < kb_end; ++kb) {
     const int64_t j0 = kb * kBN;
-    __syncthreads();  // every warp is done with the previous K, V tiles
-    load_tile<T, kBN, kD, kS, Tr::kThreads>(sK, k_head, p.k_row_stride, j0, p.lk, p.d);
-    load_tile<T, kBN, kD, kS, Tr::kThreads>(sV, v_head, p.v_row_stride, j0, p.lk, p.d);
-    __syncthreads();
+    const int stage = int(kb % kStages);
+    if (kStages == 1 && kb > 0) {
+      __syncthreads();  // every warp is done with the previous K, V tiles
+      load_kv(kb, 0);
+      cp_async_commit();
+    }
+    cp_async_wait<0>();  // this thread's copies of tile kb have landed ...
+    __syncthreads();     // ... and every thread's; two stages: every warp is done with tile kb - 1
+    if (kStages == 2 && kb + 1 < kb_end) {  // its buffer takes tile kb + 1, under this one's math
+      load_kv(kb + 1, stage ^ 1);
+      cp_async_commit();
+    }
+    const T* tK = sK + stage * kBN * kS;
+    const T* tV = sV + stage * kBN * kS;
 
     float s[kBN / 8][4] = {};
-    gemm_nt<T, kD, kBN, kS>(s, sQ + warp * 16 * kS, sK, lane);
+    gemm_nt<T, kD, kBN, kS>(s, sQ + warp * 16 * kS, tK, lane);
 #pragma unroll
     for (int nt = 0; nt < kBN / 8; ++nt)
 #pragma unroll
@@ -355,8 +389,9 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
           s[nt][2 * r + c] = keep ? pe : 0.f;
         }
     }
-    gemm_rs_nn<T, kBN, kD, kS>(acc, s, sV, scratch, lane);
+    gemm_rs_nn<T, kBN, kD, kS>(acc, s, tV, scratch, lane);
   }
+  cp_async_wait<0>();  // none pending at exit (kb_end = 0 leaves Q's copies unwaited)
 
   float mul[2];
   const int64_t row0 = i0 + warp * 16;
@@ -409,60 +444,85 @@ template <typename T, int kD>
 __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
     attention_bwd_dkdv_kernel(const AttentionBwdParams p) {
   using Tr = Traits<T, kD>;
-  constexpr int kBN = Tr::kBwdBlockN, kBM = Tr::kBwdBlockM, kS = Tr::kStride;
+  constexpr int kBN = Tr::kBwdBlockN, kBM = Tr::kBwdBlockM, kS = Tr::kStride, kStages = Tr::kStages;
   extern __shared__ __align__(16) unsigned char smem[];
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + kBN * kS;
-  T* sQ = sV + kBN * kS;
-  T* sdO = sQ + kBM * kS;
-  float* s_lse = reinterpret_cast<float*>(sdO + kBM * kS);
-  float* s_delta = s_lse + kBM;
+  T* sQ = sV + kBN * kS;                                     // kStages tiles of kBM rows
+  T* sdO = sQ + kStages * kBM * kS;                          // the same
+  float* s_lse = reinterpret_cast<float*>(sdO + kStages * kBM * kS);  // kStages x kBM
+  float* s_delta = s_lse + kStages * kBM;                              // kStages x kBM
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
-  float* scratch = s_delta + kBM + warp * Tr::kScratchWarpFloats;
+  float* scratch = s_delta + kStages * kBM + warp * Tr::kScratchWarpFloats;
 
   const int64_t kb = blockIdx.x, hk = blockIdx.y, bi = blockIdx.z, group = p.hq / p.hkv;
   const int64_t j0 = kb * kBN;
   const bool dropout = p.dropout_p > 0.f;
   const float rp = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
-  load_tile<T, kBN, kD, kS, Tr::kThreads>(
-      sK, static_cast<const T*>(p.k) + bi * p.k_batch_stride + hk * p.k_head_stride, p.k_row_stride, j0, p.lk, p.d);
-  load_tile<T, kBN, kD, kS, Tr::kThreads>(
-      sV, static_cast<const T*>(p.v) + bi * p.v_batch_stride + hk * p.v_head_stride, p.v_row_stride, j0, p.lk, p.d);
+  const T* k_head = static_cast<const T*>(p.k) + bi * p.k_batch_stride + hk * p.k_head_stride;
+  const T* v_head = static_cast<const T*>(p.v) + bi * p.v_batch_stride + hk * p.v_head_stride;
+  load_tile<T, kBN, kD, kS, Tr::kThreads>(sK, k_head, p.k_row_stride, j0, p.lk, p.d,
+                                          rows_16b_aligned(k_head, p.k_row_stride));
+  load_tile<T, kBN, kD, kS, Tr::kThreads>(sV, v_head, p.v_row_stride, j0, p.lk, p.d,
+                                          rows_16b_aligned(v_head, p.v_row_stride));
 
-  float dk[kD / 8][4] = {}, dv[kD / 8][4] = {};
-  const int64_t nqb = ceil_div(p.lq, kBM);
+  // One loop over (query head of the group, query block): step n is head hk · group + n / nq,
+  // block qb_begin + n % nq, so the next step's tiles can be prefetched across heads too.
   const int64_t qb_begin = p.is_causal ? j0 / kBM : 0;  // query rows i < j0 see no key here
-  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+  const int64_t nqb = ceil_div(p.lq, kBM), nq = nqb > qb_begin ? nqb - qb_begin : 0, steps = group * nq;
+  auto load_q = [&](int64_t n, int stage) {
+    const int64_t h = hk * group + n / nq, i0 = (qb_begin + n % nq) * kBM;
     const T* q_head = static_cast<const T*>(p.q) + bi * p.q_batch_stride + h * p.q_head_stride;
     const T* do_head = static_cast<const T*>(p.do_) + bi * p.do_batch_stride + h * p.do_head_stride;
-    for (int64_t qb = qb_begin; qb < nqb; ++qb) {
-      const int64_t i0 = qb * kBM;
-      __syncthreads();  // every warp is done with the previous Q, dO tiles
-      load_tile<T, kBM, kD, kS, Tr::kThreads>(sQ, q_head, p.q_row_stride, i0, p.lq, p.d);
-      load_tile<T, kBM, kD, kS, Tr::kThreads>(sdO, do_head, p.do_row_stride, i0, p.lq, p.d);
-      load_row_stats<kBM, Tr::kThreads>(s_lse, s_delta, p, bi, h, i0);
-      __syncthreads();
+    load_tile<T, kBM, kD, kS, Tr::kThreads>(sQ + stage * kBM * kS, q_head, p.q_row_stride, i0, p.lq, p.d,
+                                            rows_16b_aligned(q_head, p.q_row_stride));
+    load_tile<T, kBM, kD, kS, Tr::kThreads>(sdO + stage * kBM * kS, do_head, p.do_row_stride, i0, p.lq, p.d,
+                                            rows_16b_aligned(do_head, p.do_row_stride));
+    load_row_stats<kBM, Tr::kThreads>(s_lse + stage * kBM, s_delta + stage * kBM, p, bi, h, i0);
+  };
 
-      float st[kBM / 8][4] = {}, dpt[kBM / 8][4] = {};
-      gemm_nt<T, kD, kBM, kS>(st, sK + warp * 16 * kS, sQ, lane);    // Sᵀ = K Qᵀ
-      gemm_nt<T, kD, kBM, kS>(dpt, sV + warp * 16 * kS, sdO, lane);  // dPᵀ = V dOᵀ
-#pragma unroll
-      for (int nt = 0; nt < kBM / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int c = nt * 8 + 2 * t + (e & 1);  // query row within the tile
-          const int64_t i = i0 + c, j = j0 + warp * 16 + g + 8 * (e >> 1);
-          const float s = masked_score<T>(st[nt][e], p.mask, p.scale, p.is_causal, p.lq, p.lk, bi, h, i, j);
-          const float pe = __expf(s - s_lse[c]);
-          const bool keep = !dropout || (i < p.lq && j < p.lk &&
-                                         keep_bit(p.seed, bi, h, i, j, p.hq, p.lq, p.lk, p.dropout_p));
-          st[nt][e] = keep ? pe * rp : 0.f;                                    // Pdᵀ
-          dpt[nt][e] = pe * ((keep ? dpt[nt][e] * rp : 0.f) - s_delta[c]);  // dSᵀ
-        }
-      gemm_rs_nn<T, kBM, kD, kS>(dv, st, sdO, scratch, lane);  // dV += Pdᵀ dO
-      gemm_rs_nn<T, kBM, kD, kS>(dk, dpt, sQ, scratch, lane);  // dK += dSᵀ Q
+  float dk[kD / 8][4] = {}, dv[kD / 8][4] = {};
+  if (steps > 0) load_q(0, 0);
+  cp_async_commit();
+  for (int64_t n = 0; n < steps; ++n) {
+    const int64_t h = hk * group + n / nq, i0 = (qb_begin + n % nq) * kBM;
+    const int stage = int(n % kStages);
+    if (kStages == 1 && n > 0) {
+      __syncthreads();  // every warp is done with the previous Q, dO tiles
+      load_q(n, 0);
+      cp_async_commit();
     }
+    cp_async_wait<0>();  // this thread's copies of step n have landed ...
+    __syncthreads();     // ... and every thread's; two stages: every warp is done with step n - 1
+    if (kStages == 2 && n + 1 < steps) {  // its buffers take step n + 1, under this one's math
+      load_q(n + 1, stage ^ 1);
+      cp_async_commit();
+    }
+    const T* tQ = sQ + stage * kBM * kS;
+    const T* tdO = sdO + stage * kBM * kS;
+    const float* t_lse = s_lse + stage * kBM;
+    const float* t_delta = s_delta + stage * kBM;
+
+    float st[kBM / 8][4] = {}, dpt[kBM / 8][4] = {};
+    gemm_nt<T, kD, kBM, kS>(st, sK + warp * 16 * kS, tQ, lane);    // Sᵀ = K Qᵀ
+    gemm_nt<T, kD, kBM, kS>(dpt, sV + warp * 16 * kS, tdO, lane);  // dPᵀ = V dOᵀ
+#pragma unroll
+    for (int nt = 0; nt < kBM / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int c = nt * 8 + 2 * t + (e & 1);  // query row within the tile
+        const int64_t i = i0 + c, j = j0 + warp * 16 + g + 8 * (e >> 1);
+        const float s = masked_score<T>(st[nt][e], p.mask, p.scale, p.is_causal, p.lq, p.lk, bi, h, i, j);
+        const float pe = __expf(s - t_lse[c]);
+        const bool keep = !dropout || (i < p.lq && j < p.lk &&
+                                       keep_bit(p.seed, bi, h, i, j, p.hq, p.lq, p.lk, p.dropout_p));
+        st[nt][e] = keep ? pe * rp : 0.f;                                   // Pdᵀ
+        dpt[nt][e] = pe * ((keep ? dpt[nt][e] * rp : 0.f) - t_delta[c]);  // dSᵀ
+      }
+    gemm_rs_nn<T, kBM, kD, kS>(dv, st, tdO, scratch, lane);  // dV += Pdᵀ dO
+    gemm_rs_nn<T, kBM, kD, kS>(dk, dpt, tQ, scratch, lane);  // dK += dSᵀ Q
   }
+  cp_async_wait<0>();  // none pending at exit (steps = 0 leaves K's and V's copies unwaited)
   const float mul_dk[2] = {p.scale, p.scale}, mul_dv[2] = {1.f, 1.f};
   const int64_t row0 = j0 + warp * 16;
   store_slab<T, kD>(dk, mul_dk, static_cast<T*>(p.dk) + bi * p.dk_batch_stride + hk * p.dk_head_stride,
@@ -476,13 +536,13 @@ template <typename T, int kD>
 __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
     attention_bwd_dq_kernel(const AttentionBwdParams p) {
   using Tr = Traits<T, kD>;
-  constexpr int kBM = Tr::kBlockM, kBN = Tr::kBlockN, kS = Tr::kStride;
+  constexpr int kBM = Tr::kBlockM, kBN = Tr::kBlockN, kS = Tr::kStride, kStages = Tr::kStages;
   extern __shared__ __align__(16) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
   T* sdO = sQ + kBM * kS;
-  T* sK = sdO + kBM * kS;
-  T* sV = sK + kBN * kS;
-  float* s_lse = reinterpret_cast<float*>(sV + kBN * kS);
+  T* sK = sdO + kBM * kS;            // kStages tiles of kBN rows
+  T* sV = sK + kStages * kBN * kS;   // the same
+  float* s_lse = reinterpret_cast<float*>(sV + kStages * kBN * kS);
   float* s_delta = s_lse + kBM;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
   float* scratch = s_delta + kBM + warp * Tr::kScratchWarpFloats;
@@ -491,27 +551,46 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
   const int64_t i0 = qb * kBM;
   const bool dropout = p.dropout_p > 0.f;
   const float rp = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
+  const T* q_head = static_cast<const T*>(p.q) + bi * p.q_batch_stride + h * p.q_head_stride;
+  const T* do_head = static_cast<const T*>(p.do_) + bi * p.do_batch_stride + h * p.do_head_stride;
   const T* k_head = static_cast<const T*>(p.k) + bi * p.k_batch_stride + hk * p.k_head_stride;
   const T* v_head = static_cast<const T*>(p.v) + bi * p.v_batch_stride + hk * p.v_head_stride;
-  load_tile<T, kBM, kD, kS, Tr::kThreads>(
-      sQ, static_cast<const T*>(p.q) + bi * p.q_batch_stride + h * p.q_head_stride, p.q_row_stride, i0, p.lq, p.d);
-  load_tile<T, kBM, kD, kS, Tr::kThreads>(
-      sdO, static_cast<const T*>(p.do_) + bi * p.do_batch_stride + h * p.do_head_stride, p.do_row_stride, i0, p.lq, p.d);
-  load_row_stats<kBM, Tr::kThreads>(s_lse, s_delta, p, bi, h, i0);
+  const bool k_vec = rows_16b_aligned(k_head, p.k_row_stride), v_vec = rows_16b_aligned(v_head, p.v_row_stride);
+  auto load_kv = [&](int64_t kb, int stage) {
+    load_tile<T, kBN, kD, kS, Tr::kThreads>(sK + stage * kBN * kS, k_head, p.k_row_stride, kb * kBN, p.lk, p.d, k_vec);
+    load_tile<T, kBN, kD, kS, Tr::kThreads>(sV + stage * kBN * kS, v_head, p.v_row_stride, kb * kBN, p.lk, p.d, v_vec);
+  };
 
   float dq[kD / 8][4] = {};
   const int64_t nkb = ceil_div(p.lk, kBN);
   const int64_t kb_end = p.is_causal ? min(nkb, ceil_div(min(i0 + kBM, p.lq), kBN)) : nkb;
+  load_tile<T, kBM, kD, kS, Tr::kThreads>(sQ, q_head, p.q_row_stride, i0, p.lq, p.d,
+                                          rows_16b_aligned(q_head, p.q_row_stride));
+  load_tile<T, kBM, kD, kS, Tr::kThreads>(sdO, do_head, p.do_row_stride, i0, p.lq, p.d,
+                                          rows_16b_aligned(do_head, p.do_row_stride));
+  load_row_stats<kBM, Tr::kThreads>(s_lse, s_delta, p, bi, h, i0);
+  if (kb_end > 0) load_kv(0, 0);
+  cp_async_commit();
   for (int64_t kb = 0; kb < kb_end; ++kb) {
     const int64_t j0 = kb * kBN;
-    __syncthreads();
-    load_tile<T, kBN, kD, kS, Tr::kThreads>(sK, k_head, p.k_row_stride, j0, p.lk, p.d);
-    load_tile<T, kBN, kD, kS, Tr::kThreads>(sV, v_head, p.v_row_stride, j0, p.lk, p.d);
-    __syncthreads();
+    const int stage = int(kb % kStages);
+    if (kStages == 1 && kb > 0) {
+      __syncthreads();  // every warp is done with the previous K, V tiles
+      load_kv(kb, 0);
+      cp_async_commit();
+    }
+    cp_async_wait<0>();  // this thread's copies of tile kb have landed ...
+    __syncthreads();     // ... and every thread's; two stages: every warp is done with tile kb - 1
+    if (kStages == 2 && kb + 1 < kb_end) {  // its buffer takes tile kb + 1, under this one's math
+      load_kv(kb + 1, stage ^ 1);
+      cp_async_commit();
+    }
+    const T* tK = sK + stage * kBN * kS;
+    const T* tV = sV + stage * kBN * kS;
 
     float s[kBN / 8][4] = {}, dp[kBN / 8][4] = {};
-    gemm_nt<T, kD, kBN, kS>(s, sQ + warp * 16 * kS, sK, lane);    // S = Q Kᵀ
-    gemm_nt<T, kD, kBN, kS>(dp, sdO + warp * 16 * kS, sV, lane);  // dP = dO Vᵀ
+    gemm_nt<T, kD, kBN, kS>(s, sQ + warp * 16 * kS, tK, lane);    // S = Q Kᵀ
+    gemm_nt<T, kD, kBN, kS>(dp, sdO + warp * 16 * kS, tV, lane);  // dP = dO Vᵀ
 #pragma unroll
     for (int nt = 0; nt < kBN / 8; ++nt)
 #pragma unroll
@@ -524,8 +603,9 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
                                        keep_bit(p.seed, bi, h, i, j, p.hq, p.lq, p.lk, p.dropout_p));
         s[nt][e] = pe * ((keep ? dp[nt][e] * rp : 0.f) - s_delta[r]);  // dS
       }
-    gemm_rs_nn<T, kBN, kD, kS>(dq, s, sK, scratch, lane);  // dQ += dS K
+    gemm_rs_nn<T, kBN, kD, kS>(dq, s, tK, scratch, lane);  // dQ += dS K
   }
+  cp_async_wait<0>();  // none pending at exit (kb_end = 0 leaves Q's and dO's copies unwaited)
   const float mul[2] = {p.scale, p.scale};
   store_slab<T, kD>(dq, mul, static_cast<T*>(p.dq) + bi * p.dq_batch_stride + h * p.dq_head_stride,
                     p.dq_row_stride, i0 + warp * 16, p.lq, p.d, lane);

@@ -21,6 +21,7 @@ struct Case {
   bool causal;
   Mask mask;
   float dropout;
+  int64_t kv_pad = 0;  // K and V rows padded to d + kv_pad elements (a strided view)
 };
 
 // Worst errors measured over these cases: fp32 o / lse 6.1e-7, dq / dk / dv 7.8e-6 (dk where
@@ -31,9 +32,12 @@ constexpr driver::Tolerance kFwd{2e-6, 8e-3, 1e-3}, kBwd{2e-5, 1e-2, 1.5e-3};
 template <typename T>
 void run(const Case& c) {
   const int64_t b = c.b, hq = c.hq, hkv = c.hkv, lq = c.lq, lk = c.lk, d = c.d, group = hq / hkv;
-  // q is a strided view, stored (B, LQ, HQ, D); the other tensors are contiguous (B, H, L, D).
-  std::vector<T> q = driver::random_tensor<T>(b * lq * hq * d), k = driver::random_tensor<T>(b * hkv * lk * d),
-                 v = driver::random_tensor<T>(b * hkv * lk * d), dO = driver::random_tensor<T>(b * hq * lq * d);
+  const int64_t ldk = d + c.kv_pad;
+  // q is a strided view, stored (B, LQ, HQ, D); k and v are (B, HKV, LK, D) with rows ldk
+  // apart (kv_pad > 0: a row length off the 16-byte chunks, with aligned rows); the other
+  // tensors are contiguous (B, H, L, D).
+  std::vector<T> q = driver::random_tensor<T>(b * lq * hq * d), k = driver::random_tensor<T>(b * hkv * lk * ldk),
+                 v = driver::random_tensor<T>(b * hkv * lk * ldk), dO = driver::random_tensor<T>(b * hq * lq * d);
   std::vector<T> o = driver::poisoned<T>(b * hq * lq * d), dq = driver::poisoned<T>(b * hq * lq * d),
                  dk = driver::poisoned<T>(b * hkv * lk * d), dv = driver::poisoned<T>(b * hkv * lk * d);
   std::vector<float> lse(b * hq * lq, NAN), delta(b * hq * lq, NAN);
@@ -66,8 +70,8 @@ void run(const Case& c) {
   p.b = b, p.hq = hq, p.hkv = hkv, p.lq = lq, p.lk = lk, p.d = d;
   p.q = q.data(), p.k = k.data(), p.v = v.data(), p.o = o.data();
   p.q_batch_stride = lq * hq * d, p.q_head_stride = d, p.q_row_stride = hq * d;
-  p.k_batch_stride = hkv * lk * d, p.k_head_stride = lk * d, p.k_row_stride = d;
-  p.v_batch_stride = hkv * lk * d, p.v_head_stride = lk * d, p.v_row_stride = d;
+  p.k_batch_stride = hkv * lk * ldk, p.k_head_stride = lk * ldk, p.k_row_stride = ldk;
+  p.v_batch_stride = hkv * lk * ldk, p.v_head_stride = lk * ldk, p.v_row_stride = ldk;
   p.o_batch_stride = hq * lq * d, p.o_head_stride = lq * d, p.o_row_stride = d;
   p.mask = mk, p.scale = scale, p.is_causal = c.causal, p.dropout_p = c.dropout, p.seed = seed;
   p.lse = lse.data();
@@ -95,8 +99,8 @@ void run(const Case& c) {
   // the exact Σ_j P dP instead, dK of a bf16 row with LK = 1 (dS = P (dP - Delta) = 0 exactly)
   // would measure only o's storage rounding, summed over every query row of the group.
   auto Q = [&](int64_t bi, int64_t h, int64_t i, int64_t e) { return load(q[bi * p.q_batch_stride + h * d + i * hq * d + e]); };
-  auto K = [&](int64_t bi, int64_t h, int64_t j, int64_t e) { return load(k[((bi * hkv + h) * lk + j) * d + e]); };
-  auto V = [&](int64_t bi, int64_t h, int64_t j, int64_t e) { return load(v[((bi * hkv + h) * lk + j) * d + e]); };
+  auto K = [&](int64_t bi, int64_t h, int64_t j, int64_t e) { return load(k[((bi * hkv + h) * lk + j) * ldk + e]); };
+  auto V = [&](int64_t bi, int64_t h, int64_t j, int64_t e) { return load(v[((bi * hkv + h) * lk + j) * ldk + e]); };
   auto G = [&](int64_t bi, int64_t h, int64_t i, int64_t e) { return load(dO[((bi * hq + h) * lq + i) * d + e]); };
   const double rp = c.dropout > 0 ? 1.0 / (1.0 - c.dropout) : 1.0;
   std::vector<double> ro(b * hq * lq * d, 0.0), rlse(b * hq * lq), rdq(b * hq * lq * d, 0.0),
@@ -148,9 +152,9 @@ void run(const Case& c) {
       }
 
   char config[160];
-  snprintf(config, sizeof config, "%-4s b=%ld hq=%ld hkv=%ld lq=%ld lk=%ld d=%ld causal=%d mask=%d p=%.1f",
-           driver::dtype_name<T>(), long(b), long(hq), long(hkv), long(lq), long(lk), long(d), int(c.causal),
-           int(c.mask), c.dropout);
+  snprintf(config, sizeof config, "%-4s b=%ld hq=%ld hkv=%ld lq=%ld lk=%ld d=%ld ldk=%ld causal=%d mask=%d p=%.1f",
+           driver::dtype_name<T>(), long(b), long(hq), long(hkv), long(lq), long(lk), long(d), long(ldk),
+           int(c.causal), int(c.mask), c.dropout);
   const double tol = driver::pick<T>(kFwd), tol_bwd = driver::pick<T>(kBwd);
   driver::report("o", config, driver::rel_error(o, ro), tol);
   double lse_err = 0.0;
@@ -166,7 +170,9 @@ void run(const Case& c) {
 
 // Every padded head dim (32, 64, 96, 128, 256) in every dtype family, d with zero-filled
 // columns (1, 20, 33, 40, 80, 100, 200), L = 1, LK = 0, Lq != Lk, lengths off the block
-// multiples, GQA and MQA, every mask kind with fully masked rows, causal, dropout.
+// multiples, GQA and MQA, every mask kind with fully masked rows, causal, dropout. Loads: the
+// 16-byte cp.async path (d = 40, 64, 80, 128, 200, 256), its partial chunks (kv_pad: d = 20,
+// 30, 36 in aligned rows) and the element-wise path (rows off 16 bytes: d = 1, 20, 33, 100).
 using M = Mask;
 const bool registered = [] {
   auto add = [](auto tag, Case c) { driver::cases().push_back([=] { run<decltype(tag)>(c); }); };
@@ -195,6 +201,9 @@ const bool registered = [] {
   add(bf, {2, 4, 1, 100, 190, 100, true, M::kBoolRows, 0.2f});
   add(f16, {1, 2, 2, 128, 128, 1, true, M::kKeyPadding, 0.f});
   add(f16, {1, 2, 1, 50, 60, 256, false, M::kNone, 0.f});
+  add(0.f, {1, 2, 1, 70, 90, 30, true, M::kKeyPadding, 0.f, 2});
+  add(bf, {1, 2, 2, 45, 140, 20, false, M::kAdditive, 0.f, 4});
+  add(f16, {2, 2, 1, 90, 66, 36, true, M::kNone, 0.f, 4});
   return true;
 }();
 

@@ -1,6 +1,6 @@
-// Warp-level mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 on the CPU, for
-// tests/cuda_emu (attention.cu's mma_16816 and ffn.cu's Mma<T>::run call it when
-// FUSEDFORMER_CUDA_EMULATION is set).
+// Warp-level mma.sync.aligned.m16n8k16.row.col.f32.{bf16,f16}.{bf16,f16}.f32 and
+// ldmatrix.sync.aligned.m8n8.x4[.trans].shared.b16 on the CPU, for tests/cuda_emu (the helpers
+// of csrc/cuda/tensor_core.cuh call these when FUSEDFORMER_CUDA_EMULATION is set).
 //
 // Each lane holds a fragment: A (16 x 16, row-major) in 4 registers of two 16-bit values, B
 // (16 x 8, column-major) in 2, C/D (16 x 8, fp32) in 4 floats. With lane = 4 · group + t
@@ -21,10 +21,13 @@
 
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
 
 #include "fibers.h"
 
 namespace emu {
+
+bool in_shared_memory(const void* p, size_t bytes);  // cuda_shim.h
 
 template <typename T>
 float half_to_float(uint16_t bits);  // defined by cuda_shim.h for __nv_bfloat16 and __half
@@ -58,6 +61,32 @@ inline void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uin
     double dot = 0.0;
     for (int k = 0; k < 16; ++k) dot += double(A[row][k]) * double(B[k][col]);
     c[i] = float(double(c[i]) + dot);
+  }
+}
+
+// ldmatrix.x4: lanes 8m .. 8m + 7 publish the addresses of rows 0 .. 7 of matrix m (16 bytes
+// each, 16-byte aligned, in the block's shared memory); register m of lane 4g + t receives the
+// 32 bits at byte 4t of row g of matrix m, or with .trans the 16-bit elements at byte 2g of
+// rows 2t (low half) and 2t + 1 (PTX ISA, "ldmatrix"). Every lane reads the rows the others
+// published, so a wrong row address in any lane corrupts other lanes' fragments, as on the
+// hardware. Memory is read between the two warp barriers, like any other shared-memory load.
+inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
+  if (reinterpret_cast<uintptr_t>(row) % 16 != 0) throw std::logic_error("emu: ldmatrix row address not 16-byte aligned");
+  if (!in_shared_memory(row, 16)) throw std::logic_error("emu: ldmatrix row outside shared memory");
+  warp_barrier();  // every lane has consumed the previous exchange
+  exchange_slots(lane_id())[0] = reinterpret_cast<uintptr_t>(row);
+  warp_barrier();  // every lane's row address is published
+  const int g = lane_id() >> 2, t = lane_id() & 3;
+  auto row_of = [](int m, int i) { return reinterpret_cast<const unsigned char*>(exchange_slots(8 * m + i)[0]); };
+  for (int m = 0; m < 4; ++m) {
+    if (!trans) {
+      memcpy(&r[m], row_of(m, g) + 4 * t, 4);
+    } else {
+      uint16_t lo, hi;
+      memcpy(&lo, row_of(m, 2 * t) + 2 * g, 2);
+      memcpy(&hi, row_of(m, 2 * t + 1) + 2 * g, 2);
+      r[m] = uint32_t(lo) | (uint32_t(hi) << 16);
+    }
   }
 }
 
