@@ -6,8 +6,9 @@ and is not emulated) and checked against an fp64 reference by the drivers there.
 The kernel source is the real file, read at test time: C++ has no syntax for a kernel launch or a
 __shared__ array, so `_emulated_source` rewrites exactly those (launches, `extern __shared__`,
 static `__shared__`) into calls of the emulator, and nothing else; the inline-PTX helpers that
-the emulator replaces (attention.cu's mma_16816, ffn.cu's Mma<T>::run and cp_async16 /
-cp_async_commit / cp_async_wait_all) call it under FUSEDFORMER_CUDA_EMULATION. cp.async copies
+the emulator replaces (csrc/cuda/tensor_core.cuh: mma_16816, ldmatrix_x4[_trans], cp_async16,
+cp_async_commit, cp_async_wait) call it under FUSEDFORMER_CUDA_EMULATION. ldmatrix reads the row
+addresses that the other lanes publish, as the hardware does; cp.async copies
 are queued per thread and land only at that thread's wait_group (cp_async.h), so a missing or
 misplaced wait reads stale shared memory (NaN poison or the previous stage).
 
@@ -16,7 +17,7 @@ attention driver runs twice, with the threads resumed in forward and in reverse 
 barrier (a missing barrier that one order hides shows in the other); layer_norm, softmax and ffn
 run once in a pseudo-random order. ffn covers forward and backward (y, pre, d_pre, dx, dw1, db1,
 dw2, db2) for relu / gelu / gelu_tanh / swiglu in fp32 (SIMT GEMM) and bf16 / fp16 (mma.sync with
-the cp.async pipeline, the transposed 16-byte loads and the scalar loads), with and without
+the cp.async pipeline into row tiles and k tiles, and the scalar loads), with and without
 biases, dropout 0 and 0.2, shapes off the tile multiples.
 Measured on the 2-core CI machine: 15.3 s for the whole module (18 s wall with the interpreter's
 start; builds about 4 s in parallel; ffn adds about 4 s: a 2.4 s build, 1.1 s per shard).

@@ -225,6 +225,8 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t ld, int6
                                           int64_t d, bool vec) {
   if (vec) {
     constexpr int kPer = 16 / int(sizeof(T)), kChunks = kRows * kD / kPer;
+    // Not unrolled: unrolled, a whole tile's chunk addresses stayed live across the loop and
+    // cost the bf16 D = 128 forward 66 registers (248 against 182, sm_90a ptxas).
 #pragma unroll 1
     for (int it = 0; it < (kChunks + kThreads - 1) / kThreads; ++it) {
       const int idx = threadIdx.x + it * kThreads;

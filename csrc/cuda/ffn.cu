@@ -12,10 +12,11 @@
 //
 // bf16 / fp16: tensor cores through inline PTX mma.sync.aligned.m16n8k16 (fp32 accumulate):
 //   block tile 128 x 128 x 32, 8 warps (2 x 4), warp tile 64 x 32 (4 x 4 mma tiles, 64 fp32
-//   accumulators per thread); A and B tiles double-buffered in shared memory (rows padded to
-//   40 halves: conflict-free 32-bit fragment reads), filled with 16-byte cp.async when the
-//   operand is K-contiguous and aligned, else by 16-byte loads transposed into shared memory
-//   (M/N-contiguous operands: G3-G6), else element by element (odd sizes, any alignment).
+//   accumulators per thread); A and B tiles double-buffered in shared memory, filled with
+//   16-byte cp.async chunks whenever the operand is aligned (any layout: a k-contiguous operand
+//   lands as a row tile, a row-contiguous one, G3-G6's transposed operands, as a k tile), else
+//   element by element (odd sizes, any alignment); fragments read with ldmatrix (.trans from k
+//   tiles), conflict-free.
 // fp32: a SIMT tiled GEMM (64 x 64 x 16 tiles, 4 x 4 outputs per thread, fp32 FMA): exact
 //   fp32 like the CPU reference (TF32 tensor cores would not meet fp32 tolerances).
 // Napkin math: FLOPs = 2·M·C·F1 + 2·M·F·C forward, twice that backward; at (8192, 4096,
@@ -33,6 +34,7 @@
 
 #include "../ffn.h"
 #include "common.cuh"
+#include "tensor_core.cuh"
 
 namespace fusedformer {
 namespace {
@@ -137,114 +139,96 @@ struct BwdDpreEpi {
 
 // ---- tensor-core GEMM (bf16 / fp16) -------------------------------------------------------
 
-constexpr int kBM = 128, kBN = 128, kBK = 32, kLds = kBK + 8;  // smem row: 40 halves = 80 B
-constexpr int kThreads = 256;                                   // 8 warps: 2 (M) x 4 (N)
-constexpr int kPairG = 16;  // swiglu: a warp's 32 columns = 16 gate units + the same 16 up
+constexpr int kBM = 128, kBN = 128, kBK = 32;
+constexpr int kThreads = 256;  // 8 warps: 2 (M) x 4 (N)
+constexpr int kPairG = 16;     // swiglu: a warp's 32 columns = 16 gate units + the same 16 up
+// Shared tiles come in two layouts, chosen by the operand's contiguous dim so that global
+// chunks land in shared memory as they are (no transposing stores), and the fragments come out
+// through ldmatrix, plain or .trans:
+//   row tile  (k-contiguous operand):   [kBM rows][kBK + 8] (80-byte rows)
+//   k tile    (row-contiguous operand): [kBK k][kBM + 8]    (272-byte rows)
+// Both paddings put the 8 rows of an ldmatrix matrix 4 banks apart: conflict-free reads.
+constexpr int kLdRow = kBK + 8, kLdK = kBM + 8;
+constexpr int kTileElems = kBM * kLdRow > kBK * kLdK ? kBM * kLdRow : kBK * kLdK;
+static_assert(kBM == kBN, "one tile size serves A and B");
 
-template <typename T>
-struct Mma;
-template <>
-struct Mma<__nv_bfloat16> {
-  __device__ __forceinline__ static void run(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-#if defined(FUSEDFORMER_CUDA_EMULATION)  // tests/cuda_emu: the same fragments, on the CPU
-    emu::mma_m16n8k16<__nv_bfloat16>(c, a, b[0], b[1]);
-#else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-  }
-};
-template <>
-struct Mma<__half> {
-  __device__ __forceinline__ static void run(float (&c)[4], const uint32_t (&a)[4], const uint32_t (&b)[2]) {
-#if defined(FUSEDFORMER_CUDA_EMULATION)  // tests/cuda_emu: the same fragments, on the CPU
-    emu::mma_m16n8k16<__half>(c, a, b[0], b[1]);
-#else
-    asm volatile(
-        "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-        "{%8,%9}, {%0,%1,%2,%3};\n"
-        : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
-#endif
-  }
-};
-
-#if defined(FUSEDFORMER_CUDA_EMULATION)  // tests/cuda_emu: per-thread queued copies (cp_async.h)
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  emu::cp_async16(smem, gmem, valid ? 16 : 0);
-}
-__device__ __forceinline__ void cp_async_commit() { emu::cp_async_commit_group(); }
-__device__ __forceinline__ void cp_async_wait_all() { emu::cp_async_wait_group(0); }
-#else
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  const int bytes = valid ? 16 : 0;  // 0: nothing read, the 16 bytes are zero-filled
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(bytes));
-}
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
-__device__ __forceinline__ void cp_async_wait_all() { asm volatile("cp.async.wait_group 0;\n" ::); }
-#endif
-
-template <typename T>
-struct alignas(16) Vec8 {
-  T v[8];
-};
-
-// Fills tile[t][kk] = op(map(t), k0 + kk) for t < 128, kk < 32 (zeros outside the operand).
-template <typename T>
-__device__ __forceinline__ void load_tile(T (*tile)[kLds], const Operand& op, const RowMap& map,
-                                          int64_t k0, int64_t K) {
+// Fills one stage's tile of an operand with op(map(t), k0 + kk) for t < 128, kk < 32 (zeros
+// outside the operand), in the layout of K_TILE (row tile when false, see above).
+template <typename T, bool K_TILE>
+__device__ __forceinline__ void load_tile(T* tile, const Operand& op, const RowMap& map, int64_t k0,
+                                          int64_t K) {
   const T* src = static_cast<const T*>(op.ptr);
   const int tid = threadIdx.x;
-  if (op.k_contig && op.vec) {  // 512 16-byte chunks, 2 per thread, asynchronous
+  if constexpr (!K_TILE) {
+    if (op.vec) {  // 512 16-byte chunks along k, 2 per thread, asynchronous
 #pragma unroll
-    for (int it = 0; it < 2; ++it) {
-      const int c = tid + it * kThreads, t = c >> 2, kk = (c & 3) * 8;
-      const int64_t r = map(t);
-      const bool valid = r >= 0 && k0 + kk < K;  // K % 8 == 0: a chunk is all in or all out
-      cp_async16(&tile[t][kk], valid ? src + r * op.ld + k0 + kk : src, valid);
-    }
-  } else if (op.k_contig) {  // element by element, coalesced along k
-#pragma unroll 4
-    for (int it = 0; it < kBM * kBK / kThreads; ++it) {
-      const int e = tid + it * kThreads, t = e >> 5, kk = e & 31;
-      const int64_t r = map(t);
-      tile[t][kk] = (r >= 0 && k0 + kk < K) ? src[r * op.ld + k0 + kk] : from_f<T>(0.f);
-    }
-  } else if (op.vec && map.g == 0) {  // M/N-contiguous: 16-byte loads, transposed into smem
-#pragma unroll
-    for (int it = 0; it < 2; ++it) {
-      const int c = tid + it * kThreads, kk = c >> 4, t0 = (c & 15) * 8;
-      const int64_t r = map.r0 + t0;
-      Vec8<T> v;
-      if (r < op.rows && k0 + kk < K) {  // rows % 8 == 0: all 8 rows in or out
-        v = *reinterpret_cast<const Vec8<T>*>(src + (k0 + kk) * op.ld + r);
-      } else {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) v.v[e] = from_f<T>(0.f);
+      for (int it = 0; it < 2; ++it) {
+        const int c = tid + it * kThreads, t = c >> 2, kk = (c & 3) * 8;
+        const int64_t r = map(t);
+        const bool valid = r >= 0 && k0 + kk < K;  // K % 8 == 0: a chunk is all in or all out
+        cp_async16(tile + t * kLdRow + kk, valid ? src + r * op.ld + k0 + kk : src, valid ? 16 : 0);
       }
-#pragma unroll
-      for (int e = 0; e < 8; ++e) tile[t0 + e][kk] = v.v[e];
-    }
-  } else {  // M/N-contiguous, element by element, coalesced along the rows
+    } else {  // element by element, coalesced along k
 #pragma unroll 4
-    for (int it = 0; it < kBM * kBK / kThreads; ++it) {
-      const int e = tid + it * kThreads, t = e & (kBM - 1), kk = e >> 7;
-      const int64_t r = map(t);
-      tile[t][kk] = (r >= 0 && k0 + kk < K) ? src[(k0 + kk) * op.ld + r] : from_f<T>(0.f);
+      for (int it = 0; it < kBM * kBK / kThreads; ++it) {
+        const int e = tid + it * kThreads, t = e >> 5, kk = e & 31;
+        const int64_t r = map(t);
+        tile[t * kLdRow + kk] = (r >= 0 && k0 + kk < K) ? src[r * op.ld + k0 + kk] : from_f<T>(0.f);
+      }
+    }
+  } else {
+    if (op.vec && map.g == 0) {  // 512 16-byte chunks along the rows, 2 per thread, asynchronous
+#pragma unroll
+      for (int it = 0; it < 2; ++it) {
+        const int c = tid + it * kThreads, kk = c >> 4, t0 = (c & 15) * 8;
+        const int64_t r = map.r0 + t0;
+        const bool valid = r < op.rows && k0 + kk < K;  // rows % 8 == 0: all 8 rows in or out
+        cp_async16(tile + kk * kLdK + t0, valid ? src + (k0 + kk) * op.ld + r : src, valid ? 16 : 0);
+      }
+    } else {  // element by element, coalesced along the rows
+#pragma unroll 4
+      for (int it = 0; it < kBM * kBK / kThreads; ++it) {
+        const int e = tid + it * kThreads, t = e & (kBM - 1), kk = e >> 7;
+        const int64_t r = map(t);
+        tile[kk * kLdK + t] = (r >= 0 && k0 + kk < K) ? src[(k0 + kk) * op.ld + r] : from_f<T>(0.f);
+      }
     }
   }
+}
+
+// The A fragments of m-tile rows [m, m + 16) and k-step [kk, kk + 16) (tensor_core.cuh layouts).
+template <bool K_TILE, typename T>
+__device__ __forceinline__ void load_a_frag(uint32_t (&a)[4], const T* tile, int m, int kk, int lane) {
+  if constexpr (!K_TILE) {  // row lane % 16 at k + 8 · (lane / 16)
+    ldmatrix_x4(a, tile + (m + (lane & 15)) * kLdRow + kk + 8 * (lane >> 4));
+  } else {  // matrix q = lane / 8 is (k + 8 · (q / 2), m + 8 · (q % 2)), transposed
+    const int q = lane >> 3, i = lane & 7;
+    ldmatrix_x4_trans(a, tile + (kk + i + 8 * (q >> 1)) * kLdK + m + 8 * (q & 1));
+  }
+}
+
+// The B fragments of n-tiles 2np and 2np + 1 (tile rows n + 16np .. n + 16np + 15) at k-step kk.
+template <bool K_TILE, typename T>
+__device__ __forceinline__ void load_b_frags(uint32_t (&b)[4][2], int np, const T* tile, int n, int kk,
+                                             int lane) {
+  n += 16 * np;
+  uint32_t r[4];
+  const int q = lane >> 3, i = lane & 7;
+  if constexpr (!K_TILE) {  // matrix q is (n + 8 · (q / 2), k + 8 · (q % 2))
+    ldmatrix_x4(r, tile + (n + i + 8 * (q >> 1)) * kLdRow + kk + 8 * (q & 1));
+  } else {  // matrix q is (k + 8 · (q % 2), n + 8 · (q / 2)), transposed
+    ldmatrix_x4_trans(r, tile + (kk + i + 8 * (q & 1)) * kLdK + n + 8 * (q >> 1));
+  }
+  b[2 * np][0] = r[0], b[2 * np][1] = r[1], b[2 * np + 1][0] = r[2], b[2 * np + 1][1] = r[3];
 }
 
 // C (M x N) = A (M x K) · B (N x K)ᵀ, epilogue per element (or per gate/up pair: PAIRED).
-template <typename T, typename Epi, bool PAIRED>
+// A_T / B_T: the operand is row-contiguous (element (r, k) at ptr[k · ld + r]): k tiles.
+template <typename T, typename Epi, bool PAIRED, bool A_T, bool B_T>
 __global__ void __launch_bounds__(kThreads) gemm_mma(Operand a, Operand b, int64_t M, int64_t N,
                                                      int64_t K, Epi epi) {
-  __shared__ __align__(16) T As[2][kBM][kLds];
-  __shared__ __align__(16) T Bs[2][kBN][kLds];
+  __shared__ __align__(16) T As[2][kTileElems];
+  __shared__ __align__(16) T Bs[2][kTileElems];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int wm = warp >> 2, wn = warp & 3;  // warp tile origin: (wm · 64, wn · 32)
   const int g = lane >> 2, t4 = lane & 3;   // mma fragment coordinates
@@ -263,39 +247,29 @@ __global__ void __launch_bounds__(kThreads) gemm_mma(Operand a, Operand b, int64
       for (int e = 0; e < 4; ++e) acc[i][j][e] = 0.f;
 
   const int64_t ktiles = (K + kBK - 1) / kBK;
-  load_tile<T>(As[0], a, amap, 0, K);
-  load_tile<T>(Bs[0], b, bmap, 0, K);
+  load_tile<T, A_T>(As[0], a, amap, 0, K);
+  load_tile<T, B_T>(Bs[0], b, bmap, 0, K);
   cp_async_commit();
   for (int64_t kt = 0; kt < ktiles; ++kt) {
     const int s = int(kt & 1);
-    cp_async_wait_all();  // stage s has landed (this thread's copies) ...
-    __syncthreads();      // ... and everyone's; stage s ^ 1 is no longer being read
+    cp_async_wait<0>();  // stage s has landed (this thread's copies) ...
+    __syncthreads();     // ... and everyone's; stage s ^ 1 is no longer being read
     if (kt + 1 < ktiles) {  // prefetch the next stage while this one is multiplied
-      load_tile<T>(As[s ^ 1], a, amap, (kt + 1) * kBK, K);
-      load_tile<T>(Bs[s ^ 1], b, bmap, (kt + 1) * kBK, K);
+      load_tile<T, A_T>(As[s ^ 1], a, amap, (kt + 1) * kBK, K);
+      load_tile<T, B_T>(Bs[s ^ 1], b, bmap, (kt + 1) * kBK, K);
       cp_async_commit();
     }
 #pragma unroll
     for (int kk = 0; kk < kBK; kk += 16) {
       uint32_t af[4][4], bf[4][2];
 #pragma unroll
-      for (int mt = 0; mt < 4; ++mt) {
-        const int r = wm * 64 + mt * 16 + g, c = kk + t4 * 2;
-        af[mt][0] = *reinterpret_cast<const uint32_t*>(&As[s][r][c]);
-        af[mt][1] = *reinterpret_cast<const uint32_t*>(&As[s][r + 8][c]);
-        af[mt][2] = *reinterpret_cast<const uint32_t*>(&As[s][r][c + 8]);
-        af[mt][3] = *reinterpret_cast<const uint32_t*>(&As[s][r + 8][c + 8]);
-      }
+      for (int mt = 0; mt < 4; ++mt) load_a_frag<A_T>(af[mt], As[s], wm * 64 + mt * 16, kk, lane);
 #pragma unroll
-      for (int nt = 0; nt < 4; ++nt) {
-        const int r = wn * 32 + nt * 8 + g, c = kk + t4 * 2;
-        bf[nt][0] = *reinterpret_cast<const uint32_t*>(&Bs[s][r][c]);
-        bf[nt][1] = *reinterpret_cast<const uint32_t*>(&Bs[s][r][c + 8]);
-      }
+      for (int np = 0; np < 2; ++np) load_b_frags<B_T>(bf, np, Bs[s], wn * 32, kk, lane);
 #pragma unroll
       for (int mt = 0; mt < 4; ++mt)
 #pragma unroll
-        for (int nt = 0; nt < 4; ++nt) Mma<T>::run(acc[mt][nt], af[mt], bf[nt]);
+        for (int nt = 0; nt < 4; ++nt) mma_16816<T>(acc[mt][nt], af[mt], bf[nt][0], bf[nt][1]);
     }
   }
 
@@ -439,9 +413,12 @@ void check_column_tiles(int64_t tiles, int64_t N) {
                              std::to_string(tiles) + " column tiles; the kernel supports 65535");
 }
 
-template <typename T, bool PAIRED = false, typename Epi>
+// A_T / B_T must match a.k_contig / b.k_contig (false / true): the call sites know their
+// layouts, so only the combinations in use are instantiated.
+template <typename T, bool A_T, bool B_T, bool PAIRED = false, typename Epi>
 void gemm(const Operand& a, const Operand& b, int64_t M, int64_t N, int64_t K, const Epi& epi,
           cudaStream_t stream) {
+  if (a.k_contig == A_T || b.k_contig == B_T) throw std::logic_error("ffn (cuda): operand layout mismatch");
   // N: output columns, or hidden units when PAIRED (each unit is two tile columns).
   if constexpr (std::is_same<T, float>::value) {
     const int64_t per = PAIRED ? kSBN / 2 : kSBN;
@@ -456,7 +433,7 @@ void gemm(const Operand& a, const Operand& b, int64_t M, int64_t N, int64_t K, c
     const int64_t per = PAIRED ? kBN / 2 : kBN;
     check_column_tiles((N + per - 1) / per, N);
     const dim3 grid(unsigned((M + kBM - 1) / kBM), unsigned((N + per - 1) / per));
-    gemm_mma<T, Epi, PAIRED><<<grid, kThreads, 0, stream>>>(a2, b2, M, N, K, epi);
+    gemm_mma<T, Epi, PAIRED, A_T, B_T><<<grid, kThreads, 0, stream>>>(a2, b2, M, N, K, epi);
   }
 }
 
@@ -467,13 +444,13 @@ void fwd(const FfnFwdParams& p, cudaStream_t stream) {
                            f, p.act, p.dropout_p, p.seed};
   const Operand x = operand<T>(p.x, m, c, true), w1 = operand<T>(p.w1, f1, c, true);
   if (p.act == FfnActivation::kSwiglu) {
-    gemm<T, true>(x, w1, m, f, c, e1, stream);  // G1, N = hidden units
+    gemm<T, false, false, true>(x, w1, m, f, c, e1, stream);  // G1, N = hidden units
   } else {
-    gemm<T>(x, w1, m, f, c, e1, stream);
+    gemm<T, false, false>(x, w1, m, f, c, e1, stream);
   }
   // G2: y = hidden w2ᵀ + b2
   const StoreEpi<T> e2{static_cast<T*>(p.y), c, static_cast<const T*>(p.b2)};
-  gemm<T>(operand<T>(p.hidden, m, f, true), operand<T>(p.w2, c, f, true), m, c, f, e2, stream);
+  gemm<T, false, false>(operand<T>(p.hidden, m, f, true), operand<T>(p.w2, c, f, true), m, c, f, e2, stream);
 }
 
 template <typename T>
@@ -482,15 +459,15 @@ void bwd(const FfnBwdParams& p, cudaStream_t stream) {
   // G3: d_hidden (m, f) = dy (m, c) · w2 (c, f): B(n = f, k = c) = w2[c · f + n], transposed.
   const BwdDpreEpi<T> e3{static_cast<const T*>(p.pre), static_cast<T*>(p.d_pre),
                          static_cast<T*>(p.hidden), f, p.act, p.dropout_p, p.seed};
-  gemm<T>(operand<T>(p.dy, m, c, true), operand<T>(p.w2, f, f, false), m, f, c, e3, stream);
+  gemm<T, false, true>(operand<T>(p.dy, m, c, true), operand<T>(p.w2, f, f, false), m, f, c, e3, stream);
   // G4: dx (m, c) = d_pre (m, f1) · w1 (f1, c)
-  gemm<T>(operand<T>(p.d_pre, m, f1, true), operand<T>(p.w1, c, c, false), m, c, f1,
+  gemm<T, false, true>(operand<T>(p.d_pre, m, f1, true), operand<T>(p.w1, c, c, false), m, c, f1,
           StoreEpi<T>{static_cast<T*>(p.dx), c, nullptr}, stream);
   // G5: dw1 (f1, c) = d_preᵀ · x: A(i = f1, k = m) and B(n = c, k = m), both transposed
-  gemm<T>(operand<T>(p.d_pre, f1, f1, false), operand<T>(p.x, c, c, false), f1, c, m,
+  gemm<T, true, true>(operand<T>(p.d_pre, f1, f1, false), operand<T>(p.x, c, c, false), f1, c, m,
           StoreEpi<T>{static_cast<T*>(p.dw1), c, nullptr}, stream);
   // G6: dw2 (c, f) = dyᵀ · hidden
-  gemm<T>(operand<T>(p.dy, c, c, false), operand<T>(p.hidden, f, f, false), c, f, m,
+  gemm<T, true, true>(operand<T>(p.dy, c, c, false), operand<T>(p.hidden, f, f, false), c, f, m,
           StoreEpi<T>{static_cast<T*>(p.dw2), f, nullptr}, stream);
   if (p.db1)
     colsum<T><<<unsigned((f1 + 31) / 32), 256, 0, stream>>>(static_cast<const T*>(p.d_pre), m, f1,

@@ -1,5 +1,5 @@
 // cp.async (sm_80 asynchronous global -> shared copies) on the CPU, for tests/cuda_emu
-// (ffn.cu's cp_async16 / cp_async_commit / cp_async_wait_all call these when
+// (csrc/cuda/tensor_core.cuh's cp_async16 / cp_async_commit / cp_async_wait<N> call these when
 // FUSEDFORMER_CUDA_EMULATION is set).
 //
 // PTX semantics kept (PTX ISA, "cp.async", "cp.async.commit_group", "cp.async.wait_group"):
