@@ -19,8 +19,8 @@ run once in a pseudo-random order. ffn covers forward and backward (y, pre, d_pr
 dw2, db2) for relu / gelu / gelu_tanh / swiglu in fp32 (SIMT GEMM) and bf16 / fp16 (mma.sync with
 the cp.async pipeline into row tiles and k tiles, and the scalar loads), with and without
 biases, dropout 0 and 0.2, shapes off the tile multiples.
-Measured on the 2-core CI machine: 15.3 s for the whole module (18 s wall with the interpreter's
-start; builds about 4 s in parallel; ffn adds about 4 s: a 2.4 s build, 1.1 s per shard).
+Measured on the 2-core CI machine: 19 s for the whole module (22 s wall with the interpreter's
+start), most of it the attention driver's two orders.
 """
 import concurrent.futures
 import os
