@@ -109,6 +109,13 @@ inline int main(int argc, char** argv) {
     rng.seed(unsigned(123 + i));  // a case draws the same inputs whatever the sharding
     cases()[i]();
   }
+  const emu::LdmatrixStats& lm = emu::ldmatrix_stats;
+  if (lm.matrices > 0) {
+    const bool ok = lm.extra_wavefronts == 0;
+    if (!ok) ++failures;
+    printf("%s ldmatrix: %llu 8x8 matrices, %llu extra wavefronts (shared-memory bank conflicts)\n",
+           ok ? "ok  " : "FAIL", (unsigned long long)lm.matrices, (unsigned long long)lm.extra_wavefronts);
+  }
   printf("%d failures\n", failures);
   fflush(stdout);
   return failures != 0;

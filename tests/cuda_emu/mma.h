@@ -19,6 +19,7 @@
 // tests compare against an fp64 reference with a tolerance for the 16-bit operands.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 #include <cstring>
 #include <stdexcept>
@@ -64,6 +65,39 @@ inline void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uin
   }
 }
 
+// Shared-memory bank conflicts of ldmatrix, the shared-memory read of the tensor-core paths:
+// each 8 x 16-byte matrix is one 128-byte request, served in as many wavefronts as the largest
+// number of distinct 4-byte words that any one of the 32 banks holds among its 8 rows (one when
+// the rows cover all banks once). Counted per warp instruction by lane 0; bank = (address / 4)
+// mod 32 on the host address is the device's up to a constant rotation, since shared buffers
+// and row addresses are 16-byte aligned. The drivers fail a run with any extra wavefront: the
+// kernels pad their rows so that there are none.
+struct LdmatrixStats {
+  uint64_t matrices = 0, extra_wavefronts = 0;
+};
+inline LdmatrixStats ldmatrix_stats;
+
+inline void count_ldmatrix_wavefronts() {
+  for (int m = 0; m < 4; ++m) {
+    uintptr_t words[32][8];
+    int n[32] = {};
+    int most = 0;
+    for (int i = 0; i < 8; ++i) {
+      const uintptr_t row = uintptr_t(exchange_slots(8 * m + i)[0]);
+      for (int w = 0; w < 4; ++w) {
+        const uintptr_t word = row / 4 + w;
+        const int bank = int(word % 32);
+        bool seen = false;
+        for (int x = 0; x < n[bank]; ++x) seen |= words[bank][x] == word;
+        if (!seen) words[bank][n[bank]++] = word;
+        most = std::max(most, n[bank]);
+      }
+    }
+    ++ldmatrix_stats.matrices;
+    ldmatrix_stats.extra_wavefronts += uint64_t(most - 1);
+  }
+}
+
 // ldmatrix.x4: lanes 8m .. 8m + 7 publish the addresses of rows 0 .. 7 of matrix m (16 bytes
 // each, 16-byte aligned, in the block's shared memory); register m of lane 4g + t receives the
 // 32 bits at byte 4t of row g of matrix m, or with .trans the 16-bit elements at byte 2g of
@@ -76,6 +110,7 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* row, bool trans) {
   warp_barrier();  // every lane has consumed the previous exchange
   exchange_slots(lane_id())[0] = reinterpret_cast<uintptr_t>(row);
   warp_barrier();  // every lane's row address is published
+  if (lane_id() == 0) count_ldmatrix_wavefronts();
   const int g = lane_id() >> 2, t = lane_id() & 3;
   auto row_of = [](int m, int i) { return reinterpret_cast<const unsigned char*>(exchange_slots(8 * m + i)[0]); };
   for (int m = 0; m < 4; ++m) {
