@@ -13,7 +13,7 @@ MAX_JOBS  ?= 2
 GPU_PY    ?= python3
 OUT       ?= gpu-results
 
-.PHONY: demo test build bench gpu-check gpu-bench clean
+.PHONY: demo test build bench ptxas-report gpu-check gpu-bench clean
 
 $(STAMP): requirements.txt
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -34,6 +34,10 @@ test: $(BUILT)
 
 bench: $(BUILT)
 	$(PY) -m pytest bench -q --benchmark-only --benchmark-json=bench/results/cpu-latest.json
+
+# Registers, spills and static shared memory of every CUDA kernel (ptxas, -O3); needs nvcc only.
+ptxas-report: $(STAMP)
+	$(PY) bench/ptxas_report.py --arch 90a --out bench/results/ptxas-sm_90a.txt
 
 # Device time is short (15 min a session, machine start included; 10 min a command), so each
 # stage has its own time limit and writes to $(OUT) as it goes: what finished comes back even

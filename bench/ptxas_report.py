@@ -1,0 +1,82 @@
+"""Registers, spills and static shared memory of every CUDA kernel, as ptxas reports them for
+the release build's flags (-O3), without a GPU: the resource side of the napkin math, and a
+baseline that a kernel change can be compared against before any GPU time is spent.
+
+    python bench/ptxas_report.py [--arch 90a] [--out bench/results/ptxas-sm_90a.txt]
+
+Registers bound occupancy (65536 per SM, allocated per warp in units of 256): a 128-thread
+block at 168 registers or fewer fits 3 per SM, at 255 only 2. Spill stores go to local memory
+(L1-cached) and are the first thing to look at when a kernel is slower than its FLOPs say.
+"""
+from __future__ import annotations
+
+import argparse
+import pathlib
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+def _demangle(names: list[str]) -> list[str]:
+    out = subprocess.run(["c++filt"], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+    clean = []
+    for name in out:
+        name = re.sub(r"fusedformer::\(anonymous namespace\)::", "", name)
+        name = re.sub(r"\((?:fusedformer::)?\w+(?:Params)?\)$", "", name)  # the one params argument
+        clean.append(name.replace("__nv_bfloat16", "bf16").replace("__half", "fp16"))
+    return clean
+
+
+def report(cu: pathlib.Path, arch: str, nvcc: str) -> list[tuple[str, int, int, int, int]]:
+    """(kernel, registers, spill stores, spill loads, static smem bytes) per entry function."""
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [nvcc, "-c", str(cu), "-o", str(pathlib.Path(tmp) / "k.o"), "-std=c++17", "-O3",
+               f"-I{ROOT / 'csrc'}", "--expt-relaxed-constexpr", "-DFUSEDFORMER_WITH_CUDA=1",
+               f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v"]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.exit(f"{' '.join(cmd)}\n{proc.stderr[-4000:]}")
+    rows, current = {}, None
+    for line in proc.stderr.splitlines():
+        if m := re.search(r"Compiling entry function '(\S+)'", line):
+            current = m.group(1)
+            rows[current] = [0, None, 0, 0]
+        elif current and (m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)):
+            if rows[current][1] is None:  # the entry's own line, not a callee's that follows
+                rows[current][1:3] = [int(m.group(1)), int(m.group(2))]
+        elif current and (m := re.search(r"Used (\d+) registers", line)):
+            rows[current][0] = int(m.group(1))
+            if s := re.search(r"(\d+) bytes smem", line):
+                rows[current][3] = int(s.group(1))
+    names = _demangle(list(rows))
+    return sorted((n, r[0], r[1] or 0, r[2], r[3]) for n, r in zip(names, rows.values()))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--arch", default="90a")
+    parser.add_argument("--out", type=pathlib.Path)
+    args = parser.parse_args()
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        sys.exit("nvcc not found on PATH")
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
+    git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    lines = [f"# ptxas -v, sm_{args.arch}, -O3; {version}; git {git}",
+             f"{'regs':>5} {'spill st':>9} {'spill ld':>9} {'static smem':>12}  kernel"]
+    for cu in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):
+        lines.append(f"# {cu.relative_to(ROOT)}")
+        for name, regs, st, ld, smem in report(cu, args.arch, nvcc):
+            lines.append(f"{regs:>5} {st:>9} {ld:>9} {smem:>12}  {name}")
+    text = "\n".join(lines) + "\n"
+    print(text, end="")
+    if args.out:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
