@@ -265,6 +265,17 @@ __device__ __forceinline__ float masked_score(float qk, const AttentionMask& mas
   return s;
 }
 
+// Whether every score of the tile's query rows [i0, i0 + rows) and keys [j0, j0 + cols) that
+// can matter is just q·k · scale: no mask, every key in range, the tile wholly on or below the
+// causal diagonal. Query rows past LQ need no check: their q rows are zero-filled, their
+// outputs never stored, and the backward's P is 0 there (lse = +inf, load_row_stats). Interior
+// tiles, all but the last key block and the causal diagonal's, skip masked_score's
+// per-element 64-bit index math; the flag is block-uniform, so the branch never diverges.
+template <typename P>
+__device__ __forceinline__ bool tile_interior(const P& p, int64_t i0, int64_t j0, int cols) {
+  return p.mask.kind == MaskKind::kNone && j0 + cols <= p.lk && (!p.is_causal || j0 + cols - 1 <= i0);
+}
+
 // Philox keep bit of score (bi, h, i, j) (csrc/philox.h), out of line: inlined into every
 // element of the unrolled tiles it multiplied code size and compile time, and it only runs
 // when dropout_p > 0.
@@ -355,12 +366,14 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
 
     float s[kBN / 8][4] = {};
     gemm_nt<T, kD, kBN, kS>(s, sQ + warp * 16 * kS, tK, lane);
+    const bool interior = tile_interior(p, i0, j0, kBN);
 #pragma unroll
     for (int nt = 0; nt < kBN / 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e)
-        s[nt][e] = masked_score<T>(s[nt][e], p.mask, p.scale, p.is_causal, p.lq, p.lk, bi, h,
-                                   i0 + warp * 16 + g + 8 * (e >> 1), j0 + nt * 8 + 2 * t + (e & 1));
+        s[nt][e] = interior ? s[nt][e] * p.scale
+                            : masked_score<T>(s[nt][e], p.mask, p.scale, p.is_causal, p.lq, p.lk, bi, h,
+                                              i0 + warp * 16 + g + 8 * (e >> 1), j0 + nt * 8 + 2 * t + (e & 1));
 
     // Online softmax; the 4 lanes of a quad share rows g and g + 8.
 #pragma unroll
@@ -508,13 +521,15 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
     float st[kBM / 8][4] = {}, dpt[kBM / 8][4] = {};
     gemm_nt<T, kD, kBM, kS>(st, sK + warp * 16 * kS, tQ, lane);    // Sᵀ = K Qᵀ
     gemm_nt<T, kD, kBM, kS>(dpt, sV + warp * 16 * kS, tdO, lane);  // dPᵀ = V dOᵀ
+    const bool interior = tile_interior(p, i0, j0, kBN);
 #pragma unroll
     for (int nt = 0; nt < kBM / 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int c = nt * 8 + 2 * t + (e & 1);  // query row within the tile
         const int64_t i = i0 + c, j = j0 + warp * 16 + g + 8 * (e >> 1);
-        const float s = masked_score<T>(st[nt][e], p.mask, p.scale, p.is_causal, p.lq, p.lk, bi, h, i, j);
+        const float s = interior ? st[nt][e] * p.scale
+                                 : masked_score<T>(st[nt][e], p.mask, p.scale, p.is_causal, p.lq, p.lk, bi, h, i, j);
         const float pe = __expf(s - t_lse[c]);
         const bool keep = !dropout || (i < p.lq && j < p.lk &&
                                        keep_bit(p.seed, bi, h, i, j, p.hq, p.lq, p.lk, p.dropout_p));
@@ -593,13 +608,15 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
     float s[kBN / 8][4] = {}, dp[kBN / 8][4] = {};
     gemm_nt<T, kD, kBN, kS>(s, sQ + warp * 16 * kS, tK, lane);    // S = Q Kᵀ
     gemm_nt<T, kD, kBN, kS>(dp, sdO + warp * 16 * kS, tV, lane);  // dP = dO Vᵀ
+    const bool interior = tile_interior(p, i0, j0, kBN);
 #pragma unroll
     for (int nt = 0; nt < kBN / 8; ++nt)
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = warp * 16 + g + 8 * (e >> 1);  // query row within the block
         const int64_t i = i0 + r, j = j0 + nt * 8 + 2 * t + (e & 1);
-        const float sc = masked_score<T>(s[nt][e], p.mask, p.scale, p.is_causal, p.lq, p.lk, bi, h, i, j);
+        const float sc = interior ? s[nt][e] * p.scale
+                                  : masked_score<T>(s[nt][e], p.mask, p.scale, p.is_causal, p.lq, p.lk, bi, h, i, j);
         const float pe = __expf(sc - s_lse[r]);
         const bool keep = !dropout || (i < p.lq && j < p.lk &&
                                        keep_bit(p.seed, bi, h, i, j, p.hq, p.lq, p.lk, p.dropout_p));
