@@ -26,7 +26,7 @@ def _demangle(names: list[str]) -> list[str]:
     clean = []
     for name in out:
         name = re.sub(r"fusedformer::\(anonymous namespace\)::", "", name)
-        name = re.sub(r"\((?:fusedformer::)?\w+(?:Params)?\)$", "", name)  # the one params argument
+        name = re.sub(r"(?<=>)\(.*\)$", "", name)  # the argument list after the template arguments
         clean.append(name.replace("__nv_bfloat16", "bf16").replace("__half", "fp16"))
     return clean
 

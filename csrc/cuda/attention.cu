@@ -10,8 +10,9 @@
 //   attention_bwd_dq_kernel     (query blocks, HQ, B)   dQ: loops over the key blocks
 // Every output element is summed by one thread in a fixed order: deterministic, no atomics.
 //
-// Warp tiling: each warp owns 16 rows of its block (queries, or keys in dK/dV) and holds that
-// 16 x N slab of scores and its 16 x D accumulators in registers, in the C-fragment layout of
+// Warp tiling: each warp owns kMT m-tiles of 16 rows of its block (queries, or keys in dK/dV;
+// kMT = 2 in the 16-bit forward at D <= 128, else 1) and holds their 16 x N slabs of scores
+// and 16 x D accumulators in registers, in the C-fragment layout of
 // `mma.sync.aligned.m16n8k16` (lane = 4 · group + t: rows group and group + 8, columns
 // 2t, 2t + 1 of each 8-column tile). Two warp-level products cover all four GEMMs of FA2:
 //   gemm_nt:    acc(16 x N) += A(16 x K) · Btᵀ   A, Bt row-major in shared memory (K contiguous)
@@ -94,8 +95,17 @@ struct Traits {
   static constexpr int kStages = kTensorCores ? 2 : 1;
   static constexpr int kWarps = kD <= 128 ? 4 : 2;  // D = 256: fewer rows, to fit registers
   static constexpr int kThreads = 32 * kWarps;
-  static constexpr int kBlockM = 16 * kWarps;          // query rows: fwd and dQ blocks
-  static constexpr int kBlockN = kD <= 128 ? 64 : 32;  // keys per inner tile: fwd and dQ
+  // Forward, 16-bit, D <= 128: each warp owns two 16-row m-tiles (as FlashAttention-2's
+  // 128 x 64 tiles with 4 warps), so every K and V fragment read from shared memory feeds two
+  // mma instead of one. Shared-memory bandwidth, not the tensor cores, bounds a one-m-tile
+  // warp on sm_90 (320 bytes read per 4096-FLOP mma at 128 B/clk); two m-tiles cut it to 192.
+  static constexpr int kFwdMTiles = kTensorCores && kD <= 128 ? 2 : 1;
+  static constexpr int kFwdBlockM = 16 * kFwdMTiles * kWarps;  // query rows of a forward block
+  static constexpr int kBlockM = 16 * kWarps;                  // query rows of a dQ block
+  static constexpr int kBlockN = kD <= 128 ? 64 : 32;  // keys per inner tile of dQ
+  // Keys per inner tile of the forward: at D = 128 two m-tiles hold 128 accumulators a thread,
+  // and 64-key score slabs pushed the kernel past 255 registers (432 bytes of spills, sm_90a).
+  static constexpr int kFwdBlockN = kFwdMTiles == 2 && kD == 128 ? 32 : kBlockN;
   static constexpr int kBwdBlockN = 16 * kWarps;       // key rows of a dK/dV block
   static constexpr int kBwdBlockM = 32;                // queries per inner tile of dK/dV
   // Shared rows padded by 16 bytes: the 8 rows that one ldmatrix matrix (or one fp32 fragment
@@ -107,12 +117,14 @@ struct Traits {
   static constexpr int kScratchWarpFloats = 16 * (kScratchCols + 4);
   static constexpr int kScratchBytes = kTensorCores ? 0 : kWarps * kScratchWarpFloats * 4;
   static constexpr int kRowBytes = kStride * int(sizeof(T));  // one shared tile row
-  static constexpr int kFwdSmem = (kBlockM + 2 * kStages * kBlockN) * kRowBytes + kScratchBytes;
+  static constexpr int kFwdSmem = (kFwdBlockM + 2 * kStages * kFwdBlockN) * kRowBytes + kScratchBytes;
   static constexpr int kDqSmem =
       (2 * kBlockM + 2 * kStages * kBlockN) * kRowBytes + 2 * kBlockM * 4 + kScratchBytes;
   static constexpr int kDkdvSmem =
       (2 * kBwdBlockN + 2 * kStages * kBwdBlockM) * kRowBytes + 2 * kStages * kBwdBlockM * 4 + kScratchBytes;
-  static_assert(kD % 16 == 0 && kBlockN % 16 == 0 && kBwdBlockM % 16 == 0, "mma k-steps of 16");
+  static_assert(kD % 16 == 0 && kBlockN % 16 == 0 && kFwdBlockN % 16 == 0 && kBwdBlockM % 16 == 0,
+                "mma k-steps of 16");
+  static_assert(kFwdBlockN <= kScratchCols, "the fp32 scratch holds a forward P slab");
   static_assert(kRowBytes % 16 == 0, "16-byte cp.async chunks and ldmatrix rows");
   // Every tile must fit the smallest target's opt-in shared memory per block (sm_80: 163 KiB;
   // sm_90: 227 KiB), or its launch would fail at run time. The largest: fp32 D = 128 dQ,
@@ -121,9 +133,11 @@ struct Traits {
                 "a tile over sm_80's shared memory per block");
 };
 
-// acc(16 x kN) += A(16 x kK) · Btᵀ, A and Bt (kN x kK) row-major in shared memory.
-template <typename T, int kK, int kN, int kStride>
-__device__ __forceinline__ void gemm_nt(float (&acc)[kN / 8][4], const T* A, const T* Bt, int lane) {
+// acc[mt](16 x kN) += A[mt](16 x kK) · Btᵀ for the warp's kMT m-tiles (A rows 16 · mt ..), A and
+// Bt (kN x kK) row-major in shared memory. Each B fragment pair is loaded once for all kMT
+// m-tiles: with two, the shared-memory bytes per mma drop from 320 to 192 (B 256 -> 128).
+template <typename T, int kK, int kN, int kStride, int kMT>
+__device__ __forceinline__ void gemm_nt(float (&acc)[kMT][kN / 8][4], const T* A, const T* Bt, int lane) {
   if constexpr (!std::is_same_v<T, float>) {
     static_assert(kN % 16 == 0, "one ldmatrix moves the B fragments of two n-tiles");
     // This lane's ldmatrix rows (tensor_core.cuh). A: row lane % 16 at k + 8 · (lane / 16)
@@ -133,39 +147,46 @@ __device__ __forceinline__ void gemm_nt(float (&acc)[kN / 8][4], const T* A, con
     const T* b_row = Bt + ((lane & 7) + 8 * (lane >> 4)) * kStride + 8 * ((lane >> 3) & 1);
 #pragma unroll
     for (int kk = 0; kk < kK; kk += 16) {
-      uint32_t a[4];
-      ldmatrix_x4(a, a_row + kk);
+      uint32_t a[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) ldmatrix_x4(a[mt], a_row + mt * 16 * kStride + kk);
 #pragma unroll
       for (int np = 0; np < kN / 16; ++np) {
         uint32_t b[4];
         ldmatrix_x4(b, b_row + np * 16 * kStride + kk);
-        mma_16816<T>(acc[2 * np], a, b[0], b[1]);
-        mma_16816<T>(acc[2 * np + 1], a, b[2], b[3]);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          mma_16816<T>(acc[mt][2 * np], a[mt], b[0], b[1]);
+          mma_16816<T>(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
+        }
       }
     }
   } else {
     const int g = lane >> 2, t = lane & 3;
 #pragma unroll
-    for (int nt = 0; nt < kN / 8; ++nt) {
+    for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float* a = A + (g + 8 * (e >> 1)) * kStride;
-        const float* b = Bt + (nt * 8 + 2 * t + (e & 1)) * kStride;
-        float s = 0.f;
+      for (int nt = 0; nt < kN / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float* a = A + (16 * mt + g + 8 * (e >> 1)) * kStride;
+          const float* b = Bt + (nt * 8 + 2 * t + (e & 1)) * kStride;
+          float s = 0.f;
 #pragma unroll 4
-        for (int k = 0; k < kK; ++k) s += a[k] * b[k];
-        acc[nt][e] += s;
+          for (int k = 0; k < kK; ++k) s += a[k] * b[k];
+          acc[mt][nt][e] += s;
+        }
       }
-    }
   }
 }
 
-// acc(16 x kN) += P(16 x kK) · B, P a register slab in the accumulator layout, B (kK x kN)
-// row-major in shared memory. fp32: P goes through the warp's scratch (16 x kK floats, row
-// stride kK + 4: the 8 rows a step reads start in distinct banks; unpadded, kK = 32 or 64 put
-// them all in one, an 8-way conflict).
-template <typename T, int kK, int kN, int kStride>
-__device__ __forceinline__ void gemm_rs_nn(float (&acc)[kN / 8][4], const float (&P)[kK / 8][4],
+// acc[mt](16 x kN) += P[mt](16 x kK) · B for the warp's kMT m-tiles, P register slabs in the
+// accumulator layout, B (kK x kN) row-major in shared memory, each B fragment pair loaded once
+// for all m-tiles. fp32: P goes through the warp's scratch (16 x kK floats, row stride kK + 4:
+// the 8 rows a step reads start in distinct banks; unpadded, kK = 32 or 64 put them all in one,
+// an 8-way conflict), one m-tile at a time.
+template <typename T, int kK, int kN, int kStride, int kMT>
+__device__ __forceinline__ void gemm_rs_nn(float (&acc)[kMT][kN / 8][4], const float (&P)[kMT][kK / 8][4],
                                            const T* B, float* scratch, int lane) {
   const int g = lane >> 2, t = lane & 3;
   if constexpr (!std::is_same_v<T, float>) {
@@ -175,34 +196,48 @@ __device__ __forceinline__ void gemm_rs_nn(float (&acc)[kN / 8][4], const float 
     const T* b_row = B + (lane & 15) * kStride + 8 * (lane >> 4);
 #pragma unroll
     for (int kc = 0; kc < kK / 16; ++kc) {
-      const uint32_t a[4] = {pack2<T>(P[2 * kc][0], P[2 * kc][1]), pack2<T>(P[2 * kc][2], P[2 * kc][3]),
-                             pack2<T>(P[2 * kc + 1][0], P[2 * kc + 1][1]),
-                             pack2<T>(P[2 * kc + 1][2], P[2 * kc + 1][3])};
+      uint32_t a[kMT][4];
+#pragma unroll
+      for (int mt = 0; mt < kMT; ++mt) {
+        const float(&p0)[4] = P[mt][2 * kc];
+        const float(&p1)[4] = P[mt][2 * kc + 1];
+        a[mt][0] = pack2<T>(p0[0], p0[1]);
+        a[mt][1] = pack2<T>(p0[2], p0[3]);
+        a[mt][2] = pack2<T>(p1[0], p1[1]);
+        a[mt][3] = pack2<T>(p1[2], p1[3]);
+      }
 #pragma unroll
       for (int np = 0; np < kN / 16; ++np) {
         uint32_t b[4];
         ldmatrix_x4_trans(b, b_row + kc * 16 * kStride + np * 16);
-        mma_16816<T>(acc[2 * np], a, b[0], b[1]);
-        mma_16816<T>(acc[2 * np + 1], a, b[2], b[3]);
+#pragma unroll
+        for (int mt = 0; mt < kMT; ++mt) {
+          mma_16816<T>(acc[mt][2 * np], a[mt], b[0], b[1]);
+          mma_16816<T>(acc[mt][2 * np + 1], a[mt], b[2], b[3]);
+        }
       }
     }
   } else {
-    __syncwarp();
 #pragma unroll
-    for (int nt = 0; nt < kK / 8; ++nt)
+    for (int mt = 0; mt < kMT; ++mt) {
+      __syncwarp();
 #pragma unroll
-      for (int e = 0; e < 4; ++e) scratch[(g + 8 * (e >> 1)) * (kK + 4) + nt * 8 + 2 * t + (e & 1)] = P[nt][e];
-    __syncwarp();
+      for (int nt = 0; nt < kK / 8; ++nt)
 #pragma unroll
-    for (int nt = 0; nt < kN / 8; ++nt) {
+        for (int e = 0; e < 4; ++e)
+          scratch[(g + 8 * (e >> 1)) * (kK + 4) + nt * 8 + 2 * t + (e & 1)] = P[mt][nt][e];
+      __syncwarp();
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const float* p = scratch + (g + 8 * (e >> 1)) * (kK + 4);
-        const float* b = B + nt * 8 + 2 * t + (e & 1);
-        float s = 0.f;
+      for (int nt = 0; nt < kN / 8; ++nt) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const float* p = scratch + (g + 8 * (e >> 1)) * (kK + 4);
+          const float* b = B + nt * 8 + 2 * t + (e & 1);
+          float s = 0.f;
 #pragma unroll 4
-        for (int k = 0; k < kK; ++k) s += p[k] * b[k * kStride];
-        acc[nt][e] += s;
+          for (int k = 0; k < kK; ++k) s += p[k] * b[k * kStride];
+          acc[mt][nt][e] += s;
+        }
       }
     }
   }
@@ -318,7 +353,8 @@ template <typename T, int kD>
 __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
     attention_fwd_kernel(const AttentionFwdParams p) {
   using Tr = Traits<T, kD>;
-  constexpr int kBM = Tr::kBlockM, kBN = Tr::kBlockN, kS = Tr::kStride, kStages = Tr::kStages;
+  constexpr int kBM = Tr::kFwdBlockM, kBN = Tr::kFwdBlockN, kS = Tr::kStride, kStages = Tr::kStages;
+  constexpr int kMT = Tr::kFwdMTiles;  // 16-row m-tiles per warp
   extern __shared__ __align__(16) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
   T* sK = sQ + kBM * kS;              // kStages tiles of kBN rows
@@ -339,8 +375,12 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
     load_tile<T, kBN, kD, kS, Tr::kThreads>(sV + stage * kBN * kS, v_head, p.v_row_stride, kb * kBN, p.lk, p.d, v_vec);
   };
 
-  float acc[kD / 8][4] = {};
-  float m[2] = {-kInf, -kInf}, l[2] = {0.f, 0.f};  // rows g and g + 8 of this warp's slab
+  // This warp's query rows: row0 + 16 · mt + g (+ 8), mt < kMT.
+  const int64_t row0 = i0 + warp * 16 * kMT;
+  float acc[kMT][kD / 8][4] = {};
+  float m[kMT][2], l[kMT][2];  // rows g and g + 8 of each m-tile
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) m[mt][0] = m[mt][1] = -kInf, l[mt][0] = l[mt][1] = 0.f;
   const int64_t nkb = ceil_div(p.lk, kBN);
   const int64_t kb_end = p.is_causal ? min(nkb, ceil_div(min(i0 + kBM, p.lq), kBN)) : nkb;
   load_tile<T, kBM, kD, kS, Tr::kThreads>(sQ, q_head, p.q_row_stride, i0, p.lq, p.d,
@@ -364,62 +404,68 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
     const T* tK = sK + stage * kBN * kS;
     const T* tV = sV + stage * kBN * kS;
 
-    float s[kBN / 8][4] = {};
-    gemm_nt<T, kD, kBN, kS>(s, sQ + warp * 16 * kS, tK, lane);
+    float s[kMT][kBN / 8][4] = {};
+    gemm_nt<T, kD, kBN, kS, kMT>(s, sQ + (row0 - i0) * kS, tK, lane);
     const bool interior = tile_interior(p, i0, j0, kBN);
 #pragma unroll
-    for (int nt = 0; nt < kBN / 8; ++nt)
-#pragma unroll
-      for (int e = 0; e < 4; ++e)
-        s[nt][e] = interior ? s[nt][e] * p.scale
-                            : masked_score<T>(s[nt][e], p.mask, p.scale, p.is_causal, p.lq, p.lk, bi, h,
-                                              i0 + warp * 16 + g + 8 * (e >> 1), j0 + nt * 8 + 2 * t + (e & 1));
-
-    // Online softmax; the 4 lanes of a quad share rows g and g + 8.
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float mx = -kInf;
-#pragma unroll
-      for (int nt = 0; nt < kBN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[nt][2 * r], s[nt][2 * r + 1]));
-      const float m_new = fmaxf(m[r], quad_max(mx));
-      const float m_use = m_new == -kInf ? 0.f : m_new;  // every key so far masked: p = 0
-      const float alpha = __expf(m[r] - m_use);           // 0 when m[r] = -inf
-      m[r] = m_new;
-      l[r] *= alpha;  // this lane's partial row sum, reduced over the quad at the end
-#pragma unroll
-      for (int nt = 0; nt < kD / 8; ++nt) {
-        acc[nt][2 * r] *= alpha;
-        acc[nt][2 * r + 1] *= alpha;
-      }
-      const int64_t i = i0 + warp * 16 + g + 8 * r;
+    for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
       for (int nt = 0; nt < kBN / 8; ++nt)
 #pragma unroll
-        for (int c = 0; c < 2; ++c) {
-          const float pe = __expf(s[nt][2 * r + c] - m_use);
-          l[r] += pe;  // softmax's denominator: before dropout
-          const int64_t j = j0 + nt * 8 + 2 * t + c;
-          const bool keep = !dropout || (i < p.lq && j < p.lk &&
-                                         keep_bit(p.seed, bi, h, i, j, p.hq, p.lq, p.lk, p.dropout_p));
-          s[nt][2 * r + c] = keep ? pe : 0.f;
+        for (int e = 0; e < 4; ++e)
+          s[mt][nt][e] = interior ? s[mt][nt][e] * p.scale
+                                  : masked_score<T>(s[mt][nt][e], p.mask, p.scale, p.is_causal, p.lq, p.lk, bi, h,
+                                                    row0 + 16 * mt + g + 8 * (e >> 1), j0 + nt * 8 + 2 * t + (e & 1));
+
+    // Online softmax; the 4 lanes of a quad share rows g and g + 8 of each m-tile.
+#pragma unroll
+    for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float mx = -kInf;
+#pragma unroll
+        for (int nt = 0; nt < kBN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
+        const float m_new = fmaxf(m[mt][r], quad_max(mx));
+        const float m_use = m_new == -kInf ? 0.f : m_new;  // every key so far masked: p = 0
+        const float alpha = __expf(m[mt][r] - m_use);       // 0 when m = -inf
+        m[mt][r] = m_new;
+        l[mt][r] *= alpha;  // this lane's partial row sum, reduced over the quad at the end
+#pragma unroll
+        for (int nt = 0; nt < kD / 8; ++nt) {
+          acc[mt][nt][2 * r] *= alpha;
+          acc[mt][nt][2 * r + 1] *= alpha;
         }
-    }
-    gemm_rs_nn<T, kBN, kD, kS>(acc, s, tV, scratch, lane);
+        const int64_t i = row0 + 16 * mt + g + 8 * r;
+#pragma unroll
+        for (int nt = 0; nt < kBN / 8; ++nt)
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            const float pe = __expf(s[mt][nt][2 * r + c] - m_use);
+            l[mt][r] += pe;  // softmax's denominator: before dropout
+            const int64_t j = j0 + nt * 8 + 2 * t + c;
+            const bool keep = !dropout || (i < p.lq && j < p.lk &&
+                                           keep_bit(p.seed, bi, h, i, j, p.hq, p.lq, p.lk, p.dropout_p));
+            s[mt][nt][2 * r + c] = keep ? pe : 0.f;
+          }
+      }
+    gemm_rs_nn<T, kBN, kD, kS, kMT>(acc, s, tV, scratch, lane);
   }
   cp_async_wait<0>();  // none pending at exit (kb_end = 0 leaves Q's copies unwaited)
 
-  float mul[2];
-  const int64_t row0 = i0 + warp * 16;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    l[r] = quad_sum(l[r]);
-    const bool empty = m[r] == -kInf;  // every key masked: o = 0, lse = -inf
-    mul[r] = empty ? 0.f : rp / l[r];
-    const int64_t i = row0 + g + 8 * r;
-    if (t == 0 && i < p.lq) p.lse[(bi * p.hq + h) * p.lq + i] = empty ? -kInf : m[r] + __logf(l[r]);
-  }
   T* o_head = static_cast<T*>(p.o) + bi * p.o_batch_stride + h * p.o_head_stride;
-  store_slab<T, kD>(acc, mul, o_head, p.o_row_stride, row0, p.lq, p.d, lane);
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+    float mul[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float sum = quad_sum(l[mt][r]);
+      const bool empty = m[mt][r] == -kInf;  // every key masked: o = 0, lse = -inf
+      mul[r] = empty ? 0.f : rp / sum;
+      const int64_t i = row0 + 16 * mt + g + 8 * r;
+      if (t == 0 && i < p.lq) p.lse[(bi * p.hq + h) * p.lq + i] = empty ? -kInf : m[mt][r] + __logf(sum);
+    }
+    store_slab<T, kD>(acc[mt], mul, o_head, p.o_row_stride, row0 + 16 * mt, p.lq, p.d, lane);
+  }
 }
 
 // ---------------------------------------------------------------------------------------
@@ -496,7 +542,7 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
     load_row_stats<kBM, Tr::kThreads>(s_lse + stage * kBM, s_delta + stage * kBM, p, bi, h, i0);
   };
 
-  float dk[kD / 8][4] = {}, dv[kD / 8][4] = {};
+  float dk[1][kD / 8][4] = {}, dv[1][kD / 8][4] = {};  // one 16-row m-tile (of keys) per warp
   if (steps > 0) load_q(0, 0);
   cp_async_commit();
   for (int64_t n = 0; n < steps; ++n) {
@@ -518,9 +564,9 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
     const float* t_lse = s_lse + stage * kBM;
     const float* t_delta = s_delta + stage * kBM;
 
-    float st[kBM / 8][4] = {}, dpt[kBM / 8][4] = {};
-    gemm_nt<T, kD, kBM, kS>(st, sK + warp * 16 * kS, tQ, lane);    // Sᵀ = K Qᵀ
-    gemm_nt<T, kD, kBM, kS>(dpt, sV + warp * 16 * kS, tdO, lane);  // dPᵀ = V dOᵀ
+    float st[1][kBM / 8][4] = {}, dpt[1][kBM / 8][4] = {};
+    gemm_nt<T, kD, kBM, kS, 1>(st, sK + warp * 16 * kS, tQ, lane);    // Sᵀ = K Qᵀ
+    gemm_nt<T, kD, kBM, kS, 1>(dpt, sV + warp * 16 * kS, tdO, lane);  // dPᵀ = V dOᵀ
     const bool interior = tile_interior(p, i0, j0, kBN);
 #pragma unroll
     for (int nt = 0; nt < kBM / 8; ++nt)
@@ -528,23 +574,23 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
       for (int e = 0; e < 4; ++e) {
         const int c = nt * 8 + 2 * t + (e & 1);  // query row within the tile
         const int64_t i = i0 + c, j = j0 + warp * 16 + g + 8 * (e >> 1);
-        const float s = interior ? st[nt][e] * p.scale
-                                 : masked_score<T>(st[nt][e], p.mask, p.scale, p.is_causal, p.lq, p.lk, bi, h, i, j);
+        const float s = interior ? st[0][nt][e] * p.scale
+                                 : masked_score<T>(st[0][nt][e], p.mask, p.scale, p.is_causal, p.lq, p.lk, bi, h, i, j);
         const float pe = __expf(s - t_lse[c]);
         const bool keep = !dropout || (i < p.lq && j < p.lk &&
                                        keep_bit(p.seed, bi, h, i, j, p.hq, p.lq, p.lk, p.dropout_p));
-        st[nt][e] = keep ? pe * rp : 0.f;                                   // Pdᵀ
-        dpt[nt][e] = pe * ((keep ? dpt[nt][e] * rp : 0.f) - t_delta[c]);  // dSᵀ
+        st[0][nt][e] = keep ? pe * rp : 0.f;                                      // Pdᵀ
+        dpt[0][nt][e] = pe * ((keep ? dpt[0][nt][e] * rp : 0.f) - t_delta[c]);  // dSᵀ
       }
-    gemm_rs_nn<T, kBM, kD, kS>(dv, st, tdO, scratch, lane);  // dV += Pdᵀ dO
-    gemm_rs_nn<T, kBM, kD, kS>(dk, dpt, tQ, scratch, lane);  // dK += dSᵀ Q
+    gemm_rs_nn<T, kBM, kD, kS, 1>(dv, st, tdO, scratch, lane);  // dV += Pdᵀ dO
+    gemm_rs_nn<T, kBM, kD, kS, 1>(dk, dpt, tQ, scratch, lane);  // dK += dSᵀ Q
   }
   cp_async_wait<0>();  // none pending at exit (steps = 0 leaves K's and V's copies unwaited)
   const float mul_dk[2] = {p.scale, p.scale}, mul_dv[2] = {1.f, 1.f};
   const int64_t row0 = j0 + warp * 16;
-  store_slab<T, kD>(dk, mul_dk, static_cast<T*>(p.dk) + bi * p.dk_batch_stride + hk * p.dk_head_stride,
+  store_slab<T, kD>(dk[0], mul_dk, static_cast<T*>(p.dk) + bi * p.dk_batch_stride + hk * p.dk_head_stride,
                     p.dk_row_stride, row0, p.lk, p.d, lane);
-  store_slab<T, kD>(dv, mul_dv, static_cast<T*>(p.dv) + bi * p.dv_batch_stride + hk * p.dv_head_stride,
+  store_slab<T, kD>(dv[0], mul_dv, static_cast<T*>(p.dv) + bi * p.dv_batch_stride + hk * p.dv_head_stride,
                     p.dv_row_stride, row0, p.lk, p.d, lane);
 }
 
@@ -578,7 +624,7 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
     load_tile<T, kBN, kD, kS, Tr::kThreads>(sV + stage * kBN * kS, v_head, p.v_row_stride, kb * kBN, p.lk, p.d, v_vec);
   };
 
-  float dq[kD / 8][4] = {};
+  float dq[1][kD / 8][4] = {};  // one 16-row m-tile per warp
   const int64_t nkb = ceil_div(p.lk, kBN);
   const int64_t kb_end = p.is_causal ? min(nkb, ceil_div(min(i0 + kBM, p.lq), kBN)) : nkb;
   load_tile<T, kBM, kD, kS, Tr::kThreads>(sQ, q_head, p.q_row_stride, i0, p.lq, p.d,
@@ -605,9 +651,9 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
     const T* tK = sK + stage * kBN * kS;
     const T* tV = sV + stage * kBN * kS;
 
-    float s[kBN / 8][4] = {}, dp[kBN / 8][4] = {};
-    gemm_nt<T, kD, kBN, kS>(s, sQ + warp * 16 * kS, tK, lane);    // S = Q Kᵀ
-    gemm_nt<T, kD, kBN, kS>(dp, sdO + warp * 16 * kS, tV, lane);  // dP = dO Vᵀ
+    float s[1][kBN / 8][4] = {}, dp[1][kBN / 8][4] = {};
+    gemm_nt<T, kD, kBN, kS, 1>(s, sQ + warp * 16 * kS, tK, lane);    // S = Q Kᵀ
+    gemm_nt<T, kD, kBN, kS, 1>(dp, sdO + warp * 16 * kS, tV, lane);  // dP = dO Vᵀ
     const bool interior = tile_interior(p, i0, j0, kBN);
 #pragma unroll
     for (int nt = 0; nt < kBN / 8; ++nt)
@@ -615,18 +661,18 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
       for (int e = 0; e < 4; ++e) {
         const int r = warp * 16 + g + 8 * (e >> 1);  // query row within the block
         const int64_t i = i0 + r, j = j0 + nt * 8 + 2 * t + (e & 1);
-        const float sc = interior ? s[nt][e] * p.scale
-                                  : masked_score<T>(s[nt][e], p.mask, p.scale, p.is_causal, p.lq, p.lk, bi, h, i, j);
+        const float sc = interior ? s[0][nt][e] * p.scale
+                                  : masked_score<T>(s[0][nt][e], p.mask, p.scale, p.is_causal, p.lq, p.lk, bi, h, i, j);
         const float pe = __expf(sc - s_lse[r]);
         const bool keep = !dropout || (i < p.lq && j < p.lk &&
                                        keep_bit(p.seed, bi, h, i, j, p.hq, p.lq, p.lk, p.dropout_p));
-        s[nt][e] = pe * ((keep ? dp[nt][e] * rp : 0.f) - s_delta[r]);  // dS
+        s[0][nt][e] = pe * ((keep ? dp[0][nt][e] * rp : 0.f) - s_delta[r]);  // dS
       }
-    gemm_rs_nn<T, kBN, kD, kS>(dq, s, tK, scratch, lane);  // dQ += dS K
+    gemm_rs_nn<T, kBN, kD, kS, 1>(dq, s, tK, scratch, lane);  // dQ += dS K
   }
   cp_async_wait<0>();  // none pending at exit (kb_end = 0 leaves Q's and dO's copies unwaited)
   const float mul[2] = {p.scale, p.scale};
-  store_slab<T, kD>(dq, mul, static_cast<T*>(p.dq) + bi * p.dq_batch_stride + h * p.dq_head_stride,
+  store_slab<T, kD>(dq[0], mul, static_cast<T*>(p.dq) + bi * p.dq_batch_stride + h * p.dq_head_stride,
                     p.dq_row_stride, i0 + warp * 16, p.lq, p.d, lane);
 }
 
@@ -677,7 +723,7 @@ void attention_fwd_cuda(const AttentionFwdParams& p, cudaStream_t stream) {
     using T = decltype(tag);
     constexpr int kD = decltype(dim)::value;
     using Tr = Traits<T, kD>;
-    const dim3 grid(unsigned(ceil_div(p.lq, Tr::kBlockM)), unsigned(p.hq), unsigned(p.b));
+    const dim3 grid(unsigned(ceil_div(p.lq, Tr::kFwdBlockM)), unsigned(p.hq), unsigned(p.b));
     launch(attention_fwd_kernel<T, kD>, grid, Tr::kThreads, Tr::kFwdSmem, stream,
            "attention_fwd_kernel", p);
   });

@@ -172,7 +172,8 @@ void run(const Case& c) {
 // columns (1, 20, 33, 40, 80, 100, 200), L = 1, LK = 0, Lq != Lk, lengths off the block
 // multiples, GQA and MQA, every mask kind with fully masked rows, causal, dropout. Loads: the
 // 16-byte cp.async path (d = 40, 64, 80, 128, 200, 256), its partial chunks (kv_pad: d = 20,
-// 30, 36 in aligned rows) and the element-wise path (rows off 16 bytes: d = 1, 20, 33, 100).
+// 30, 36 in aligned rows) and the element-wise path (rows off 16 bytes: d = 1, 20, 33, 100);
+// interior tiles (no mask, below the diagonal) with two m-tiles a warp in 16-bit.
 using M = Mask;
 const bool registered = [] {
   auto add = [](auto tag, Case c) { driver::cases().push_back([=] { run<decltype(tag)>(c); }); };
@@ -201,6 +202,8 @@ const bool registered = [] {
   add(bf, {2, 4, 1, 100, 190, 100, true, M::kBoolRows, 0.2f});
   add(f16, {1, 2, 2, 128, 128, 1, true, M::kKeyPadding, 0.f});
   add(f16, {1, 2, 1, 50, 60, 256, false, M::kNone, 0.f});
+  add(bf, {1, 2, 1, 200, 150, 128, false, M::kNone, 0.f});  // interior tiles, two m-tiles a warp
+  add(f16, {1, 2, 2, 190, 190, 64, true, M::kNone, 0.f});   // the same, causal
   add(0.f, {1, 2, 1, 70, 90, 30, true, M::kKeyPadding, 0.f, 2});
   add(bf, {1, 2, 2, 45, 140, 20, false, M::kAdditive, 0.f, 4});
   add(f16, {2, 2, 1, 90, 66, 36, true, M::kNone, 0.f, 4});
