@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedformer
-from bench.common import DEVICE, ON_GPU, fused_providers, measure
+from bench.common import DEVICE, ON_GPU, fused_providers, grads, measure
 
 if ON_GPU:  # the target grid: bf16, D = 128, H * D = 2048, B * T = 16k
     SHAPES = [(4, 16, 4096, 128), (2, 16, 8192, 128), (1, 16, 16384, 128), (8, 32, 2048, 64)]
@@ -87,7 +87,7 @@ def test_attention(benchmark, provider, causal, dtype, shape, mode):
         if mode == "fwd":
             with torch.no_grad():
                 return attend()
-        attend().backward(do)
+        grads(attend(), (q, k, v), do)
 
     try:
         run()

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedformer
-from bench.common import DEVICE, ON_GPU, fused_providers, measure
+from bench.common import DEVICE, ON_GPU, fused_providers, grads, measure
 
 SHAPES = [(16384, 2048, 8192), (8192, 4096, 11008)] if ON_GPU else [(512, 256, 1024), (1024, 512, 2048)]
 DTYPES = [torch.bfloat16] if ON_GPU else [torch.float32]
@@ -55,7 +55,7 @@ def test_ffn(benchmark, provider, activation, dtype, shape, mode):
         if mode == "fwd":
             with torch.no_grad():
                 return ffn()
-        ffn().backward(dy)
+        grads(ffn(), (x, w1, b1, w2, b2), dy)
 
     measure(benchmark, run, provider=provider, dtype=str(dtype), shape=shape, mode=mode,
             activation=activation, flops=flops)

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fusedformer
-from bench.common import DEVICE, ON_GPU, fused_providers, measure
+from bench.common import DEVICE, ON_GPU, fused_providers, grads, measure
 
 SHAPES = [(4, 16, 1024, 1024), (1, 16, 2048, 4096)] if ON_GPU else [(2, 8, 256, 256), (1, 4, 128, 2048)]
 DTYPES = [torch.bfloat16, torch.float32] if ON_GPU else [torch.float32]
@@ -35,6 +35,6 @@ def test_softmax(benchmark, provider, dtype, shape, mode):
         if mode == "fwd":
             with torch.no_grad():
                 return softmax()
-        softmax().backward(dy)
+        grads(softmax(), (x,), dy)
 
     measure(benchmark, run, provider=provider, dtype=str(dtype), shape=shape, mode=mode, bytes=nbytes)

@@ -16,6 +16,14 @@ ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 
 
+def grads(outputs, inputs, grad_outputs) -> tuple[torch.Tensor, ...]:
+    """The gradients of `inputs` as a training step computes them after
+    zero_grad(set_to_none=True): fresh tensors. Tensor.backward across rounds would accumulate
+    into .grad instead, adding a read and a write of every input gradient per round, the same for
+    every provider, which dilutes the ratio of memory-bound ops."""
+    return torch.autograd.grad(outputs, inputs, grad_outputs)
+
+
 def fused_providers(op: str) -> list[str]:
     """fusedformer-<backend> for every backend that can run `op` on this device."""
     status = fusedformer.info()["backends"]
