@@ -279,6 +279,28 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t ld, int6
   }
 }
 
+// One step of a loop over tiles n = 0 .. count - 1 that load(n, stage) fills (cp.async
+// copies or plain stores), with tile 0 issued and committed before the loop. On return, tile n
+// is in buffer n % kStages for every thread, and with two stages tile n + 1's copies are in
+// flight into the other buffer (the one tile n - 1 used) while the caller computes on tile n.
+// Returns n's buffer. One barrier a step with two stages, two with one.
+template <int kStages, typename Load>
+__device__ __forceinline__ int pipeline_step(int64_t n, int64_t count, Load&& load) {
+  const int stage = int(n % kStages);
+  if (kStages == 1 && n > 0) {
+    __syncthreads();  // every warp is done with tile n - 1
+    load(n, 0);
+    cp_async_commit();
+  }
+  cp_async_wait<0>();  // this thread's copies of tile n have landed ...
+  __syncthreads();     // ... and every thread's; two stages: every warp is done with tile n - 1
+  if (kStages == 2 && n + 1 < count) {  // its buffer takes tile n + 1, under this one's math
+    load(n + 1, stage ^ 1);
+    cp_async_commit();
+  }
+  return stage;
+}
+
 // The one definition of a score (the CPU twin's score_tile): s = q·k · scale, then the mask
 // and the top-left causal diagonal; -inf outside [0, lq) x [0, lk).
 template <typename T>
@@ -389,18 +411,7 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
   cp_async_commit();
   for (int64_t kb = 0; kb < kb_end; ++kb) {
     const int64_t j0 = kb * kBN;
-    const int stage = int(kb % kStages);
-    if (kStages == 1 && kb > 0) {
-      __syncthreads();  // every warp is done with the previous K, V tiles
-      load_kv(kb, 0);
-      cp_async_commit();
-    }
-    cp_async_wait<0>();  // this thread's copies of tile kb have landed ...
-    __syncthreads();     // ... and every thread's; two stages: every warp is done with tile kb - 1
-    if (kStages == 2 && kb + 1 < kb_end) {  // its buffer takes tile kb + 1, under this one's math
-      load_kv(kb + 1, stage ^ 1);
-      cp_async_commit();
-    }
+    const int stage = pipeline_step<kStages>(kb, kb_end, load_kv);
     const T* tK = sK + stage * kBN * kS;
     const T* tV = sV + stage * kBN * kS;
 
@@ -547,18 +558,7 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
   cp_async_commit();
   for (int64_t n = 0; n < steps; ++n) {
     const int64_t h = hk * group + n / nq, i0 = (qb_begin + n % nq) * kBM;
-    const int stage = int(n % kStages);
-    if (kStages == 1 && n > 0) {
-      __syncthreads();  // every warp is done with the previous Q, dO tiles
-      load_q(n, 0);
-      cp_async_commit();
-    }
-    cp_async_wait<0>();  // this thread's copies of step n have landed ...
-    __syncthreads();     // ... and every thread's; two stages: every warp is done with step n - 1
-    if (kStages == 2 && n + 1 < steps) {  // its buffers take step n + 1, under this one's math
-      load_q(n + 1, stage ^ 1);
-      cp_async_commit();
-    }
+    const int stage = pipeline_step<kStages>(n, steps, load_q);
     const T* tQ = sQ + stage * kBM * kS;
     const T* tdO = sdO + stage * kBM * kS;
     const float* t_lse = s_lse + stage * kBM;
@@ -636,18 +636,7 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
   cp_async_commit();
   for (int64_t kb = 0; kb < kb_end; ++kb) {
     const int64_t j0 = kb * kBN;
-    const int stage = int(kb % kStages);
-    if (kStages == 1 && kb > 0) {
-      __syncthreads();  // every warp is done with the previous K, V tiles
-      load_kv(kb, 0);
-      cp_async_commit();
-    }
-    cp_async_wait<0>();  // this thread's copies of tile kb have landed ...
-    __syncthreads();     // ... and every thread's; two stages: every warp is done with tile kb - 1
-    if (kStages == 2 && kb + 1 < kb_end) {  // its buffer takes tile kb + 1, under this one's math
-      load_kv(kb + 1, stage ^ 1);
-      cp_async_commit();
-    }
+    const int stage = pipeline_step<kStages>(kb, kb_end, load_kv);
     const T* tK = sK + stage * kBN * kS;
     const T* tV = sV + stage * kBN * kS;
 
