@@ -33,8 +33,14 @@ namespace {
 template <typename T>
 void fwd_row(const T* x, const T* res, T* h, T* y, const float* w, const float* b, int64_t n,
              float eps, float* row, float* mean_out, float* rstd_out) {
-  using L = std::conditional_t<std::is_same_v<T, float>, Lanes8, Wide>;
+  constexpr bool kF32 = std::is_same_v<T, float>;
+  using L = std::conditional_t<kF32, Lanes8, Wide>;
   using V = L::V;
+  // The fp32 row that passes 2 and 3 read: 16-bit storage converts it once into the scratch
+  // row; fp32 reads back h (or x), exact already and still in L1/L2, which saves pass 1 a store
+  // stream.
+  const float* src = row;
+  if constexpr (kF32) src = res ? h : x;
   const auto [sum] = sum_blocks<L, 1>(n, [&](int64_t j, int k, std::array<V, 1>& acc) {
     V v = L::load(x + j, k);  // lanes >= k are 0: they add nothing to sum
     if (res) {
@@ -44,17 +50,17 @@ void fwd_row(const T* x, const T* res, T* h, T* y, const float* w, const float* 
       L::store(h + j, v, k);
       v = L::template round<T>(v);
     }
-    L::store(row + j, v, k);
+    if constexpr (!kF32) L::store(row + j, v, k);
     acc[0] += v;
   });
   const float mean = L::hsum(sum) / float(n);
   const auto [sq] = sum_blocks<L, 1>(n, [&](int64_t j, int k, std::array<V, 1>& acc) {
-    const V d = L::first(L::load(row + j, k) - mean, k);
+    const V d = L::first(L::load(src + j, k) - mean, k);
     acc[0] += d * d;
   });
   const float rstd = 1.f / std::sqrt(L::hsum(sq) / float(n) + eps);
   for_blocks<L>(n, [&](int64_t j, int k) {
-    V v = (L::load(row + j, k) - mean) * rstd;
+    V v = (L::load(src + j, k) - mean) * rstd;
     if (w) v *= L::load(w + j, k);
     if (b) v += L::load(b + j, k);
     L::store(y + j, v, k);
@@ -91,14 +97,19 @@ void fwd(const LayerNormFwdParams& p) {
 template <typename T>
 void bwd_row(const T* dy, const T* dh, const T* h, T* dx, const float* w, float mean, float rstd,
              int64_t n, float* xhat, float* g, float* gdw, float* gdb) {
+  // 16-bit storage keeps xhat and g in the fp32 scratch rows for pass 2 (one conversion per
+  // element); fp32 recomputes them there, which saves pass 1 two store streams.
+  constexpr bool kF32 = std::is_same_v<T, float>;
   const auto [sum_g, sum_gx] = sum_blocks8<2>(n, [&](int64_t j, int k, std::array<f32x8, 2>& acc) {
     const f32x8 d = load8(dy + j, k);  // lanes >= k: d = 0, so g = 0 adds nothing
     const f32x8 xh = (load8(h + j, k) - mean) * rstd;
     const f32x8 gv = w ? d * load8(w + j, k) : d;
     acc[0] += gv;
     acc[1] += gv * xh;
-    store8(xhat + j, xh, k);
-    store8(g + j, gv, k);
+    if constexpr (!kF32) {
+      store8(xhat + j, xh, k);
+      store8(g + j, gv, k);
+    }
     if (gdw) {
       store8(gdw + j, load8(gdw + j, k) + d * xh, k);
       store8(gdb + j, load8(gdb + j, k) + d, k);
@@ -106,7 +117,16 @@ void bwd_row(const T* dy, const T* dh, const T* h, T* dx, const float* w, float 
   });
   const float c_g = hsum8(sum_g) / float(n), c_gx = hsum8(sum_gx) / float(n);
   for_blocks8(n, [&](int64_t j, int k) {
-    f32x8 v = rstd * (load8(g + j, k) - c_g - load8(xhat + j, k) * c_gx);
+    f32x8 gv, xh;
+    if constexpr (kF32) {  // recomputed from the row's dy, h (and w), still in L1/L2
+      const f32x8 d = load8(dy + j, k);
+      gv = w ? d * load8(w + j, k) : d;
+      xh = (load8(h + j, k) - mean) * rstd;
+    } else {
+      gv = load8(g + j, k);
+      xh = load8(xhat + j, k);
+    }
+    f32x8 v = rstd * (gv - c_g - xh * c_gx);
     if (dh) v += load8(dh + j, k);
     store8(dx + j, v, k);
   });
