@@ -1,8 +1,9 @@
 // LayerNorm (+ fused residual) on the CPU: the readable twin of csrc/cuda/layer_norm.cu.
 //
-// One row per OpenMP iteration, a vector of columns at a time (numeric.h); the row is loaded
-// once into an fp32 scratch row (L1/L2-resident: 32 KB at 8192 columns), so the math is fp32
-// whatever the storage dtype and DRAM sees each element once.
+// One row per OpenMP iteration, a vector of columns at a time (numeric.h), in passes over the
+// row that stay in L1/L2 (32 KB at 8192 fp32 columns), so DRAM sees each element once: 16-bit
+// rows are converted once into an fp32 scratch row, fp32 rows are read back where they are
+// (h or x, dy). The math is fp32 whatever the storage dtype.
 // Napkin math, S = bytes per element of the storage dtype:
 //   forward with residual: read x, residual; write h, y        = 4 S per element
 //   backward with residual: read dy, dh, h; write dx           = 4 S per element
