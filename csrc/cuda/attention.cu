@@ -108,9 +108,9 @@ struct Traits {
   static constexpr int kFwdBlockN = kFwdMTiles == 2 && kD == 128 ? 32 : kBlockN;
   static constexpr int kBwdBlockN = 16 * kWarps;       // key rows of a dK/dV block
   static constexpr int kBwdBlockM = 32;                // queries per inner tile of dK/dV
-  // Shared rows padded by 16 bytes: the 8 rows that one ldmatrix matrix (or one fp32 fragment
-  // load) reads start 4 banks apart, so together they hit each of the 32 banks once.
-  static constexpr int kStride = kD + 16 / int(sizeof(T));
+  // Elements per shared tile row (tile_offset): 16-bit rows are unpadded and swizzled, fp32
+  // rows padded by 4 floats.
+  static constexpr int kStride = kTensorCores ? kD : kD + 4;
   // fp32 only: per-warp scratch for the register operand of gemm_rs_nn (16 x K floats, rows
   // padded by 4: see gemm_rs_nn).
   static constexpr int kScratchCols = kBlockN > kBwdBlockM ? kBlockN : kBwdBlockM;
@@ -133,6 +133,27 @@ struct Traits {
                 "a tile over sm_80's shared memory per block");
 };
 
+// Offset of element (row, col) in a shared tile whose rows are kWidth elements (kD) long.
+// fp32: rows padded by 4 floats, so the 8 rows that one fragment load touches start in distinct
+// banks. 16-bit: unpadded rows whose 16-byte chunks are XOR-swizzled by the row (chunk ^ row % 8
+// when a row holds a multiple of 8 chunks, chunk ^ (row / 2) % 4 for the 4- and 12-chunk rows of
+// D = 32 and 96; either way a chunk stays in its aligned group of 8 or 4), which makes both
+// shared-memory accesses conflict-free: an ldmatrix matrix (8 rows, one chunk) and a quarter
+// warp of cp.async writes (8 consecutive chunks of the row-major tile) each land on 8
+// distinct 16-byte bank groups. Padded 16-bit rows were conflict-free for ldmatrix only: at
+// D = 32 and 96 a quarter warp's writes straddle two rows that overlap in 4 banks.
+template <typename T, int kWidth>
+__device__ __forceinline__ int tile_offset(int row, int col) {
+  if constexpr (std::is_same_v<T, float>) {
+    return row * (kWidth + 4) + col;
+  } else {
+    static_assert(kWidth % 32 == 0, "16-bit rows of 4, 8, 12, ... 16-byte chunks");
+    constexpr bool kGroupsOf8 = (kWidth / 8) % 8 == 0;
+    const int swizzle = kGroupsOf8 ? (row & 7) : ((row >> 1) & 3);
+    return row * kWidth + ((((col >> 3) ^ swizzle)) << 3) + (col & 7);
+  }
+}
+
 // acc[mt](16 x kN) += A[mt](16 x kK) · Btᵀ for the warp's kMT m-tiles (A rows 16 · mt ..), A and
 // Bt (kN x kK) row-major in shared memory. Each B fragment pair is loaded once for all kMT
 // m-tiles: with two, the shared-memory bytes per mma drop from 320 to 192 (B 256 -> 128).
@@ -142,18 +163,18 @@ __device__ __forceinline__ void gemm_nt(float (&acc)[kMT][kN / 8][4], const T* A
     static_assert(kN % 16 == 0, "one ldmatrix moves the B fragments of two n-tiles");
     // This lane's ldmatrix rows (tensor_core.cuh). A: row lane % 16 at k + 8 · (lane / 16)
     // gives a0..a3. Bt: row lane % 8 + 8 · (lane / 16) at k + 8 · (lane / 8 % 2) gives b0, b1
-    // of n-tiles 2np and 2np + 1.
-    const T* a_row = A + (lane & 15) * kStride + 8 * (lane >> 4);
-    const T* b_row = Bt + ((lane & 7) + 8 * (lane >> 4)) * kStride + 8 * ((lane >> 3) & 1);
+    // of n-tiles 2np and 2np + 1. Rows are kK wide (tile_offset).
+    const int a_r = lane & 15, a_c = 8 * (lane >> 4);
+    const int b_r = (lane & 7) + 8 * (lane >> 4), b_c = 8 * ((lane >> 3) & 1);
 #pragma unroll
     for (int kk = 0; kk < kK; kk += 16) {
       uint32_t a[kMT][4];
 #pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) ldmatrix_x4(a[mt], a_row + mt * 16 * kStride + kk);
+      for (int mt = 0; mt < kMT; ++mt) ldmatrix_x4(a[mt], A + tile_offset<T, kK>(mt * 16 + a_r, kk + a_c));
 #pragma unroll
       for (int np = 0; np < kN / 16; ++np) {
         uint32_t b[4];
-        ldmatrix_x4(b, b_row + np * 16 * kStride + kk);
+        ldmatrix_x4(b, Bt + tile_offset<T, kK>(np * 16 + b_r, kk + b_c));
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt) {
           mma_16816<T>(acc[mt][2 * np], a[mt], b[0], b[1]);
@@ -193,7 +214,8 @@ __device__ __forceinline__ void gemm_rs_nn(float (&acc)[kMT][kN / 8][4], const f
     static_assert(kN % 16 == 0, "one ldmatrix moves the B fragments of two n-tiles");
     // B is k-major, so its fragments come through ldmatrix.trans: this lane's row is
     // k = lane % 16 at columns n + 8 · (lane / 16), which gives b0, b1 of n-tiles 2np, 2np + 1.
-    const T* b_row = B + (lane & 15) * kStride + 8 * (lane >> 4);
+    // Rows are kN wide (tile_offset).
+    const int b_r = lane & 15, b_c = 8 * (lane >> 4);
 #pragma unroll
     for (int kc = 0; kc < kK / 16; ++kc) {
       uint32_t a[kMT][4];
@@ -209,7 +231,7 @@ __device__ __forceinline__ void gemm_rs_nn(float (&acc)[kMT][kN / 8][4], const f
 #pragma unroll
       for (int np = 0; np < kN / 16; ++np) {
         uint32_t b[4];
-        ldmatrix_x4_trans(b, b_row + kc * 16 * kStride + np * 16);
+        ldmatrix_x4_trans(b, B + tile_offset<T, kN>(kc * 16 + b_r, np * 16 + b_c));
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt) {
           mma_16816<T>(acc[mt][2 * np], a[mt], b[0], b[1]);
@@ -252,10 +274,10 @@ __device__ __forceinline__ bool rows_16b_aligned(const T* head, int64_t ld) {
 }
 
 // Rows [r0, r0 + kRows) of one head (row stride `ld`, unit column stride) into a shared tile
-// (kRows x kD, row stride kStride); rows >= L and columns >= d are zero. vec (rows_16b_aligned):
+// (kRows x kD, laid out by tile_offset); rows >= L and columns >= d are zero. vec (rows_16b_aligned):
 // 16-byte cp.async chunks, zero-filled past L and d in the copy itself, landed by the caller's
 // cp_async_wait and barrier; otherwise element by element, stored before this returns.
-template <typename T, int kRows, int kD, int kStride, int kThreads>
+template <typename T, int kRows, int kD, int kThreads>
 __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t ld, int64_t r0, int64_t L,
                                           int64_t d, bool vec) {
   if (vec) {
@@ -269,12 +291,12 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t ld, int6
       const int r = idx / (kD / kPer), c = idx % (kD / kPer) * kPer;
       const int64_t cols = r0 + r < L ? min(d - c, int64_t(kPer)) : 0;  // of this chunk, in [.., 8]
       const int bytes = cols > 0 ? int(cols) * int(sizeof(T)) : 0;
-      cp_async16(dst + r * kStride + c, bytes > 0 ? src + (r0 + r) * ld + c : src, bytes);
+      cp_async16(dst + tile_offset<T, kD>(r, c), bytes > 0 ? src + (r0 + r) * ld + c : src, bytes);
     }
   } else {
     for (int idx = threadIdx.x; idx < kRows * kD; idx += kThreads) {
       const int r = idx / kD, c = idx % kD;
-      dst[r * kStride + c] = (r0 + r < L && c < d) ? src[(r0 + r) * ld + c] : from_f<T>(0.f);
+      dst[tile_offset<T, kD>(r, c)] = (r0 + r < L && c < d) ? src[(r0 + r) * ld + c] : from_f<T>(0.f);
     }
   }
 }
@@ -393,8 +415,8 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
   const T* v_head = static_cast<const T*>(p.v) + bi * p.v_batch_stride + hk * p.v_head_stride;
   const bool k_vec = rows_16b_aligned(k_head, p.k_row_stride), v_vec = rows_16b_aligned(v_head, p.v_row_stride);
   auto load_kv = [&](int64_t kb, int stage) {
-    load_tile<T, kBN, kD, kS, Tr::kThreads>(sK + stage * kBN * kS, k_head, p.k_row_stride, kb * kBN, p.lk, p.d, k_vec);
-    load_tile<T, kBN, kD, kS, Tr::kThreads>(sV + stage * kBN * kS, v_head, p.v_row_stride, kb * kBN, p.lk, p.d, v_vec);
+    load_tile<T, kBN, kD, Tr::kThreads>(sK + stage * kBN * kS, k_head, p.k_row_stride, kb * kBN, p.lk, p.d, k_vec);
+    load_tile<T, kBN, kD, Tr::kThreads>(sV + stage * kBN * kS, v_head, p.v_row_stride, kb * kBN, p.lk, p.d, v_vec);
   };
 
   // This warp's query rows: row0 + 16 · mt + g (+ 8), mt < kMT.
@@ -405,7 +427,7 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
   for (int mt = 0; mt < kMT; ++mt) m[mt][0] = m[mt][1] = -kInf, l[mt][0] = l[mt][1] = 0.f;
   const int64_t nkb = ceil_div(p.lk, kBN);
   const int64_t kb_end = p.is_causal ? min(nkb, ceil_div(min(i0 + kBM, p.lq), kBN)) : nkb;
-  load_tile<T, kBM, kD, kS, Tr::kThreads>(sQ, q_head, p.q_row_stride, i0, p.lq, p.d,
+  load_tile<T, kBM, kD, Tr::kThreads>(sQ, q_head, p.q_row_stride, i0, p.lq, p.d,
                                           rows_16b_aligned(q_head, p.q_row_stride));
   if (kb_end > 0) load_kv(0, 0);
   cp_async_commit();
@@ -533,9 +555,9 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
   const float rp = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
   const T* k_head = static_cast<const T*>(p.k) + bi * p.k_batch_stride + hk * p.k_head_stride;
   const T* v_head = static_cast<const T*>(p.v) + bi * p.v_batch_stride + hk * p.v_head_stride;
-  load_tile<T, kBN, kD, kS, Tr::kThreads>(sK, k_head, p.k_row_stride, j0, p.lk, p.d,
+  load_tile<T, kBN, kD, Tr::kThreads>(sK, k_head, p.k_row_stride, j0, p.lk, p.d,
                                           rows_16b_aligned(k_head, p.k_row_stride));
-  load_tile<T, kBN, kD, kS, Tr::kThreads>(sV, v_head, p.v_row_stride, j0, p.lk, p.d,
+  load_tile<T, kBN, kD, Tr::kThreads>(sV, v_head, p.v_row_stride, j0, p.lk, p.d,
                                           rows_16b_aligned(v_head, p.v_row_stride));
 
   // One loop over (query head of the group, query block): step n is head hk · group + n / nq,
@@ -546,9 +568,9 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
     const int64_t h = hk * group + n / nq, i0 = (qb_begin + n % nq) * kBM;
     const T* q_head = static_cast<const T*>(p.q) + bi * p.q_batch_stride + h * p.q_head_stride;
     const T* do_head = static_cast<const T*>(p.do_) + bi * p.do_batch_stride + h * p.do_head_stride;
-    load_tile<T, kBM, kD, kS, Tr::kThreads>(sQ + stage * kBM * kS, q_head, p.q_row_stride, i0, p.lq, p.d,
+    load_tile<T, kBM, kD, Tr::kThreads>(sQ + stage * kBM * kS, q_head, p.q_row_stride, i0, p.lq, p.d,
                                             rows_16b_aligned(q_head, p.q_row_stride));
-    load_tile<T, kBM, kD, kS, Tr::kThreads>(sdO + stage * kBM * kS, do_head, p.do_row_stride, i0, p.lq, p.d,
+    load_tile<T, kBM, kD, Tr::kThreads>(sdO + stage * kBM * kS, do_head, p.do_row_stride, i0, p.lq, p.d,
                                             rows_16b_aligned(do_head, p.do_row_stride));
     load_row_stats<kBM, Tr::kThreads>(s_lse + stage * kBM, s_delta + stage * kBM, p, bi, h, i0);
   };
@@ -620,16 +642,16 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
   const T* v_head = static_cast<const T*>(p.v) + bi * p.v_batch_stride + hk * p.v_head_stride;
   const bool k_vec = rows_16b_aligned(k_head, p.k_row_stride), v_vec = rows_16b_aligned(v_head, p.v_row_stride);
   auto load_kv = [&](int64_t kb, int stage) {
-    load_tile<T, kBN, kD, kS, Tr::kThreads>(sK + stage * kBN * kS, k_head, p.k_row_stride, kb * kBN, p.lk, p.d, k_vec);
-    load_tile<T, kBN, kD, kS, Tr::kThreads>(sV + stage * kBN * kS, v_head, p.v_row_stride, kb * kBN, p.lk, p.d, v_vec);
+    load_tile<T, kBN, kD, Tr::kThreads>(sK + stage * kBN * kS, k_head, p.k_row_stride, kb * kBN, p.lk, p.d, k_vec);
+    load_tile<T, kBN, kD, Tr::kThreads>(sV + stage * kBN * kS, v_head, p.v_row_stride, kb * kBN, p.lk, p.d, v_vec);
   };
 
   float dq[1][kD / 8][4] = {};  // one 16-row m-tile per warp
   const int64_t nkb = ceil_div(p.lk, kBN);
   const int64_t kb_end = p.is_causal ? min(nkb, ceil_div(min(i0 + kBM, p.lq), kBN)) : nkb;
-  load_tile<T, kBM, kD, kS, Tr::kThreads>(sQ, q_head, p.q_row_stride, i0, p.lq, p.d,
+  load_tile<T, kBM, kD, Tr::kThreads>(sQ, q_head, p.q_row_stride, i0, p.lq, p.d,
                                           rows_16b_aligned(q_head, p.q_row_stride));
-  load_tile<T, kBM, kD, kS, Tr::kThreads>(sdO, do_head, p.do_row_stride, i0, p.lq, p.d,
+  load_tile<T, kBM, kD, Tr::kThreads>(sdO, do_head, p.do_row_stride, i0, p.lq, p.d,
                                           rows_16b_aligned(do_head, p.do_row_stride));
   load_row_stats<kBM, Tr::kThreads>(s_lse, s_delta, p, bi, h, i0);
   if (kb_end > 0) load_kv(0, 0);

@@ -145,11 +145,20 @@ constexpr int kPairG = 16;     // swiglu: a warp's 32 columns = 16 gate units + 
 // Shared tiles come in two layouts, chosen by the operand's contiguous dim so that global
 // chunks land in shared memory as they are (no transposing stores), and the fragments come out
 // through ldmatrix, plain or .trans:
-//   row tile  (k-contiguous operand):   [kBM rows][kBK + 8] (80-byte rows)
-//   k tile    (row-contiguous operand): [kBK k][kBM + 8]    (272-byte rows)
-// Both paddings put the 8 rows of an ldmatrix matrix 4 banks apart: conflict-free reads.
-constexpr int kLdRow = kBK + 8, kLdK = kBM + 8;
-constexpr int kTileElems = kBM * kLdRow > kBK * kLdK ? kBM * kLdRow : kBK * kLdK;
+//   row tile  (k-contiguous operand):   [kBM rows][kBK], 64-byte rows whose four 16-byte chunks
+//             are XOR-swizzled by (row / 2) % 4 (row_tile_offset)
+//   k tile    (row-contiguous operand): [kBK k][kBM + 8], 272-byte rows
+// Both are conflict-free for the cp.async writes (8 lanes: 128 contiguous bytes of a k tile, or
+// two rows of a row tile) and the ldmatrix reads (8 rows of one chunk: k tile rows start 4
+// banks apart, row tile rows land on 8 distinct chunk slots). Padding the row tile to 80-byte
+// rows instead made its writes 2-way conflicted (two rows overlap in 4 banks).
+constexpr int kLdK = kBM + 8;
+constexpr int kTileElems = kBM * kBK > kBK * kLdK ? kBM * kBK : kBK * kLdK;
+
+// Element offset of (row, k) in a row tile, k a multiple of 8 (the start of a 16-byte chunk).
+__device__ __forceinline__ int row_tile_offset(int row, int k) {
+  return row * kBK + ((((k >> 3) ^ (row >> 1)) & 3) << 3);
+}
 static_assert(kBM == kBN, "one tile size serves A and B");
 
 // Fills one stage's tile of an operand with op(map(t), k0 + kk) for t < 128, kk < 32 (zeros
@@ -166,14 +175,15 @@ __device__ __forceinline__ void load_tile(T* tile, const Operand& op, const RowM
         const int c = tid + it * kThreads, t = c >> 2, kk = (c & 3) * 8;
         const int64_t r = map(t);
         const bool valid = r >= 0 && k0 + kk < K;  // K % 8 == 0: a chunk is all in or all out
-        cp_async16(tile + t * kLdRow + kk, valid ? src + r * op.ld + k0 + kk : src, valid ? 16 : 0);
+        cp_async16(tile + row_tile_offset(t, kk), valid ? src + r * op.ld + k0 + kk : src, valid ? 16 : 0);
       }
     } else {  // element by element, coalesced along k
 #pragma unroll 4
       for (int it = 0; it < kBM * kBK / kThreads; ++it) {
         const int e = tid + it * kThreads, t = e >> 5, kk = e & 31;
         const int64_t r = map(t);
-        tile[t * kLdRow + kk] = (r >= 0 && k0 + kk < K) ? src[r * op.ld + k0 + kk] : from_f<T>(0.f);
+        tile[row_tile_offset(t, kk & ~7) + (kk & 7)] =
+            (r >= 0 && k0 + kk < K) ? src[r * op.ld + k0 + kk] : from_f<T>(0.f);
       }
     }
   } else {
@@ -200,7 +210,7 @@ __device__ __forceinline__ void load_tile(T* tile, const Operand& op, const RowM
 template <bool K_TILE, typename T>
 __device__ __forceinline__ void load_a_frag(uint32_t (&a)[4], const T* tile, int m, int kk, int lane) {
   if constexpr (!K_TILE) {  // row lane % 16 at k + 8 · (lane / 16)
-    ldmatrix_x4(a, tile + (m + (lane & 15)) * kLdRow + kk + 8 * (lane >> 4));
+    ldmatrix_x4(a, tile + row_tile_offset(m + (lane & 15), kk + 8 * (lane >> 4)));
   } else {  // matrix q = lane / 8 is (k + 8 · (q / 2), m + 8 · (q % 2)), transposed
     const int q = lane >> 3, i = lane & 7;
     ldmatrix_x4_trans(a, tile + (kk + i + 8 * (q >> 1)) * kLdK + m + 8 * (q & 1));
@@ -215,7 +225,7 @@ __device__ __forceinline__ void load_b_frags(uint32_t (&b)[4][2], int np, const 
   uint32_t r[4];
   const int q = lane >> 3, i = lane & 7;
   if constexpr (!K_TILE) {  // matrix q is (n + 8 · (q / 2), k + 8 · (q % 2))
-    ldmatrix_x4(r, tile + (n + i + 8 * (q >> 1)) * kLdRow + kk + 8 * (q & 1));
+    ldmatrix_x4(r, tile + row_tile_offset(n + i + 8 * (q >> 1), kk + 8 * (q & 1)));
   } else {  // matrix q is (k + 8 · (q % 2), n + 8 · (q / 2)), transposed
     ldmatrix_x4_trans(r, tile + (kk + i + 8 * (q & 1)) * kLdK + n + 8 * (q >> 1));
   }

@@ -17,10 +17,13 @@
 //     in the outputs; writes past the dynamic size are caught by a guard zone;
 //   - bf16 / fp16 storage and round-to-nearest-even conversions, bit-exact;
 //   - cp.async (cp_async.h): per-thread copies that land only at that thread's wait_group,
-//     into 16-byte-aligned shared memory, zero-filled for src-size 0.
+//     into 16-byte-aligned shared memory, zero-filled for src-size 0;
+//   - shared-memory bank conflicts of ldmatrix (mma.h) and cp.async writes (cp_async.h), the
+//     accesses the emulator sees a whole warp instruction of; the drivers fail on any.
 // Not emulated: timing, occupancy, register limits (__launch_bounds__ is ignored), bank
-// conflicts, the fast-math intrinsics' approximation errors (__expf, __logf, rsqrtf are the
-// libm functions here), concurrency between blocks (they run in sequence), streams.
+// conflicts of plain shared loads and stores, the fast-math intrinsics' approximation errors
+// (__expf, __logf, rsqrtf are the libm functions here), concurrency between blocks (they run
+// in sequence), streams.
 #pragma once
 
 #include <algorithm>

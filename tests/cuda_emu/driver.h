@@ -116,6 +116,13 @@ inline int main(int argc, char** argv) {
     printf("%s ldmatrix: %llu 8x8 matrices, %llu extra wavefronts (shared-memory bank conflicts)\n",
            ok ? "ok  " : "FAIL", (unsigned long long)lm.matrices, (unsigned long long)lm.extra_wavefronts);
   }
+  const emu::CpAsyncBankStats& cp = emu::cp_async_bank_stats;
+  if (cp.instructions > 0) {
+    const bool ok = cp.extra_wavefronts == 0;
+    if (!ok) ++failures;
+    printf("%s cp.async: %llu warp instructions, %llu extra wavefronts (shared-memory bank conflicts)\n",
+           ok ? "ok  " : "FAIL", (unsigned long long)cp.instructions, (unsigned long long)cp.extra_wavefronts);
+  }
   printf("%d failures\n", failures);
   fflush(stdout);
   return failures != 0;

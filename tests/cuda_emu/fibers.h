@@ -60,6 +60,7 @@ struct BlockState {
   const std::function<void()>* body = nullptr;
 };
 inline BlockState block;
+inline uint64_t blocks_run = 0;  // run_block calls so far: per-block state elsewhere resets on change
 constexpr int kExchangeSlots = 8;
 
 inline Thread& self() { return *block.current; }
@@ -115,6 +116,7 @@ inline void run_block(int nthreads, const std::function<void()>& body) {
     block.threads = std::vector<Thread>(nthreads);
     for (Thread& t : block.threads) t.stack.resize(kStack);
   }
+  ++blocks_run;
   block.nthreads = nthreads;
   block.body = &body;
   block.bar_arrived = 0;
