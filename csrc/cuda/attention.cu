@@ -27,12 +27,12 @@
 //
 // Head dims: templates for D in {32, 64, 96, 128, 256} (the issue's 80 and 96 run in 96, not
 // padded to 128: a quarter to three eighths fewer FLOPs); any d <= 256 runs in the smallest
-// that fits, with zero-filled columns (d = 40 -> 64, d = 80 -> 96). kD needs only kD % 16 == 0
-// (mma k-steps); the 96-wide shared rows (208 bytes with padding) still put the 8 rows of an
-// ldmatrix matrix in distinct banks.
+// that fits, with zero-filled columns (d = 40 -> 64, d = 80 -> 96). 16-bit tiles need
+// kD % 32 == 0 (rows of 4k 16-byte chunks, for the swizzle of tile_offset), which all five meet.
 //
 // Data movement (16-bit): fragments come from shared memory through ldmatrix (.trans for the
-// k-major B operand of gemm_rs_nn), four 8x8 matrices per instruction. Tiles move from global
+// k-major B operand of gemm_rs_nn), four 8x8 matrices per instruction, from XOR-swizzled rows
+// that keep both the ldmatrix reads and the cp.async writes conflict-free. Tiles move from global
 // memory as 16-byte cp.async chunks, zero-filled past L and d by the copy itself, whenever a
 // head's rows are 16-byte aligned (any contiguous head with d % 8 == 0); the tiles a block
 // re-reads in its loop are double-buffered, so tile n + 1 is in flight while tile n is
