@@ -209,7 +209,6 @@ __device__ __forceinline__ void gemm_nt(float (&acc)[kMT][kN / 8][4], const T* A
 template <typename T, int kK, int kN, int kStride, int kMT>
 __device__ __forceinline__ void gemm_rs_nn(float (&acc)[kMT][kN / 8][4], const float (&P)[kMT][kK / 8][4],
                                            const T* B, float* scratch, int lane) {
-  const int g = lane >> 2, t = lane & 3;
   if constexpr (!std::is_same_v<T, float>) {
     static_assert(kN % 16 == 0, "one ldmatrix moves the B fragments of two n-tiles");
     // B is k-major, so its fragments come through ldmatrix.trans: this lane's row is
@@ -240,6 +239,7 @@ __device__ __forceinline__ void gemm_rs_nn(float (&acc)[kMT][kN / 8][4], const f
       }
     }
   } else {
+    const int g = lane >> 2, t = lane & 3;
 #pragma unroll
     for (int mt = 0; mt < kMT; ++mt) {
       __syncwarp();
@@ -289,7 +289,7 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t ld, int6
       const int idx = threadIdx.x + it * kThreads;
       if (kChunks % kThreads != 0 && idx >= kChunks) break;
       const int r = idx / (kD / kPer), c = idx % (kD / kPer) * kPer;
-      const int64_t cols = r0 + r < L ? min(d - c, int64_t(kPer)) : 0;  // of this chunk, in [.., 8]
+      const int64_t cols = r0 + r < L ? min(d - c, int64_t(kPer)) : 0;  // the chunk's columns below d
       const int bytes = cols > 0 ? int(cols) * int(sizeof(T)) : 0;
       cp_async16(dst + tile_offset<T, kD>(r, c), bytes > 0 ? src + (r0 + r) * ld + c : src, bytes);
     }
@@ -344,8 +344,8 @@ __device__ __forceinline__ float masked_score(float qk, const AttentionMask& mas
   return s;
 }
 
-// Whether every score of the tile's query rows [i0, i0 + rows) and keys [j0, j0 + cols) that
-// can matter is just q·k · scale: no mask, every key in range, the tile wholly on or below the
+// Whether every score of a tile (query rows from i0, keys [j0, j0 + cols)) that can matter is
+// just q·k · scale: no mask, every key in range, the tile wholly on or below the
 // causal diagonal. Query rows past LQ need no check: their q rows are zero-filled, their
 // outputs never stored, and the backward's P is 0 there (lse = +inf, load_row_stats). Interior
 // tiles, all but the last key block and the causal diagonal's, skip masked_score's

@@ -71,7 +71,7 @@ inline void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uin
 // the rows cover all banks once). Counted per warp instruction by lane 0; bank = (address / 4)
 // mod 32 on the host address is the device's up to a constant rotation, since shared buffers
 // and row addresses are 16-byte aligned. The drivers fail a run with any extra wavefront: the
-// kernels pad their rows so that there are none.
+// kernels lay out their tiles (padding, XOR swizzles) so that there are none.
 struct LdmatrixStats {
   uint64_t matrices = 0, extra_wavefronts = 0;
 };
