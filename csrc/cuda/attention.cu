@@ -11,8 +11,8 @@
 // Every output element is summed by one thread in a fixed order: deterministic, no atomics.
 //
 // Warp tiling: each warp owns kMT m-tiles of 16 rows of its block (queries, or keys in dK/dV;
-// kMT = 2 in the 16-bit forward at D <= 128, else 1) and holds their 16 x N slabs of scores
-// and 16 x D accumulators in registers, in the C-fragment layout of
+// kMT = 2 in the 16-bit forward at D <= 128 and dK/dV at D <= 64, else 1) and holds their
+// 16 x N slabs of scores and 16 x D accumulators in registers, in the C-fragment layout of
 // `mma.sync.aligned.m16n8k16` (lane = 4 · group + t: rows group and group + 8, columns
 // 2t, 2t + 1 of each 8-column tile). Two warp-level products cover all four GEMMs of FA2:
 //   gemm_nt:    acc(16 x N) += A(16 x K) · Btᵀ   A, Bt row-major in shared memory (K contiguous)
@@ -106,7 +106,10 @@ struct Traits {
   // Keys per inner tile of the forward: at D = 128 two m-tiles hold 128 accumulators a thread,
   // and 64-key score slabs pushed the kernel past 255 registers (432 bytes of spills, sm_90a).
   static constexpr int kFwdBlockN = kFwdMTiles == 2 && kD == 128 ? 32 : kBlockN;
-  static constexpr int kBwdBlockN = 16 * kWarps;       // key rows of a dK/dV block
+  // dK/dV, 16-bit, D <= 64: two m-tiles of keys a warp, for the same reason as the forward's;
+  // at D = 128 the four 16 x 128 accumulator slabs would not fit in registers.
+  static constexpr int kBwdMTiles = kTensorCores && kD <= 64 ? 2 : 1;
+  static constexpr int kBwdBlockN = 16 * kBwdMTiles * kWarps;  // key rows of a dK/dV block
   static constexpr int kBwdBlockM = 32;                // queries per inner tile of dK/dV
   // Elements per shared tile row (tile_offset): 16-bit rows are unpadded and swizzled, fp32
   // rows padded by 4 floats.
@@ -539,6 +542,7 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
     attention_bwd_dkdv_kernel(const AttentionBwdParams p) {
   using Tr = Traits<T, kD>;
   constexpr int kBN = Tr::kBwdBlockN, kBM = Tr::kBwdBlockM, kS = Tr::kStride, kStages = Tr::kStages;
+  constexpr int kMT = Tr::kBwdMTiles;  // 16-row m-tiles (of keys) per warp
   extern __shared__ __align__(16) unsigned char smem[];
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + kBN * kS;
@@ -575,7 +579,9 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
     load_row_stats<kBM, Tr::kThreads>(s_lse + stage * kBM, s_delta + stage * kBM, p, bi, h, i0);
   };
 
-  float dk[1][kD / 8][4] = {}, dv[1][kD / 8][4] = {};  // one 16-row m-tile (of keys) per warp
+  // This warp's key rows: row0 + 16 · mt + g (+ 8), mt < kMT.
+  const int64_t row0 = j0 + warp * 16 * kMT;
+  float dk[kMT][kD / 8][4] = {}, dv[kMT][kD / 8][4] = {};
   if (steps > 0) load_q(0, 0);
   cp_async_commit();
   for (int64_t n = 0; n < steps; ++n) {
@@ -586,34 +592,38 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
     const float* t_lse = s_lse + stage * kBM;
     const float* t_delta = s_delta + stage * kBM;
 
-    float st[1][kBM / 8][4] = {}, dpt[1][kBM / 8][4] = {};
-    gemm_nt<T, kD, kBM, kS, 1>(st, sK + warp * 16 * kS, tQ, lane);    // Sᵀ = K Qᵀ
-    gemm_nt<T, kD, kBM, kS, 1>(dpt, sV + warp * 16 * kS, tdO, lane);  // dPᵀ = V dOᵀ
+    float st[kMT][kBM / 8][4] = {}, dpt[kMT][kBM / 8][4] = {};
+    gemm_nt<T, kD, kBM, kS, kMT>(st, sK + (row0 - j0) * kS, tQ, lane);    // Sᵀ = K Qᵀ
+    gemm_nt<T, kD, kBM, kS, kMT>(dpt, sV + (row0 - j0) * kS, tdO, lane);  // dPᵀ = V dOᵀ
     const bool interior = tile_interior(p, i0, j0, kBN);
 #pragma unroll
-    for (int nt = 0; nt < kBM / 8; ++nt)
+    for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int c = nt * 8 + 2 * t + (e & 1);  // query row within the tile
-        const int64_t i = i0 + c, j = j0 + warp * 16 + g + 8 * (e >> 1);
-        const float s = interior ? st[0][nt][e] * p.scale
-                                 : masked_score<T>(st[0][nt][e], p.mask, p.scale, p.is_causal, p.lq, p.lk, bi, h, i, j);
-        const float pe = __expf(s - t_lse[c]);
-        const bool keep = !dropout || (i < p.lq && j < p.lk &&
-                                       keep_bit(p.seed, bi, h, i, j, p.hq, p.lq, p.lk, p.dropout_p));
-        st[0][nt][e] = keep ? pe * rp : 0.f;                                      // Pdᵀ
-        dpt[0][nt][e] = pe * ((keep ? dpt[0][nt][e] * rp : 0.f) - t_delta[c]);  // dSᵀ
-      }
-    gemm_rs_nn<T, kBM, kD, kS, 1>(dv, st, tdO, scratch, lane);  // dV += Pdᵀ dO
-    gemm_rs_nn<T, kBM, kD, kS, 1>(dk, dpt, tQ, scratch, lane);  // dK += dSᵀ Q
+      for (int nt = 0; nt < kBM / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int c = nt * 8 + 2 * t + (e & 1);  // query row within the tile
+          const int64_t i = i0 + c, j = row0 + 16 * mt + g + 8 * (e >> 1);
+          const float s = interior ? st[mt][nt][e] * p.scale
+                                   : masked_score<T>(st[mt][nt][e], p.mask, p.scale, p.is_causal, p.lq, p.lk, bi, h, i, j);
+          const float pe = __expf(s - t_lse[c]);
+          const bool keep = !dropout || (i < p.lq && j < p.lk &&
+                                         keep_bit(p.seed, bi, h, i, j, p.hq, p.lq, p.lk, p.dropout_p));
+          st[mt][nt][e] = keep ? pe * rp : 0.f;                                       // Pdᵀ
+          dpt[mt][nt][e] = pe * ((keep ? dpt[mt][nt][e] * rp : 0.f) - t_delta[c]);  // dSᵀ
+        }
+    gemm_rs_nn<T, kBM, kD, kS, kMT>(dv, st, tdO, scratch, lane);  // dV += Pdᵀ dO
+    gemm_rs_nn<T, kBM, kD, kS, kMT>(dk, dpt, tQ, scratch, lane);  // dK += dSᵀ Q
   }
   cp_async_wait<0>();  // none pending at exit (steps = 0 leaves K's and V's copies unwaited)
   const float mul_dk[2] = {p.scale, p.scale}, mul_dv[2] = {1.f, 1.f};
-  const int64_t row0 = j0 + warp * 16;
-  store_slab<T, kD>(dk[0], mul_dk, static_cast<T*>(p.dk) + bi * p.dk_batch_stride + hk * p.dk_head_stride,
-                    p.dk_row_stride, row0, p.lk, p.d, lane);
-  store_slab<T, kD>(dv[0], mul_dv, static_cast<T*>(p.dv) + bi * p.dv_batch_stride + hk * p.dv_head_stride,
-                    p.dv_row_stride, row0, p.lk, p.d, lane);
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+    store_slab<T, kD>(dk[mt], mul_dk, static_cast<T*>(p.dk) + bi * p.dk_batch_stride + hk * p.dk_head_stride,
+                      p.dk_row_stride, row0 + 16 * mt, p.lk, p.d, lane);
+    store_slab<T, kD>(dv[mt], mul_dv, static_cast<T*>(p.dv) + bi * p.dv_batch_stride + hk * p.dv_head_stride,
+                      p.dv_row_stride, row0 + 16 * mt, p.lk, p.d, lane);
+  }
 }
 
 // dQ of one query block: loops over the key blocks it reads (as the forward).
