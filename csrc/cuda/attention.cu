@@ -11,7 +11,7 @@
 // Every output element is summed by one thread in a fixed order: deterministic, no atomics.
 //
 // Warp tiling: each warp owns kMT m-tiles of 16 rows of its block (queries, or keys in dK/dV;
-// kMT = 2 in the 16-bit forward at D <= 128 and dK/dV at D <= 64, else 1) and holds their
+// kMT = 2 in the 16-bit forward at D <= 128 and backward at D <= 64, else 1) and holds their
 // 16 x N slabs of scores and 16 x D accumulators in registers, in the C-fragment layout of
 // `mma.sync.aligned.m16n8k16` (lane = 4 · group + t: rows group and group + 8, columns
 // 2t, 2t + 1 of each 8-column tile). Two warp-level products cover all four GEMMs of FA2:
@@ -101,7 +101,10 @@ struct Traits {
   // warp on sm_90 (320 bytes read per 4096-FLOP mma at 128 B/clk); two m-tiles cut it to 192.
   static constexpr int kFwdMTiles = kTensorCores && kD <= 128 ? 2 : 1;
   static constexpr int kFwdBlockM = 16 * kFwdMTiles * kWarps;  // query rows of a forward block
-  static constexpr int kBlockM = 16 * kWarps;                  // query rows of a dQ block
+  // dQ, 16-bit, D <= 64: two m-tiles a warp as well (at D = 128 the score, dP and dQ slabs of
+  // two m-tiles would not fit).
+  static constexpr int kDqMTiles = kTensorCores && kD <= 64 ? 2 : 1;
+  static constexpr int kBlockM = 16 * kDqMTiles * kWarps;  // query rows of a dQ block
   static constexpr int kBlockN = kD <= 128 ? 64 : 32;  // keys per inner tile of dQ
   // Keys per inner tile of the forward: at D = 128 two m-tiles hold 128 accumulators a thread,
   // and 64-key score slabs pushed the kernel past 255 registers (432 bytes of spills, sm_90a).
@@ -632,6 +635,7 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
     attention_bwd_dq_kernel(const AttentionBwdParams p) {
   using Tr = Traits<T, kD>;
   constexpr int kBM = Tr::kBlockM, kBN = Tr::kBlockN, kS = Tr::kStride, kStages = Tr::kStages;
+  constexpr int kMT = Tr::kDqMTiles;  // 16-row m-tiles per warp
   extern __shared__ __align__(16) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
   T* sdO = sQ + kBM * kS;
@@ -656,7 +660,9 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
     load_tile<T, kBN, kD, Tr::kThreads>(sV + stage * kBN * kS, v_head, p.v_row_stride, kb * kBN, p.lk, p.d, v_vec);
   };
 
-  float dq[1][kD / 8][4] = {};  // one 16-row m-tile per warp
+  // This warp's query rows: row0 + 16 · mt + g (+ 8), mt < kMT.
+  const int64_t row0 = i0 + warp * 16 * kMT;
+  float dq[kMT][kD / 8][4] = {};
   const int64_t nkb = ceil_div(p.lk, kBN);
   const int64_t kb_end = p.is_causal ? min(nkb, ceil_div(min(i0 + kBM, p.lq), kBN)) : nkb;
   load_tile<T, kBM, kD, Tr::kThreads>(sQ, q_head, p.q_row_stride, i0, p.lq, p.d,
@@ -672,29 +678,33 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
     const T* tK = sK + stage * kBN * kS;
     const T* tV = sV + stage * kBN * kS;
 
-    float s[1][kBN / 8][4] = {}, dp[1][kBN / 8][4] = {};
-    gemm_nt<T, kD, kBN, kS, 1>(s, sQ + warp * 16 * kS, tK, lane);    // S = Q Kᵀ
-    gemm_nt<T, kD, kBN, kS, 1>(dp, sdO + warp * 16 * kS, tV, lane);  // dP = dO Vᵀ
+    float s[kMT][kBN / 8][4] = {}, dp[kMT][kBN / 8][4] = {};
+    gemm_nt<T, kD, kBN, kS, kMT>(s, sQ + (row0 - i0) * kS, tK, lane);    // S = Q Kᵀ
+    gemm_nt<T, kD, kBN, kS, kMT>(dp, sdO + (row0 - i0) * kS, tV, lane);  // dP = dO Vᵀ
     const bool interior = tile_interior(p, i0, j0, kBN);
 #pragma unroll
-    for (int nt = 0; nt < kBN / 8; ++nt)
+    for (int mt = 0; mt < kMT; ++mt)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = warp * 16 + g + 8 * (e >> 1);  // query row within the block
-        const int64_t i = i0 + r, j = j0 + nt * 8 + 2 * t + (e & 1);
-        const float sc = interior ? s[0][nt][e] * p.scale
-                                  : masked_score<T>(s[0][nt][e], p.mask, p.scale, p.is_causal, p.lq, p.lk, bi, h, i, j);
-        const float pe = __expf(sc - s_lse[r]);
-        const bool keep = !dropout || (i < p.lq && j < p.lk &&
-                                       keep_bit(p.seed, bi, h, i, j, p.hq, p.lq, p.lk, p.dropout_p));
-        s[0][nt][e] = pe * ((keep ? dp[0][nt][e] * rp : 0.f) - s_delta[r]);  // dS
-      }
-    gemm_rs_nn<T, kBN, kD, kS, 1>(dq, s, tK, scratch, lane);  // dQ += dS K
+      for (int nt = 0; nt < kBN / 8; ++nt)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int r = int(row0 - i0) + 16 * mt + g + 8 * (e >> 1);  // query row within the block
+          const int64_t i = i0 + r, j = j0 + nt * 8 + 2 * t + (e & 1);
+          const float sc = interior ? s[mt][nt][e] * p.scale
+                                    : masked_score<T>(s[mt][nt][e], p.mask, p.scale, p.is_causal, p.lq, p.lk, bi, h, i, j);
+          const float pe = __expf(sc - s_lse[r]);
+          const bool keep = !dropout || (i < p.lq && j < p.lk &&
+                                         keep_bit(p.seed, bi, h, i, j, p.hq, p.lq, p.lk, p.dropout_p));
+          s[mt][nt][e] = pe * ((keep ? dp[mt][nt][e] * rp : 0.f) - s_delta[r]);  // dS
+        }
+    gemm_rs_nn<T, kBN, kD, kS, kMT>(dq, s, tK, scratch, lane);  // dQ += dS K
   }
   cp_async_wait<0>();  // none pending at exit (kb_end = 0 leaves Q's and dO's copies unwaited)
   const float mul[2] = {p.scale, p.scale};
-  store_slab<T, kD>(dq[0], mul, static_cast<T*>(p.dq) + bi * p.dq_batch_stride + h * p.dq_head_stride,
-                    p.dq_row_stride, i0 + warp * 16, p.lq, p.d, lane);
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+    store_slab<T, kD>(dq[mt], mul, static_cast<T*>(p.dq) + bi * p.dq_batch_stride + h * p.dq_head_stride,
+                      p.dq_row_stride, row0 + 16 * mt, p.lq, p.d, lane);
 }
 
 // ---------------------------------------------------------------------------------------
