@@ -7,8 +7,8 @@
 //   cp_async_commit / cp_async_wait<N>
 //
 // Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16"), lane = 4 · g + t:
-//   A register i: row g + 8 · (i & 1), columns 2t, 2t + 1 + 8 · (i >> 1) (low half first)
-//   B register i: rows (k) 2t, 2t + 1 + 8 · i, column (n) g
+//   A register i: row g + 8 · (i & 1), columns 8 · (i >> 1) + 2t and + 2t + 1 (low half first)
+//   B register i: rows (k) 8 · i + 2t and + 2t + 1, column (n) g
 //   C element i:  row g + 8 · (i >> 1), column 2t + (i & 1)
 // ldmatrix: lanes 8m .. 8m + 7 give the row addresses of matrix m (16 bytes each, 16-byte
 // aligned); register m of lane 4g + t then holds row g, columns 2t, 2t + 1 of matrix m
