@@ -378,6 +378,32 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffffu, x, 2);
 }
 
+// The units of the softmax exponent. Tensor-core path (16-bit storage): log2 units, as
+// FlashAttention: a score enters as q·k · (scale · log2 e), one multiply, and a probability is
+// exp2 of a difference (ex2.approx.ftz, about 2 ulp; results below 2^-126 flush to 0), where
+// __expf(x) spends another multiply on x · log2 e before the same ex2. In the backward, with
+// lse known ahead, the whole exponent is one FMA. fp32 storage keeps natural units and __expf
+// (the extra rounding of the folded constant is within 16-bit tolerances, not fp32's).
+template <typename T>
+struct ExpUnits {
+  static constexpr bool kLog2 = !std::is_same_v<T, float>;
+  static constexpr float kPerNat = kLog2 ? 1.4426950408889634f : 1.f;  // units per nat
+  static constexpr float kNatPer = kLog2 ? 0.6931471805599453f : 1.f;  // nats per unit
+  __device__ __forceinline__ static float exp(float x) {
+    if constexpr (kLog2) {
+#if defined(FUSEDFORMER_CUDA_EMULATION)
+      return exp2f(x);
+#else
+      float y;
+      asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(x));
+      return y;
+#endif
+    } else {
+      return __expf(x);
+    }
+  }
+};
+
 // Writes a warp's 16 x kD accumulator slab · mul[row] to rows [r0, r0 + 16) of a head.
 template <typename T, int kD>
 __device__ __forceinline__ void store_slab(const float (&acc)[kD / 8][4], const float (&mul)[2],
@@ -405,6 +431,8 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
   using Tr = Traits<T, kD>;
   constexpr int kBM = Tr::kFwdBlockM, kBN = Tr::kFwdBlockN, kS = Tr::kStride, kStages = Tr::kStages;
   constexpr int kMT = Tr::kFwdMTiles;  // 16-row m-tiles per warp
+  using U = ExpUnits<T>;  // scores, m: in the exponent's units
+  const float scale_u = p.scale * U::kPerNat;
   extern __shared__ __align__(16) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
   T* sK = sQ + kBM * kS;              // kStages tiles of kBN rows
@@ -452,9 +480,10 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
       for (int nt = 0; nt < kBN / 8; ++nt)
 #pragma unroll
         for (int e = 0; e < 4; ++e)
-          s[mt][nt][e] = interior ? s[mt][nt][e] * p.scale
-                                  : masked_score<T>(s[mt][nt][e], p.mask, p.scale, p.is_causal, p.lq, p.lk, bi, h,
-                                                    row0 + 16 * mt + g + 8 * (e >> 1), j0 + nt * 8 + 2 * t + (e & 1));
+          s[mt][nt][e] = interior ? s[mt][nt][e] * scale_u
+                                  : U::kPerNat * masked_score<T>(s[mt][nt][e], p.mask, p.scale, p.is_causal, p.lq, p.lk,
+                                                                 bi, h, row0 + 16 * mt + g + 8 * (e >> 1),
+                                                                 j0 + nt * 8 + 2 * t + (e & 1));
 
     // Online softmax; the 4 lanes of a quad share rows g and g + 8 of each m-tile.
 #pragma unroll
@@ -466,7 +495,7 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
         for (int nt = 0; nt < kBN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
         const float m_new = fmaxf(m[mt][r], quad_max(mx));
         const float m_use = m_new == -kInf ? 0.f : m_new;  // every key so far masked: p = 0
-        const float alpha = __expf(m[mt][r] - m_use);       // 0 when m = -inf
+        const float alpha = U::exp(m[mt][r] - m_use);      // 0 when m = -inf
         m[mt][r] = m_new;
         l[mt][r] *= alpha;  // this lane's partial row sum, reduced over the quad at the end
 #pragma unroll
@@ -479,7 +508,7 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
         for (int nt = 0; nt < kBN / 8; ++nt)
 #pragma unroll
           for (int c = 0; c < 2; ++c) {
-            const float pe = __expf(s[mt][nt][2 * r + c] - m_use);
+            const float pe = U::exp(s[mt][nt][2 * r + c] - m_use);
             l[mt][r] += pe;  // softmax's denominator: before dropout
             const int64_t j = j0 + nt * 8 + 2 * t + c;
             const bool keep = !dropout || (i < p.lq && j < p.lk &&
@@ -501,7 +530,7 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
       const bool empty = m[mt][r] == -kInf;  // every key masked: o = 0, lse = -inf
       mul[r] = empty ? 0.f : rp / sum;
       const int64_t i = row0 + 16 * mt + g + 8 * r;
-      if (t == 0 && i < p.lq) p.lse[(bi * p.hq + h) * p.lq + i] = empty ? -kInf : m[mt][r] + __logf(sum);
+      if (t == 0 && i < p.lq) p.lse[(bi * p.hq + h) * p.lq + i] = empty ? -kInf : m[mt][r] * U::kNatPer + __logf(sum);
     }
     store_slab<T, kD>(acc[mt], mul, o_head, p.o_row_stride, row0 + 16 * mt, p.lq, p.d, lane);
   }
@@ -528,13 +557,13 @@ __global__ void attention_bwd_delta_kernel(const AttentionBwdParams p) {
 
 // lse and Delta of rows [r0, r0 + n) into shared memory. P = exp(s - lse) must be 0 on a fully
 // masked row (lse = -inf) and on rows past LQ: both get lse = +inf (and Delta = 0).
-template <int kRows, int kThreads>
+template <typename T, int kRows, int kThreads>
 __device__ __forceinline__ void load_row_stats(float* s_lse, float* s_delta, const AttentionBwdParams& p,
                                                int64_t bi, int64_t h, int64_t r0) {
   for (int r = threadIdx.x; r < kRows; r += kThreads) {
     const int64_t i = r0 + r, row = (bi * p.hq + h) * p.lq + i;
     const float lse = i < p.lq ? p.lse[row] : -kInf;
-    s_lse[r] = lse == -kInf ? kInf : lse;
+    s_lse[r] = lse == -kInf ? kInf : lse * ExpUnits<T>::kPerNat;  // in the exponent's units
     s_delta[r] = i < p.lq ? p.delta[row] : 0.f;
   }
 }
@@ -546,6 +575,8 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
   using Tr = Traits<T, kD>;
   constexpr int kBN = Tr::kBwdBlockN, kBM = Tr::kBwdBlockM, kS = Tr::kStride, kStages = Tr::kStages;
   constexpr int kMT = Tr::kBwdMTiles;  // 16-row m-tiles (of keys) per warp
+  using U = ExpUnits<T>;  // lse in shared memory: in the exponent's units
+  const float scale_u = p.scale * U::kPerNat;
   extern __shared__ __align__(16) unsigned char smem[];
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + kBN * kS;
@@ -579,7 +610,7 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
                                             rows_16b_aligned(q_head, p.q_row_stride));
     load_tile<T, kBM, kD, Tr::kThreads>(sdO + stage * kBM * kS, do_head, p.do_row_stride, i0, p.lq, p.d,
                                             rows_16b_aligned(do_head, p.do_row_stride));
-    load_row_stats<kBM, Tr::kThreads>(s_lse + stage * kBM, s_delta + stage * kBM, p, bi, h, i0);
+    load_row_stats<T, kBM, Tr::kThreads>(s_lse + stage * kBM, s_delta + stage * kBM, p, bi, h, i0);
   };
 
   // This warp's key rows: row0 + 16 · mt + g (+ 8), mt < kMT.
@@ -607,9 +638,10 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
         for (int e = 0; e < 4; ++e) {
           const int c = nt * 8 + 2 * t + (e & 1);  // query row within the tile
           const int64_t i = i0 + c, j = row0 + 16 * mt + g + 8 * (e >> 1);
-          const float s = interior ? st[mt][nt][e] * p.scale
-                                   : masked_score<T>(st[mt][nt][e], p.mask, p.scale, p.is_causal, p.lq, p.lk, bi, h, i, j);
-          const float pe = __expf(s - t_lse[c]);
+          const float pe =  // P = exp(s - lse), one FMA and an ex2 (ExpUnits)
+              U::exp(interior ? fmaf(st[mt][nt][e], scale_u, -t_lse[c])
+                              : fmaf(masked_score<T>(st[mt][nt][e], p.mask, p.scale, p.is_causal, p.lq, p.lk, bi, h, i, j),
+                                     U::kPerNat, -t_lse[c]));
           const bool keep = !dropout || (i < p.lq && j < p.lk &&
                                          keep_bit(p.seed, bi, h, i, j, p.hq, p.lq, p.lk, p.dropout_p));
           st[mt][nt][e] = keep ? pe * rp : 0.f;                                       // Pdᵀ
@@ -636,6 +668,8 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
   using Tr = Traits<T, kD>;
   constexpr int kBM = Tr::kBlockM, kBN = Tr::kBlockN, kS = Tr::kStride, kStages = Tr::kStages;
   constexpr int kMT = Tr::kDqMTiles;  // 16-row m-tiles per warp
+  using U = ExpUnits<T>;  // lse in shared memory: in the exponent's units
+  const float scale_u = p.scale * U::kPerNat;
   extern __shared__ __align__(16) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
   T* sdO = sQ + kBM * kS;
@@ -669,7 +703,7 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
                                           rows_16b_aligned(q_head, p.q_row_stride));
   load_tile<T, kBM, kD, Tr::kThreads>(sdO, do_head, p.do_row_stride, i0, p.lq, p.d,
                                           rows_16b_aligned(do_head, p.do_row_stride));
-  load_row_stats<kBM, Tr::kThreads>(s_lse, s_delta, p, bi, h, i0);
+  load_row_stats<T, kBM, Tr::kThreads>(s_lse, s_delta, p, bi, h, i0);
   if (kb_end > 0) load_kv(0, 0);
   cp_async_commit();
   for (int64_t kb = 0; kb < kb_end; ++kb) {
@@ -690,9 +724,10 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
         for (int e = 0; e < 4; ++e) {
           const int r = int(row0 - i0) + 16 * mt + g + 8 * (e >> 1);  // query row within the block
           const int64_t i = i0 + r, j = j0 + nt * 8 + 2 * t + (e & 1);
-          const float sc = interior ? s[mt][nt][e] * p.scale
-                                    : masked_score<T>(s[mt][nt][e], p.mask, p.scale, p.is_causal, p.lq, p.lk, bi, h, i, j);
-          const float pe = __expf(sc - s_lse[r]);
+          const float pe =  // P = exp(s - lse), one FMA and an ex2 (ExpUnits)
+              U::exp(interior ? fmaf(s[mt][nt][e], scale_u, -s_lse[r])
+                              : fmaf(masked_score<T>(s[mt][nt][e], p.mask, p.scale, p.is_causal, p.lq, p.lk, bi, h, i, j),
+                                     U::kPerNat, -s_lse[r]));
           const bool keep = !dropout || (i < p.lq && j < p.lk &&
                                          keep_bit(p.seed, bi, h, i, j, p.hq, p.lq, p.lk, p.dropout_p));
           s[mt][nt][e] = pe * ((keep ? dp[mt][nt][e] * rp : 0.f) - s_delta[r]);  // dS
