@@ -307,6 +307,28 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t ld, int6
   }
 }
 
+__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The K, V tile loads of the forward and dQ loops: load(kb, stage) fills buffer `stage` of sK
+// and sV (kBN rows each) with key block kb, through cp.async where the rows allow it.
+template <typename T, int kD, int kBN, int kThreads, typename P>
+__device__ __forceinline__ auto kv_tile_loader(const P& p, const T* k_head, const T* v_head, T* sK, T* sV) {
+  constexpr int kS = Traits<T, kD>::kStride;
+  const bool k_vec = rows_16b_aligned(k_head, p.k_row_stride), v_vec = rows_16b_aligned(v_head, p.v_row_stride);
+  return [=, &p](int64_t kb, int stage) {
+    load_tile<T, kBN, kD, kThreads>(sK + stage * kBN * kS, k_head, p.k_row_stride, kb * kBN, p.lk, p.d, k_vec);
+    load_tile<T, kBN, kD, kThreads>(sV + stage * kBN * kS, v_head, p.v_row_stride, kb * kBN, p.lk, p.d, v_vec);
+  };
+}
+
+// Key blocks (of kBN) that query rows [i0, i0 + rows) visit: all, or with causal masking those
+// up to the block holding the last row's diagonal.
+template <typename P>
+__device__ __forceinline__ int64_t key_blocks_end(const P& p, int64_t i0, int rows, int kBN) {
+  const int64_t nkb = ceil_div(p.lk, kBN);
+  return p.is_causal ? min(nkb, ceil_div(min(i0 + rows, p.lq), kBN)) : nkb;
+}
+
 // One step of a loop over tiles n = 0 .. count - 1 that load(n, stage) fills (cp.async
 // copies or plain stores), with tile 0 issued and committed before the loop. On return, tile n
 // is in buffer n % kStages for every thread, and with two stages tile n + 1's copies are in
@@ -420,8 +442,6 @@ __device__ __forceinline__ void store_slab(const float (&acc)[kD / 8][4], const 
     }
 }
 
-__host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
 // ---------------------------------------------------------------------------------------
 // Forward
 
@@ -447,11 +467,7 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
   const T* q_head = static_cast<const T*>(p.q) + bi * p.q_batch_stride + h * p.q_head_stride;
   const T* k_head = static_cast<const T*>(p.k) + bi * p.k_batch_stride + hk * p.k_head_stride;
   const T* v_head = static_cast<const T*>(p.v) + bi * p.v_batch_stride + hk * p.v_head_stride;
-  const bool k_vec = rows_16b_aligned(k_head, p.k_row_stride), v_vec = rows_16b_aligned(v_head, p.v_row_stride);
-  auto load_kv = [&](int64_t kb, int stage) {
-    load_tile<T, kBN, kD, Tr::kThreads>(sK + stage * kBN * kS, k_head, p.k_row_stride, kb * kBN, p.lk, p.d, k_vec);
-    load_tile<T, kBN, kD, Tr::kThreads>(sV + stage * kBN * kS, v_head, p.v_row_stride, kb * kBN, p.lk, p.d, v_vec);
-  };
+  const auto load_kv = kv_tile_loader<T, kD, kBN, Tr::kThreads>(p, k_head, v_head, sK, sV);
 
   // This warp's query rows: row0 + 16 · mt + g (+ 8), mt < kMT.
   const int64_t row0 = i0 + warp * 16 * kMT;
@@ -459,8 +475,7 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
   float m[kMT][2], l[kMT][2];  // rows g and g + 8 of each m-tile
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt) m[mt][0] = m[mt][1] = -kInf, l[mt][0] = l[mt][1] = 0.f;
-  const int64_t nkb = ceil_div(p.lk, kBN);
-  const int64_t kb_end = p.is_causal ? min(nkb, ceil_div(min(i0 + kBM, p.lq), kBN)) : nkb;
+  const int64_t kb_end = key_blocks_end(p, i0, kBM, kBN);
   load_tile<T, kBM, kD, Tr::kThreads>(sQ, q_head, p.q_row_stride, i0, p.lq, p.d,
                                           rows_16b_aligned(q_head, p.q_row_stride));
   if (kb_end > 0) load_kv(0, 0);
@@ -688,17 +703,12 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
   const T* do_head = static_cast<const T*>(p.do_) + bi * p.do_batch_stride + h * p.do_head_stride;
   const T* k_head = static_cast<const T*>(p.k) + bi * p.k_batch_stride + hk * p.k_head_stride;
   const T* v_head = static_cast<const T*>(p.v) + bi * p.v_batch_stride + hk * p.v_head_stride;
-  const bool k_vec = rows_16b_aligned(k_head, p.k_row_stride), v_vec = rows_16b_aligned(v_head, p.v_row_stride);
-  auto load_kv = [&](int64_t kb, int stage) {
-    load_tile<T, kBN, kD, Tr::kThreads>(sK + stage * kBN * kS, k_head, p.k_row_stride, kb * kBN, p.lk, p.d, k_vec);
-    load_tile<T, kBN, kD, Tr::kThreads>(sV + stage * kBN * kS, v_head, p.v_row_stride, kb * kBN, p.lk, p.d, v_vec);
-  };
+  const auto load_kv = kv_tile_loader<T, kD, kBN, Tr::kThreads>(p, k_head, v_head, sK, sV);
 
   // This warp's query rows: row0 + 16 · mt + g (+ 8), mt < kMT.
   const int64_t row0 = i0 + warp * 16 * kMT;
   float dq[kMT][kD / 8][4] = {};
-  const int64_t nkb = ceil_div(p.lk, kBN);
-  const int64_t kb_end = p.is_causal ? min(nkb, ceil_div(min(i0 + kBM, p.lq), kBN)) : nkb;
+  const int64_t kb_end = key_blocks_end(p, i0, kBM, kBN);
   load_tile<T, kBM, kD, Tr::kThreads>(sQ, q_head, p.q_row_stride, i0, p.lq, p.d,
                                           rows_16b_aligned(q_head, p.q_row_stride));
   load_tile<T, kBM, kD, Tr::kThreads>(sdO, do_head, p.do_row_stride, i0, p.lq, p.d,
