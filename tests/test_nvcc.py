@@ -5,12 +5,15 @@ has CUDA; they are syntax-checked here against the c10/cuda headers that the CPU
 
 The check is for errors (C++, CUDA and inline-PTX through ptxas), not for code quality, so it
 compiles at -O0 (measured on the 2-core CI machine: ffn.cu 121 s of CPU at -O3 vs 75 s at -O0)
-and runs all files at once, one process per core. setup.py builds with -O3.
+and runs all files at once, one process per core. setup.py builds with -O3. One check reads the
+machine code: the sm_90a forward's products must be warpgroup MMA (HGMMA) in the sm_90a cubin
+and absent from the sm_80 one (cuobjdump, as shipped with CUDA or with the triton wheel).
 """
 import concurrent.futures
 import os
 import pathlib
 import shutil
+import re
 import subprocess
 import sysconfig
 
@@ -22,6 +25,18 @@ CU_FILES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
 NVCC = shutil.which("nvcc") or shutil.which(os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"))
 
 
+def _cuobjdump() -> str | None:
+    found = shutil.which("cuobjdump")
+    if found:
+        return found
+    try:
+        import triton
+    except ImportError:
+        return None
+    bundled = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    return str(bundled) if bundled.exists() else None
+
+
 def _compile(cu: pathlib.Path, out_dir: pathlib.Path) -> subprocess.CompletedProcess:
     cmd = [NVCC, "-c", str(cu), "-o", str(out_dir / (cu.stem + ".o")), "-std=c++17", "-O0",
            "-Xptxas", "-O0", f"-I{ROOT / 'csrc'}", "--expt-relaxed-constexpr",
@@ -29,6 +44,7 @@ def _compile(cu: pathlib.Path, out_dir: pathlib.Path) -> subprocess.CompletedPro
            "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     proc.args = " ".join(cmd)
+    proc.obj = out_dir / (cu.stem + ".o")
     return proc
 
 
@@ -73,3 +89,36 @@ def test_cuda_source_compiles(cu, compiled):
 def test_bindings_cuda_branches_compile(compiled):
     proc = compiled["bindings.cpp"]
     assert proc.returncode == 0, f"{proc.args}\n{proc.stdout}\n{proc.stderr}"
+
+
+def _sass_instructions(obj: pathlib.Path, opcode: str) -> dict[tuple[str, str], int]:
+    """(arch, kernel) -> how many `opcode` instructions its SASS holds, for every kernel."""
+    sass = subprocess.run([_cuobjdump(), "--dump-sass", str(obj)], capture_output=True, text=True, check=True).stdout
+    counts: dict[tuple[str, str], int] = {}
+    arch = kernel = ""
+    for line in sass.splitlines():
+        if m := re.match(r"\s*arch = (\w+)", line):
+            arch = m.group(1)
+        elif m := re.match(r"\s*Function : (\S+)", line):
+            kernel = m.group(1)
+            counts[(arch, kernel)] = 0
+        elif re.search(rf"\b{opcode}\b", line):
+            counts[(arch, kernel)] += 1
+    return counts
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH or in $CUDA_HOME")
+@pytest.mark.skipif(_cuobjdump() is None, reason="no cuobjdump (CUDA toolkit or triton wheel)")
+def test_wgmma_forward_is_warpgroup_mma_on_sm90a_only(compiled):
+    assert compiled["attention.cu"].returncode == 0, compiled["attention.cu"].stderr
+    hgmma = _sass_instructions(compiled["attention.cu"].obj, "HGMMA")
+    wgmma = {key: n for key, n in hgmma.items() if "attention_fwd_wgmma_kernel" in key[1]}
+    # bf16 and fp16 at D = 64 and 128, in both cubins
+    assert len(wgmma) == 8, sorted(wgmma)
+    for (arch, kernel), n in wgmma.items():
+        if arch == "sm_90a":
+            assert n > 0, f"{kernel}: no HGMMA in its sm_90a SASS"
+        else:
+            assert n == 0, f"{kernel}: HGMMA in its {arch} SASS"
+    others = {key: n for key, n in hgmma.items() if "attention_fwd_wgmma_kernel" not in key[1] and n > 0}
+    assert not others, f"HGMMA outside the wgmma forward: {sorted(others)}"

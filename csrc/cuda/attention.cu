@@ -48,7 +48,10 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -159,6 +162,22 @@ __device__ __forceinline__ int tile_offset(int row, int col) {
     return row * kWidth + ((((col >> 3) ^ swizzle)) << 3) + (col & 7);
   }
 }
+
+// Shared tile layouts, as types for load_tile: RowLayout (the mma.sync kernels: tile_offset's
+// rows of kWidth) and PanelLayout (the wgmma forward: kD / 64 panels of kRows x 64, each row 128
+// bytes swizzled as tile_offset<T, 64>, chunk ^ row % 8). With every panel on a 1024-byte
+// boundary of the shared window that is the hardware's 128-byte swizzle (sw128_desc), and
+// ldmatrix reads and cp.async writes stay conflict-free on it for tile_offset's reason.
+template <typename T, int kWidth>
+struct RowLayout {
+  __device__ __forceinline__ static int offset(int row, int col) { return tile_offset<T, kWidth>(row, col); }
+};
+template <typename T, int kRows>
+struct PanelLayout {
+  __device__ __forceinline__ static int offset(int row, int col) {
+    return (col >> 6) * kRows * 64 + tile_offset<T, 64>(row, col & 63);
+  }
+};
 
 // acc[mt](16 x kN) += A[mt](16 x kK) · Btᵀ for the warp's kMT m-tiles (A rows 16 · mt ..), A and
 // Bt (kN x kK) row-major in shared memory. Each B fragment pair is loaded once for all kMT
@@ -280,10 +299,10 @@ __device__ __forceinline__ bool rows_16b_aligned(const T* head, int64_t ld) {
 }
 
 // Rows [r0, r0 + kRows) of one head (row stride `ld`, unit column stride) into a shared tile
-// (kRows x kD, laid out by tile_offset); rows >= L and columns >= d are zero. vec (rows_16b_aligned):
+// (kRows x kD, laid out by Layout); rows >= L and columns >= d are zero. vec (rows_16b_aligned):
 // 16-byte cp.async chunks, zero-filled past L and d in the copy itself, landed by the caller's
 // cp_async_wait and barrier; otherwise element by element, stored before this returns.
-template <typename T, int kRows, int kD, int kThreads>
+template <typename T, int kRows, int kD, int kThreads, typename Layout = RowLayout<T, kD>>
 __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t ld, int64_t r0, int64_t L,
                                           int64_t d, bool vec) {
   if (vec) {
@@ -297,12 +316,12 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t ld, int6
       const int r = idx / (kD / kPer), c = idx % (kD / kPer) * kPer;
       const int64_t cols = r0 + r < L ? min(d - c, int64_t(kPer)) : 0;  // the chunk's columns below d
       const int bytes = cols > 0 ? int(cols) * int(sizeof(T)) : 0;
-      cp_async16(dst + tile_offset<T, kD>(r, c), bytes > 0 ? src + (r0 + r) * ld + c : src, bytes);
+      cp_async16(dst + Layout::offset(r, c), bytes > 0 ? src + (r0 + r) * ld + c : src, bytes);
     }
   } else {
     for (int idx = threadIdx.x; idx < kRows * kD; idx += kThreads) {
       const int r = idx / kD, c = idx % kD;
-      dst[tile_offset<T, kD>(r, c)] = (r0 + r < L && c < d) ? src[(r0 + r) * ld + c] : from_f<T>(0.f);
+      dst[Layout::offset(r, c)] = (r0 + r < L && c < d) ? src[(r0 + r) * ld + c] : from_f<T>(0.f);
     }
   }
 }
@@ -310,14 +329,15 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t ld, int6
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The K, V tile loads of the forward and dQ loops: load(kb, stage) fills buffer `stage` of sK
-// and sV (kBN rows each) with key block kb, through cp.async where the rows allow it.
-template <typename T, int kD, int kBN, int kThreads, typename P>
+// and sV (kBN rows each, laid out by Layout) with key block kb, through cp.async where the rows
+// allow it.
+template <typename T, int kD, int kBN, int kThreads, typename Layout = RowLayout<T, kD>, typename P>
 __device__ __forceinline__ auto kv_tile_loader(const P& p, const T* k_head, const T* v_head, T* sK, T* sV) {
   constexpr int kS = Traits<T, kD>::kStride;
   const bool k_vec = rows_16b_aligned(k_head, p.k_row_stride), v_vec = rows_16b_aligned(v_head, p.v_row_stride);
   return [=, &p](int64_t kb, int stage) {
-    load_tile<T, kBN, kD, kThreads>(sK + stage * kBN * kS, k_head, p.k_row_stride, kb * kBN, p.lk, p.d, k_vec);
-    load_tile<T, kBN, kD, kThreads>(sV + stage * kBN * kS, v_head, p.v_row_stride, kb * kBN, p.lk, p.d, v_vec);
+    load_tile<T, kBN, kD, kThreads, Layout>(sK + stage * kBN * kS, k_head, p.k_row_stride, kb * kBN, p.lk, p.d, k_vec);
+    load_tile<T, kBN, kD, kThreads, Layout>(sV + stage * kBN * kS, v_head, p.v_row_stride, kb * kBN, p.lk, p.d, v_vec);
   };
 }
 
@@ -333,8 +353,9 @@ __device__ __forceinline__ int64_t key_blocks_end(const P& p, int64_t i0, int ro
 // copies or plain stores), with tile 0 issued and committed before the loop. On return, tile n
 // is in buffer n % kStages for every thread, and with two stages tile n + 1's copies are in
 // flight into the other buffer (the one tile n - 1 used) while the caller computes on tile n.
-// Returns n's buffer. One barrier a step with two stages, two with one.
-template <int kStages, typename Load>
+// Returns n's buffer. One barrier a step with two stages, two with one. kAsyncProxy: the tiles
+// feed wgmma, so each thread fences its landed writes to the async proxy before the barrier.
+template <int kStages, bool kAsyncProxy = false, typename Load>
 __device__ __forceinline__ int pipeline_step(int64_t n, int64_t count, Load&& load) {
   const int stage = int(n % kStages);
   if (kStages == 1 && n > 0) {
@@ -343,6 +364,7 @@ __device__ __forceinline__ int pipeline_step(int64_t n, int64_t count, Load&& lo
     cp_async_commit();
   }
   cp_async_wait<0>();  // this thread's copies of tile n have landed ...
+  if constexpr (kAsyncProxy) fence_proxy_async();
   __syncthreads();     // ... and every thread's; two stages: every warp is done with tile n - 1
   if (kStages == 2 && n + 1 < count) {  // its buffer takes tile n + 1, under this one's math
     load(n + 1, stage ^ 1);
@@ -442,6 +464,89 @@ __device__ __forceinline__ void store_slab(const float (&acc)[kD / 8][4], const 
     }
 }
 
+// One key block of the forward's online softmax, for a warp's kMT m-tiles (query rows row0 +
+// 16 · mt + g and + 8; keys from j0): the raw q·k scores s become scaled, masked scores in the
+// exponent's units (interior tiles skip masked_score), the running max m and this lane's partial
+// row sums l advance, acc is rescaled, and s leaves as the probabilities (after dropout) that
+// multiply V. The 4 lanes of a quad share rows g and g + 8 of each m-tile.
+// kSN, kAN: 8-column tiles of the score slab (kBN / 8) and of the accumulators (kD / 8).
+template <typename T, int kMT, int kSN, int kAN>
+__device__ __forceinline__ void online_softmax_step(float (&s)[kMT][kSN][4], float (&acc)[kMT][kAN][4],
+                                                    float (&m)[kMT][2], float (&l)[kMT][2],
+                                                    const AttentionFwdParams& p, bool interior, int64_t bi,
+                                                    int64_t h, int64_t row0, int64_t j0, int lane) {
+  using U = ExpUnits<T>;
+  constexpr int kBN = 8 * kSN, kD = 8 * kAN;
+  const int g = lane >> 2, t = lane & 3;
+  const float scale_u = p.scale * U::kPerNat;
+  const bool dropout = p.dropout_p > 0.f;
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < kBN / 8; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e)
+        s[mt][nt][e] = interior ? s[mt][nt][e] * scale_u
+                                : U::kPerNat * masked_score<T>(s[mt][nt][e], p.mask, p.scale, p.is_causal, p.lq, p.lk,
+                                                               bi, h, row0 + 16 * mt + g + 8 * (e >> 1),
+                                                               j0 + nt * 8 + 2 * t + (e & 1));
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float mx = -kInf;
+#pragma unroll
+      for (int nt = 0; nt < kBN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
+      const float m_new = fmaxf(m[mt][r], quad_max(mx));
+      const float m_use = m_new == -kInf ? 0.f : m_new;  // every key so far masked: p = 0
+      const float alpha = U::exp(m[mt][r] - m_use);      // 0 when m = -inf
+      m[mt][r] = m_new;
+      l[mt][r] *= alpha;  // this lane's partial row sum, reduced over the quad at the end
+#pragma unroll
+      for (int nt = 0; nt < kD / 8; ++nt) {
+        acc[mt][nt][2 * r] *= alpha;
+        acc[mt][nt][2 * r + 1] *= alpha;
+      }
+      const int64_t i = row0 + 16 * mt + g + 8 * r;
+#pragma unroll
+      for (int nt = 0; nt < kBN / 8; ++nt)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const float pe = U::exp(s[mt][nt][2 * r + c] - m_use);
+          l[mt][r] += pe;  // softmax's denominator: before dropout
+          const int64_t j = j0 + nt * 8 + 2 * t + c;
+          const bool keep = !dropout || (i < p.lq && j < p.lk &&
+                                         keep_bit(p.seed, bi, h, i, j, p.hq, p.lq, p.lk, p.dropout_p));
+          s[mt][nt][2 * r + c] = keep ? pe : 0.f;
+        }
+    }
+}
+
+// The forward's epilogue for a warp's kMT m-tiles: o = acc / l (· 1 / (1 - p) with dropout) and
+// lse = m + log l in nats; a row whose every key was masked gets o = 0 and lse = -inf.
+template <typename T, int kMT, int kAN>
+__device__ __forceinline__ void store_fwd_rows(const AttentionFwdParams& p, const float (&acc)[kMT][kAN][4],
+                                               const float (&m)[kMT][2], const float (&l)[kMT][2], int64_t bi,
+                                               int64_t h, int64_t row0, int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  const float rp = p.dropout_p > 0.f ? 1.f / (1.f - p.dropout_p) : 1.f;
+  T* o_head = static_cast<T*>(p.o) + bi * p.o_batch_stride + h * p.o_head_stride;
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+    float mul[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float sum = quad_sum(l[mt][r]);
+      const bool empty = m[mt][r] == -kInf;
+      mul[r] = empty ? 0.f : rp / sum;
+      const int64_t i = row0 + 16 * mt + g + 8 * r;
+      if (t == 0 && i < p.lq)
+        p.lse[(bi * p.hq + h) * p.lq + i] = empty ? -kInf : m[mt][r] * ExpUnits<T>::kNatPer + __logf(sum);
+    }
+    store_slab<T, 8 * kAN>(acc[mt], mul, o_head, p.o_row_stride, row0 + 16 * mt, p.lq, p.d, lane);
+  }
+}
+
 // ---------------------------------------------------------------------------------------
 // Forward
 
@@ -451,19 +556,15 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
   using Tr = Traits<T, kD>;
   constexpr int kBM = Tr::kFwdBlockM, kBN = Tr::kFwdBlockN, kS = Tr::kStride, kStages = Tr::kStages;
   constexpr int kMT = Tr::kFwdMTiles;  // 16-row m-tiles per warp
-  using U = ExpUnits<T>;  // scores, m: in the exponent's units
-  const float scale_u = p.scale * U::kPerNat;
   extern __shared__ __align__(16) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
   T* sK = sQ + kBM * kS;              // kStages tiles of kBN rows
   T* sV = sK + kStages * kBN * kS;    // the same
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float* scratch = reinterpret_cast<float*>(sV + kStages * kBN * kS) + warp * Tr::kScratchWarpFloats;
 
   const int64_t qb = blockIdx.x, h = blockIdx.y, bi = blockIdx.z, hk = h / (p.hq / p.hkv);
   const int64_t i0 = qb * kBM;
-  const bool dropout = p.dropout_p > 0.f;
-  const float rp = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
   const T* q_head = static_cast<const T*>(p.q) + bi * p.q_batch_stride + h * p.q_head_stride;
   const T* k_head = static_cast<const T*>(p.k) + bi * p.k_batch_stride + hk * p.k_head_stride;
   const T* v_head = static_cast<const T*>(p.v) + bi * p.v_batch_stride + hk * p.v_head_stride;
@@ -488,67 +589,135 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
 
     float s[kMT][kBN / 8][4] = {};
     gemm_nt<T, kD, kBN, kS, kMT>(s, sQ + (row0 - i0) * kS, tK, lane);
-    const bool interior = tile_interior(p, i0, j0, kBN);
-#pragma unroll
-    for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < kBN / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e)
-          s[mt][nt][e] = interior ? s[mt][nt][e] * scale_u
-                                  : U::kPerNat * masked_score<T>(s[mt][nt][e], p.mask, p.scale, p.is_causal, p.lq, p.lk,
-                                                                 bi, h, row0 + 16 * mt + g + 8 * (e >> 1),
-                                                                 j0 + nt * 8 + 2 * t + (e & 1));
-
-    // Online softmax; the 4 lanes of a quad share rows g and g + 8 of each m-tile.
-#pragma unroll
-    for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float mx = -kInf;
-#pragma unroll
-        for (int nt = 0; nt < kBN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
-        const float m_new = fmaxf(m[mt][r], quad_max(mx));
-        const float m_use = m_new == -kInf ? 0.f : m_new;  // every key so far masked: p = 0
-        const float alpha = U::exp(m[mt][r] - m_use);      // 0 when m = -inf
-        m[mt][r] = m_new;
-        l[mt][r] *= alpha;  // this lane's partial row sum, reduced over the quad at the end
-#pragma unroll
-        for (int nt = 0; nt < kD / 8; ++nt) {
-          acc[mt][nt][2 * r] *= alpha;
-          acc[mt][nt][2 * r + 1] *= alpha;
-        }
-        const int64_t i = row0 + 16 * mt + g + 8 * r;
-#pragma unroll
-        for (int nt = 0; nt < kBN / 8; ++nt)
-#pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            const float pe = U::exp(s[mt][nt][2 * r + c] - m_use);
-            l[mt][r] += pe;  // softmax's denominator: before dropout
-            const int64_t j = j0 + nt * 8 + 2 * t + c;
-            const bool keep = !dropout || (i < p.lq && j < p.lk &&
-                                           keep_bit(p.seed, bi, h, i, j, p.hq, p.lq, p.lk, p.dropout_p));
-            s[mt][nt][2 * r + c] = keep ? pe : 0.f;
-          }
-      }
+    online_softmax_step<T>(s, acc, m, l, p, tile_interior(p, i0, j0, kBN), bi, h, row0, j0, lane);
     gemm_rs_nn<T, kBN, kD, kS, kMT>(acc, s, tV, scratch, lane);
   }
   cp_async_wait<0>();  // none pending at exit (kb_end = 0 leaves Q's copies unwaited)
 
-  T* o_head = static_cast<T*>(p.o) + bi * p.o_batch_stride + h * p.o_head_stride;
+  store_fwd_rows<T>(p, acc, m, l, bi, h, row0, lane);
+}
+
+// ---------------------------------------------------------------------------------------
+// Forward on sm_90a: warpgroup MMA (16-bit, D = 64 and 128)
+//
+// The same algorithm and per-warp row ownership as attention_fwd_kernel (each warp one 16-row
+// m-tile, its scores and accumulators in the mma C layout, the same online_softmax_step and
+// store_fwd_rows), with the two products issued per warpgroup as wgmma.mma_async m64n64k16:
+//   S = Q Kᵀ   A: the warp's Q rows, loaded once into registers (ldmatrix); B: the K tile,
+//              K-major (key rows, D contiguous), one wgmma per 16 of D
+//   O += P V   A: P from the score registers (as gemm_rs_nn packs it); B: the V tile, MN-major
+//              (key rows, D contiguous), one wgmma per 16 keys and 64-column panel of D
+// Neither operand is re-read by each warp from shared memory through ldmatrix, which is what
+// bounds the mma.sync kernel on sm_90 (gemm_nt's comment); the warpgroup's tensor cores read
+// the B tile once for 64 rows. Tiles are PanelLayout (the 128-byte swizzle of sw128_desc), on
+// 1024-byte boundaries of the shared window, double-buffered through cp.async as before.
+// Not yet: TMA loads, warp specialization (producer warps, ping-pong of the two warpgroups) and
+// overlap of the softmax with the next Q Kᵀ inside a warpgroup, FlashAttention-3's further
+// steps. Compiled for sm_90a only (a trap elsewhere); launched where binary_is_sm90.
+template <typename T, int kD>
+struct WgmmaFwd {
+  static constexpr bool kSupported = !std::is_same_v<T, float> && (kD == 64 || kD == 128);
+  static constexpr int kWarpgroups = 2;
+  static constexpr int kThreads = 128 * kWarpgroups;
+  static constexpr int kBM = 64 * kWarpgroups;  // query rows of a block
+  static constexpr int kBN = 64;                // keys per tile: one wgmma N
+  static constexpr int kStages = 2;             // K and V tiles in flight
+  // Q, then kStages K and V tiles, plus up to 1008 bytes to reach a 1024-byte boundary.
+  static constexpr int kSmem = (kBM + 2 * kStages * kBN) * kD * int(sizeof(T)) + 1024;
+  static_assert(kBN * kD * int(sizeof(T)) % 1024 == 0, "every tile and panel on a 1024-byte boundary");
+};
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(WgmmaFwd<T, kD>::kThreads, 1)
+    attention_fwd_wgmma_kernel(const AttentionFwdParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(FUSEDFORMER_CUDA_EMULATION)
+  using C = WgmmaFwd<T, kD>;
+  static_assert(C::kSupported, "16-bit, D = 64 or 128");
+  constexpr int kBM = C::kBM, kBN = C::kBN, kStages = C::kStages;
+  using QLayout = PanelLayout<T, kBM>;
+  using KVLayout = PanelLayout<T, kBN>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem + (1024 - shared_address(smem) % 1024) % 1024);
+  T* sK = sQ + kBM * kD;             // kStages tiles of kBN rows
+  T* sV = sK + kStages * kBN * kD;   // the same
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+
+  const int64_t qb = blockIdx.x, h = blockIdx.y, bi = blockIdx.z, hk = h / (p.hq / p.hkv);
+  const int64_t i0 = qb * kBM;
+  const T* q_head = static_cast<const T*>(p.q) + bi * p.q_batch_stride + h * p.q_head_stride;
+  const T* k_head = static_cast<const T*>(p.k) + bi * p.k_batch_stride + hk * p.k_head_stride;
+  const T* v_head = static_cast<const T*>(p.v) + bi * p.v_batch_stride + hk * p.v_head_stride;
+  const auto load_kv = kv_tile_loader<T, kD, kBN, C::kThreads, KVLayout>(p, k_head, v_head, sK, sV);
+
+  // This warp's query rows: row0 + g (+ 8); warpgroup w's wgmma rows 16v .. are warp 4w + v's.
+  const int64_t row0 = i0 + 16 * warp;
+  const int64_t kb_end = key_blocks_end(p, i0, kBM, kBN);
+  load_tile<T, kBM, kD, C::kThreads, QLayout>(sQ, q_head, p.q_row_stride, i0, p.lq, p.d,
+                                              rows_16b_aligned(q_head, p.q_row_stride));
+  cp_async_commit();
+  if (kb_end > 0) load_kv(0, 0);
+  cp_async_commit();
+  cp_async_wait<1>();  // Q's copies (the K, V tile 0 ones may still fly)
+  __syncthreads();
+  uint32_t q[kD / 16][4];  // the warp's Q rows as A fragments, one per 16 of D (gemm_nt's rows)
 #pragma unroll
-  for (int mt = 0; mt < kMT; ++mt) {
-    float mul[2];
+  for (int kk = 0; kk < kD / 16; ++kk)
+    ldmatrix_x4(q[kk], sQ + QLayout::offset(16 * warp + (lane & 15), 16 * kk + 8 * (lane >> 4)));
+
+  float acc[1][kD / 8][4] = {};
+  float m[1][2] = {{-kInf, -kInf}}, l[1][2] = {{0.f, 0.f}};
+  for (int64_t kb = 0; kb < kb_end; ++kb) {
+    const int64_t j0 = kb * kBN;
+    const int stage = pipeline_step<kStages, true>(kb, kb_end, load_kv);
+    const T* tK = sK + stage * kBN * kD;
+    const T* tV = sV + stage * kBN * kD;
+
+    // S = Q Kᵀ: k-step kk reads D columns 16kk .. of every key row, 32 bytes into panel kk / 4.
+    float s[1][kBN / 8][4];
+    wgmma_fence_operands(s[0]);
+    wgmma_fence();
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float sum = quad_sum(l[mt][r]);
-      const bool empty = m[mt][r] == -kInf;  // every key masked: o = 0, lse = -inf
-      mul[r] = empty ? 0.f : rp / sum;
-      const int64_t i = row0 + 16 * mt + g + 8 * r;
-      if (t == 0 && i < p.lq) p.lse[(bi * p.hq + h) * p.lq + i] = empty ? -kInf : m[mt][r] * U::kNatPer + __logf(sum);
+    for (int kk = 0; kk < kD / 16; ++kk)
+      wgmma_m64n64k16_rs<T, false>(s[0], q[kk], sw128_desc(tK + (kk / 4) * kBN * 64 + (kk % 4) * 16, 16), kk > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_operands(s[0]);
+
+    online_softmax_step<T>(s, acc, m, l, p, tile_interior(p, i0, j0, kBN), bi, h, row0, j0, lane);
+
+    // O += P V: keys 16kc .. of panel pn start 16kc rows (2 KiB) into it; panels kBN rows apart.
+    // Every A fragment is packed before the batch: a register written between two wgmma of a
+    // batch makes ptxas insert a warpgroup.arrive there (warning C7519), serializing them.
+    uint32_t pa[kBN / 16][4];
+#pragma unroll
+    for (int kc = 0; kc < kBN / 16; ++kc) {
+      const float(&p0)[4] = s[0][2 * kc];
+      const float(&p1)[4] = s[0][2 * kc + 1];
+      pa[kc][0] = pack2<T>(p0[0], p0[1]);
+      pa[kc][1] = pack2<T>(p0[2], p0[3]);
+      pa[kc][2] = pack2<T>(p1[0], p1[1]);
+      pa[kc][3] = pack2<T>(p1[2], p1[3]);
     }
-    store_slab<T, kD>(acc[mt], mul, o_head, p.o_row_stride, row0 + 16 * mt, p.lq, p.d, lane);
+    auto panel = [&](int pn) -> float(&)[8][4] { return *reinterpret_cast<float(*)[8][4]>(&acc[0][8 * pn]); };
+#pragma unroll
+    for (int pn = 0; pn < kD / 64; ++pn) wgmma_fence_operands(panel(pn));
+    wgmma_fence();
+#pragma unroll
+    for (int kc = 0; kc < kBN / 16; ++kc)
+#pragma unroll
+      for (int pn = 0; pn < kD / 64; ++pn)
+        wgmma_m64n64k16_rs<T, true>(panel(pn), pa[kc], sw128_desc(tV + pn * kBN * 64 + kc * 16 * 64, kBN * 128), true);
+    wgmma_commit();
+    wgmma_wait<0>();  // before the next pipeline_step lets the V buffer be refilled
+#pragma unroll
+    for (int pn = 0; pn < kD / 64; ++pn) wgmma_fence_operands(panel(pn));
   }
+  cp_async_wait<0>();  // none pending at exit (kb_end = 0 leaves an empty group)
+
+  store_fwd_rows<T>(p, acc, m, l, bi, h, row0, lane);
+#else
+  __trap();  // launched only where the binary is sm_90a code
+#endif
 }
 
 // ---------------------------------------------------------------------------------------
@@ -791,6 +960,34 @@ void dispatch(const P& p, F&& f) {
   dispatch_cuda_dtype(p.dtype, by_dim);
 }
 
+// Whether `kernel` runs on the current device as sm_90 code: the binary the runtime picks there
+// is sm_90a SASS (the build's FUSEDFORMER_CUDA_ARCHS include 90a and the device is an sm_90).
+// Asked once per device.
+template <typename Kernel>
+bool binary_is_sm90(Kernel kernel) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> known[kMaxDevices];  // 0: not asked yet, 1: no, 2: yes
+  int device = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  const bool cached = device >= 0 && device < kMaxDevices;
+  if (cached) {
+    const int k = known[device].load(std::memory_order_relaxed);
+    if (k != 0) return k == 2;
+  }
+  cudaFuncAttributes attr{};
+  check_cuda(cudaFuncGetAttributes(&attr, kernel), "cudaFuncGetAttributes");
+  const bool yes = attr.binaryVersion == 90;
+  if (cached) known[device].store(yes ? 2 : 1, std::memory_order_relaxed);
+  return yes;
+}
+
+// FUSEDFORMER_CUDA_WGMMA=0 keeps the forward on the mma.sync kernel on sm_90 too (to compare
+// the two, or to step around the wgmma one).
+bool wgmma_allowed() {
+  const char* v = std::getenv("FUSEDFORMER_CUDA_WGMMA");
+  return v == nullptr || std::strcmp(v, "0") != 0;
+}
+
 }  // namespace
 
 void attention_fwd_cuda(const AttentionFwdParams& p, cudaStream_t stream) {
@@ -798,6 +995,15 @@ void attention_fwd_cuda(const AttentionFwdParams& p, cudaStream_t stream) {
   dispatch(p, [&](auto tag, auto dim) {
     using T = decltype(tag);
     constexpr int kD = decltype(dim)::value;
+    if constexpr (WgmmaFwd<T, kD>::kSupported) {
+      using C = WgmmaFwd<T, kD>;
+      if (wgmma_allowed() && binary_is_sm90(attention_fwd_wgmma_kernel<T, kD>)) {
+        const dim3 grid(unsigned(ceil_div(p.lq, C::kBM)), unsigned(p.hq), unsigned(p.b));
+        launch(attention_fwd_wgmma_kernel<T, kD>, grid, C::kThreads, C::kSmem, stream,
+               "attention_fwd_wgmma_kernel", p);
+        return;
+      }
+    }
     using Tr = Traits<T, kD>;
     const dim3 grid(unsigned(ceil_div(p.lq, Tr::kFwdBlockM)), unsigned(p.hq), unsigned(p.b));
     launch(attention_fwd_kernel<T, kD>, grid, Tr::kThreads, Tr::kFwdSmem, stream,

@@ -5,6 +5,7 @@
 //                     whose B is stored k-major, such as P·V with V row-major)
 //   cp_async16        a 16-byte asynchronous global -> shared copy, zero-filled past src_bytes
 //   cp_async_commit / cp_async_wait<N>
+// and the sm_90a warpgroup MMA (wgmma) below.
 //
 // Fragment layouts (PTX ISA, "Matrix Fragments for mma.m16n8k16"), lane = 4 · g + t:
 //   A register i: row g + 8 · (i & 1), columns 8 · (i >> 1) + 2t and + 2t + 1 (low half first)
@@ -103,6 +104,134 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
 #endif
 }
+
+// ---- sm_90a: warpgroup MMA ----------------------------------------------------------------
+// A warpgroup (warps 4w .. 4w + 3 of a block, 128 threads) computes D(64 x N, fp32) (+)= A(64 x
+// 16) · B(16 x N) asynchronously (wgmma.mma_async; PTX ISA, "Asynchronous Warpgroup Level
+// Matrix Multiply-Accumulate"). Here A is in registers: warp 4w + v holds rows 16v .. 16v + 15
+// in mma_16816's A layout. B is in shared memory, named by a matrix descriptor (sw128_desc). D
+// is mma_16816's C layout over N / 8 column tiles: d[j][i] is row g + 8 · (i >> 1), column
+// 8j + 2t + (i & 1) of the warp's 16 rows. The protocol, in each thread:
+//   fence_proxy_async    after this thread's shared-memory writes (cp.async landed) that a wgmma
+//                        will read, before the barrier that publishes them: wgmma reads
+//                        through the async proxy;
+//   wgmma_fence          before a batch: orders this thread's earlier register accesses (of A
+//                        and D) before the asynchronous ones;
+//   wgmma_m64n64k16_rs   the multiplies, then wgmma_commit (one group);
+//   wgmma_wait<N>        before D is read or the B tiles are overwritten, then
+//                        wgmma_fence_operands(D) so the compiler keeps D's reads below the wait.
+// The instructions exist only for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); other targets compile
+// these helpers to a trap, and the host launches a wgmma kernel only where the binary that runs
+// is sm_90 code (attention.cu: binary_is_sm90).
+
+// The address of p in the block's shared window (p in dynamic shared memory).
+__device__ __forceinline__ uint32_t shared_address(const void* p) {
+#if defined(FUSEDFORMER_CUDA_EMULATION)
+  return emu::shared_address(p);
+#else
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+#endif
+}
+
+// Descriptor of a 128-byte-swizzled 16-bit operand in shared memory: rows of 64 elements (128
+// bytes) whose 16-byte chunk c is stored at chunk c ^ row % 8, in atoms of 8 rows (1024 bytes,
+// the stride byte offset) that start on 1024-byte boundaries of the shared window. `start` is
+// the operand's first element: an atom's row 0, plus 32 bytes per 16-element k-step along the
+// row for a K-major operand. lbo_bytes: for an MN-major operand the stride between its 64-column
+// panels; K-major operands ignore it (16, encoded 1, by convention).
+__device__ __forceinline__ uint64_t sw128_desc(const void* start, uint32_t lbo_bytes) {
+  const uint64_t address = (shared_address(start) & 0x3ffffu) >> 4;
+  return address | (uint64_t((lbo_bytes >> 4) & 0x3fffu) << 16) | (uint64_t(1024 >> 4) << 32) | (uint64_t(1) << 62);
+}
+
+__device__ __forceinline__ void fence_proxy_async() {
+#if defined(FUSEDFORMER_CUDA_EMULATION)
+  emu::fence_proxy_async();
+#elif defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+#if defined(FUSEDFORMER_CUDA_EMULATION)
+  emu::wgmma_fence();
+#elif defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+
+__device__ __forceinline__ void wgmma_commit() {
+#if defined(FUSEDFORMER_CUDA_EMULATION)
+  emu::wgmma_commit_group();
+#elif defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+#else
+  __trap();
+#endif
+}
+
+// Waits until at most N of this thread's committed wgmma groups are pending.
+template <int N>
+__device__ __forceinline__ void wgmma_wait() {
+#if defined(FUSEDFORMER_CUDA_EMULATION)
+  emu::wgmma_wait_group(N);
+#elif defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+#else
+  __trap();
+#endif
+}
+
+// A compiler barrier on each accumulator: its reads and writes stay on their side of the
+// neighbouring wgmma asm statements (which the compiler does not know touch it).
+template <int kTiles>
+__device__ __forceinline__ void wgmma_fence_operands(float (&d)[kTiles][4]) {
+#if !defined(FUSEDFORMER_CUDA_EMULATION)
+#pragma unroll
+  for (int j = 0; j < kTiles; ++j)
+#pragma unroll
+    for (int i = 0; i < 4; ++i) asm volatile("" : "+f"(d[j][i])::"memory");
+#endif
+}
+
+#define FUSEDFORMER_WGMMA_D8(j) "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
+#define FUSEDFORMER_WGMMA_M64N64K16_RS(TYPE)                                                          \
+  asm volatile(                                                                                     \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %38, 0;\n"                                                  \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "                               \
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
+      "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, {%32, %33, %34, %35}, %36, p, " \
+      "1, 1, %37;\n}\n"                                                                             \
+      : FUSEDFORMER_WGMMA_D8(0), FUSEDFORMER_WGMMA_D8(1), FUSEDFORMER_WGMMA_D8(2),                  \
+        FUSEDFORMER_WGMMA_D8(3), FUSEDFORMER_WGMMA_D8(4), FUSEDFORMER_WGMMA_D8(5),                  \
+        FUSEDFORMER_WGMMA_D8(6), FUSEDFORMER_WGMMA_D8(7)                                            \
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(desc_b), "n"(kTransB ? 1 : 0),              \
+        "r"(accumulate ? 1 : 0))
+
+// D(64 x 64) = A · B (+ D when accumulate), A in registers, B behind desc_b: K-major (rows of B's
+// columns, K contiguous) or, with kTransB, MN-major (rows of K, N contiguous).
+template <typename T, bool kTransB>
+__device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[8][4], const uint32_t (&a)[4], uint64_t desc_b,
+                                                   bool accumulate) {
+  static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "bf16 or fp16 operands");
+#if defined(FUSEDFORMER_CUDA_EMULATION)
+  emu::wgmma_rs<T>(&d[0][0], 64, a, desc_b, kTransB, accumulate);
+#elif defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    FUSEDFORMER_WGMMA_M64N64K16_RS("bf16");
+  } else {
+    FUSEDFORMER_WGMMA_M64N64K16_RS("f16");
+  }
+#else
+  __trap();
+#endif
+}
+#undef FUSEDFORMER_WGMMA_M64N64K16_RS
+#undef FUSEDFORMER_WGMMA_D8
 
 }  // namespace cuda_common
 }  // namespace fusedformer

@@ -22,6 +22,7 @@ struct Case {
   Mask mask;
   float dropout;
   int64_t kv_pad = 0;  // K and V rows padded to d + kv_pad elements (a strided view)
+  int device = 0;      // the emulator's device: 0 runs sm_80 code, 1 sm_90a (the wgmma forward)
 };
 
 // Worst errors measured over these cases: fp32 o / lse 6.1e-7, dq / dk / dv 7.8e-6 (dk where
@@ -33,6 +34,7 @@ template <typename T>
 void run(const Case& c) {
   const int64_t b = c.b, hq = c.hq, hkv = c.hkv, lq = c.lq, lk = c.lk, d = c.d, group = hq / hkv;
   const int64_t ldk = d + c.kv_pad;
+  cudaSetDevice(c.device);
   // q is a strided view, stored (B, LQ, HQ, D); k and v are (B, HKV, LK, D) with rows ldk
   // apart (kv_pad > 0: a row length off the 16-byte chunks, with aligned rows); the other
   // tensors are contiguous (B, H, L, D).
@@ -151,9 +153,9 @@ void run(const Case& c) {
         }
       }
 
-  char config[160];
-  snprintf(config, sizeof config, "%-4s b=%ld hq=%ld hkv=%ld lq=%ld lk=%ld d=%ld ldk=%ld causal=%d mask=%d p=%.1f",
-           driver::dtype_name<T>(), long(b), long(hq), long(hkv), long(lq), long(lk), long(d), long(ldk),
+  char config[176];
+  snprintf(config, sizeof config, "%-4s sm%d b=%ld hq=%ld hkv=%ld lq=%ld lk=%ld d=%ld ldk=%ld causal=%d mask=%d p=%.1f",
+           driver::dtype_name<T>(), c.device == 1 ? 90 : 80, long(b), long(hq), long(hkv), long(lq), long(lk), long(d), long(ldk),
            int(c.causal), int(c.mask), c.dropout);
   const double tol = driver::pick<T>(kFwd), tol_bwd = driver::pick<T>(kBwd);
   driver::report("o", config, driver::rel_error(o, ro), tol);
@@ -173,10 +175,20 @@ void run(const Case& c) {
 // multiples, GQA and MQA, every mask kind with fully masked rows, causal, dropout. Loads: the
 // 16-byte cp.async path (d = 40, 64, 80, 128, 200, 256), its partial chunks (kv_pad: d = 20,
 // 30, 36 in aligned rows) and the element-wise path (rows off 16 bytes: d = 1, 20, 33, 100);
-// interior tiles (no mask, below the diagonal) with two m-tiles a warp in 16-bit.
+// interior tiles (no mask, below the diagonal) with two m-tiles a warp in 16-bit. Every 16-bit
+// case runs on both emulated devices: on the sm_90a one, D = 64 and 128 (d = 33 .. 64 and
+// 97 .. 128) take the wgmma forward, and the others show that the dispatch falls back.
 using M = Mask;
 const bool registered = [] {
-  auto add = [](auto tag, Case c) { driver::cases().push_back([=] { run<decltype(tag)>(c); }); };
+  auto add = [](auto tag, Case c) {
+    using T = decltype(tag);
+    driver::cases().push_back([=] { run<T>(c); });
+    if (!std::is_same_v<T, float>) {
+      Case on_sm90 = c;
+      on_sm90.device = 1;
+      driver::cases().push_back([=] { run<T>(on_sm90); });
+    }
+  };
   const __nv_bfloat16 bf{};
   const __half f16{};
   add(0.f, {1, 1, 1, 1, 1, 32, false, M::kNone, 0.f});

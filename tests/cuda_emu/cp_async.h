@@ -34,6 +34,7 @@
 namespace emu {
 
 bool in_shared_memory(const void* p, size_t bytes);  // cuda_shim.h
+void note_generic_shared_write();                     // wgmma.h: the async proxy must be fenced
 
 struct CpAsyncCopy {
   unsigned char* dst;
@@ -123,6 +124,7 @@ inline void cp_async_wait_group(int n) {
   CpAsyncQueue& q = cp_async_queue();
   while (q.groups.size() > size_t(n)) {
     for (const CpAsyncCopy& c : q.groups.front()) memcpy(c.dst, c.data, 16);
+    if (!q.groups.front().empty()) note_generic_shared_write();
     q.groups.erase(q.groups.begin());
   }
 }

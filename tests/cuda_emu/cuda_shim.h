@@ -19,7 +19,13 @@
 //   - cp.async (cp_async.h): per-thread copies that land only at that thread's wait_group,
 //     into 16-byte-aligned shared memory, zero-filled for src-size 0;
 //   - shared-memory bank conflicts of ldmatrix (mma.h) and cp.async writes (cp_async.h), the
-//     accesses the emulator sees a whole warp instruction of; the drivers fail on any.
+//     accesses the emulator sees a whole warp instruction of; the drivers fail on any;
+//   - sm_90a warpgroup MMA (wgmma.h) and the shared-window addresses its descriptors hold: the
+//     dynamic buffer starts at window address kDynamicWindowBase, deliberately off the 1024-byte
+//     swizzle-pattern boundary, so a kernel must align its swizzled tiles itself;
+//   - two devices (cudaSetDevice / cudaGetDevice): 0 runs every kernel as sm_80 code, 1 as
+//     sm_90a code (cudaFuncGetAttributes' binaryVersion), which is how a host picks between the
+//     sm_80 and sm_90a kernels; the launch limits are sm_80's on both.
 // Not emulated: timing, occupancy, register limits (__launch_bounds__ is ignored), bank
 // conflicts of plain shared loads and stores, the fast-math intrinsics' approximation errors
 // (__expf, __logf, rsqrtf are the libm functions here), concurrency between blocks (they run
@@ -145,6 +151,7 @@ inline __half2 __floats2half2_rn(float lo, float hi) { return {__float2half_rn(l
 
 #include "mma.h"
 #include "cp_async.h"
+#include "wgmma.h"
 
 namespace emu {
 template <>
@@ -165,6 +172,8 @@ namespace emu {
 constexpr size_t kDefaultSmem = 48 * 1024;  // dynamic shared memory without the opt-in
 constexpr size_t kMaxSmem = 163 * 1024;     // sm_80's opt-in maximum per block (the smaller target)
 constexpr size_t kGuard = 4096;             // poisoned bytes past the dynamic buffer
+constexpr uint32_t kDynamicWindowBase = 0x410;  // shared-window address of the dynamic buffer
+inline int current_device = 0;              // 0: sm_80, 1: sm_90a (cudaSetDevice)
 
 inline cudaError_t last_error = cudaSuccess;
 inline std::map<const void*, size_t> smem_opt_in;  // kernel -> MaxDynamicSharedMemorySize
@@ -187,6 +196,19 @@ inline bool in_shared_memory(const void* p, size_t bytes) {
   if (it == static_extent.begin()) return false;
   --it;
   return static_seen[it->first] == block_serial && c + bytes <= it->first + it->second;
+}
+
+// __cvta_generic_to_shared for the dynamic buffer (the only one wgmma descriptors point into),
+// and its inverse, bounds-checked.
+inline uint32_t shared_address(const void* p) {
+  if (!in_shared_memory(p, 1) || static_cast<const unsigned char*>(p) >= dyn_smem.data() + dyn_size)
+    throw std::logic_error("emu: shared-window address of memory outside the dynamic shared buffer");
+  return kDynamicWindowBase + uint32_t(static_cast<const unsigned char*>(p) - dyn_smem.data());
+}
+inline unsigned char* shared_window_pointer(uint32_t address, size_t bytes) {
+  if (address < kDynamicWindowBase || address - kDynamicWindowBase + bytes > dyn_size)
+    throw std::logic_error("emu: a wgmma operand outside the dynamic shared buffer");
+  return dyn_smem.data() + (address - kDynamicWindowBase);
 }
 
 inline cudaError_t fail(cudaError_t err, const std::string& why) {
@@ -247,7 +269,11 @@ struct Launch {
           static_bytes = 0;
           dyn_smem.assign(smem + kGuard, 0xff);
           cp_async_queues.assign(threads.x, {});
-          thread_exit_check = cp_async_check_exit;
+          wgmma_queues.assign(threads.x, {});
+          thread_exit_check = [] {
+            cp_async_check_exit();
+            wgmma_check_exit();
+          };
           run_block(int(threads.x), body);
           if (std::any_of(dyn_smem.begin() + smem, dyn_smem.end(), [](unsigned char b) { return b != 0xff; }))
             throw std::logic_error("emu: a write past the dynamic shared memory of the launch");
@@ -271,6 +297,23 @@ inline cudaError_t cudaFuncSetAttribute(void (*kernel)(Params...), cudaFuncAttri
   if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || size_t(value) > emu::kMaxSmem)
     return emu::fail(cudaErrorInvalidValue, "cudaFuncSetAttribute(" + std::to_string(value) + ")");
   emu::smem_opt_in[reinterpret_cast<const void*>(kernel)] = size_t(value);
+  return cudaSuccess;
+}
+struct cudaFuncAttributes {
+  int binaryVersion, ptxVersion;
+};
+template <typename... Params>
+inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, void (*)(Params...)) {
+  attr->binaryVersion = attr->ptxVersion = emu::current_device == 1 ? 90 : 80;
+  return cudaSuccess;
+}
+inline cudaError_t cudaSetDevice(int device) {
+  if (device != 0 && device != 1) return emu::fail(cudaErrorInvalidValue, "cudaSetDevice(" + std::to_string(device) + ")");
+  emu::current_device = device;
+  return cudaSuccess;
+}
+inline cudaError_t cudaGetDevice(int* device) {
+  *device = emu::current_device;
   return cudaSuccess;
 }
 inline cudaError_t cudaGetLastError() { return std::exchange(emu::last_error, cudaSuccess); }
