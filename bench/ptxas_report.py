@@ -7,6 +7,9 @@ baseline that a kernel change can be compared against before any GPU time is spe
 Registers bound occupancy (65536 per SM, allocated per warp in units of 256): a 128-thread
 block at 168 registers or fewer fits 3 per SM, at 255 only 2. Spill stores go to local memory
 (L1-cached) and are the first thing to look at when a kernel is slower than its FLOPs say.
+"wg sync": warpgroup.arrive / warpgroup.wait that ptxas injected into a wgmma kernel (its
+warnings C7519 / C7517) because a register of a wgmma batch is touched between its
+instructions; each serializes the asynchronous MMA, so a wgmma kernel should show 0.
 """
 from __future__ import annotations
 
@@ -31,8 +34,9 @@ def _demangle(names: list[str]) -> list[str]:
     return clean
 
 
-def report(cu: pathlib.Path, arch: str, nvcc: str) -> list[tuple[str, int, int, int, int]]:
-    """(kernel, registers, spill stores, spill loads, static smem bytes) per entry function."""
+def report(cu: pathlib.Path, arch: str, nvcc: str) -> list[tuple[str, int, int, int, int, int]]:
+    """(kernel, registers, spill stores, spill loads, static smem bytes, injected warpgroup
+    syncs) per entry function."""
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [nvcc, "-c", str(cu), "-o", str(pathlib.Path(tmp) / "k.o"), "-std=c++17", "-O3",
                f"-I{ROOT / 'csrc'}", "--expt-relaxed-constexpr", "-DFUSEDFORMER_WITH_CUDA=1",
@@ -40,9 +44,11 @@ def report(cu: pathlib.Path, arch: str, nvcc: str) -> list[tuple[str, int, int, 
         proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
         sys.exit(f"{' '.join(cmd)}\n{proc.stderr[-4000:]}")
-    rows, current = {}, None
+    rows, current, injected = {}, None, {}
     for line in proc.stderr.splitlines():
-        if m := re.search(r"Compiling entry function '(\S+)'", line):
+        if m := re.search(r"warpgroup\.(?:arrive|wait) is injected .* in function '(\S+)'", line):
+            injected[m.group(1)] = injected.get(m.group(1), 0) + 1
+        elif m := re.search(r"Compiling entry function '(\S+)'", line):
             current = m.group(1)
             rows[current] = [0, None, 0, 0]
         elif current and (m := re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", line)):
@@ -53,7 +59,7 @@ def report(cu: pathlib.Path, arch: str, nvcc: str) -> list[tuple[str, int, int, 
             if s := re.search(r"(\d+) bytes smem", line):
                 rows[current][3] = int(s.group(1))
     names = _demangle(list(rows))
-    return sorted((n, r[0], r[1] or 0, r[2], r[3]) for n, r in zip(names, rows.values()))
+    return sorted((n, r[0], r[1] or 0, r[2], r[3], injected.get(k, 0)) for n, (k, r) in zip(names, rows.items()))
 
 
 def main() -> None:
@@ -67,11 +73,11 @@ def main() -> None:
     version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
     lines = [f"# ptxas -v, sm_{args.arch}, -O3; {version}; git {git}",
-             f"{'regs':>5} {'spill st':>9} {'spill ld':>9} {'static smem':>12}  kernel"]
+             f"{'regs':>5} {'spill st':>9} {'spill ld':>9} {'static smem':>12} {'wg sync':>8}  kernel"]
     for cu in sorted((ROOT / "csrc" / "cuda").glob("*.cu")):
         lines.append(f"# {cu.relative_to(ROOT)}")
-        for name, regs, st, ld, smem in report(cu, args.arch, nvcc):
-            lines.append(f"{regs:>5} {st:>9} {ld:>9} {smem:>12}  {name}")
+        for name, regs, st, ld, smem, wg in report(cu, args.arch, nvcc):
+            lines.append(f"{regs:>5} {st:>9} {ld:>9} {smem:>12} {wg:>8}  {name}")
     text = "\n".join(lines) + "\n"
     print(text, end="")
     if args.out:
