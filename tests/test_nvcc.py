@@ -6,8 +6,8 @@ has CUDA; they are syntax-checked here against the c10/cuda headers that the CPU
 The check is for errors (C++, CUDA and inline-PTX through ptxas), not for code quality, so it
 compiles at -O0 (measured on the 2-core CI machine: ffn.cu 121 s of CPU at -O3 vs 75 s at -O0)
 and runs all files at once, one process per core. setup.py builds with -O3. One check reads the
-machine code: the sm_90a forward's products must be warpgroup MMA (HGMMA) in the sm_90a cubin
-and absent from the sm_80 one (cuobjdump, as shipped with CUDA or with the triton wheel).
+machine code: the sm_90a attention kernels' products must be warpgroup MMA (HGMMA) in the sm_90a
+cubin and absent from the sm_80 one (cuobjdump, as shipped with CUDA or with the triton wheel).
 """
 import concurrent.futures
 import os
@@ -109,16 +109,16 @@ def _sass_instructions(obj: pathlib.Path, opcode: str) -> dict[tuple[str, str], 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH or in $CUDA_HOME")
 @pytest.mark.skipif(_cuobjdump() is None, reason="no cuobjdump (CUDA toolkit or triton wheel)")
-def test_wgmma_forward_is_warpgroup_mma_on_sm90a_only(compiled):
+def test_wgmma_attention_is_warpgroup_mma_on_sm90a_only(compiled):
     assert compiled["attention.cu"].returncode == 0, compiled["attention.cu"].stderr
     hgmma = _sass_instructions(compiled["attention.cu"].obj, "HGMMA")
-    wgmma = {key: n for key, n in hgmma.items() if "attention_fwd_wgmma_kernel" in key[1]}
-    # bf16 and fp16 at D = 64 and 128, in both cubins
-    assert len(wgmma) == 8, sorted(wgmma)
+    wgmma = {key: n for key, n in hgmma.items() if "_wgmma_kernel" in key[1]}
+    # forward, dK/dV and dQ; bf16 and fp16; D = 64 and 128; in both cubins
+    assert len(wgmma) == 3 * 2 * 2 * 2, sorted(wgmma)
     for (arch, kernel), n in wgmma.items():
         if arch == "sm_90a":
             assert n > 0, f"{kernel}: no HGMMA in its sm_90a SASS"
         else:
             assert n == 0, f"{kernel}: HGMMA in its {arch} SASS"
-    others = {key: n for key, n in hgmma.items() if "attention_fwd_wgmma_kernel" not in key[1] and n > 0}
-    assert not others, f"HGMMA outside the wgmma forward: {sorted(others)}"
+    others = {key: n for key, n in hgmma.items() if "_wgmma_kernel" not in key[1] and n > 0}
+    assert not others, f"HGMMA outside the wgmma kernels: {sorted(others)}"

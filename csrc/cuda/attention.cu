@@ -627,6 +627,40 @@ struct WgmmaFwd {
   static_assert(kBN * kD * int(sizeof(T)) % 1024 == 0, "every tile and panel on a 1024-byte boundary");
 };
 
+// Descriptor of k-step kk (16 columns of D) of the 64 rows from `row` of a PanelLayout tile of
+// kRows rows, as a K-major wgmma operand: panel kk / 4, 32 bytes a k-step into its rows.
+template <int kRows, typename T>
+__device__ __forceinline__ uint64_t panel_k_desc(const T* tile, int row, int kk) {
+  return sw128_desc(tile + (kk / 4) * kRows * 64 + row * 64 + (kk % 4) * 16, 16);
+}
+
+// The 16-bit A fragments of a product whose A is a warp's 16 x (8 · kSN) accumulator slab
+// (gemm_rs_nn's packing: fragment kc holds columns 16kc .. 16kc + 15).
+template <typename T, int kSN>
+__device__ __forceinline__ void pack_a_fragments(const float (&s)[kSN][4], uint32_t (&a)[kSN / 2][4]) {
+#pragma unroll
+  for (int kc = 0; kc < kSN / 2; ++kc) {
+    a[kc][0] = pack2<T>(s[2 * kc][0], s[2 * kc][1]);
+    a[kc][1] = pack2<T>(s[2 * kc][2], s[2 * kc][3]);
+    a[kc][2] = pack2<T>(s[2 * kc + 1][0], s[2 * kc + 1][1]);
+    a[kc][3] = pack2<T>(s[2 * kc + 1][2], s[2 * kc + 1][3]);
+  }
+}
+
+// acc(64 x kD) += A(64 x kK) · B for a warpgroup, A in registers (pack_a_fragments), B a
+// PanelLayout tile of kK rows (k) and kD columns, as the MN-major wgmma operand: keys 16kc ..
+// of panel pn start 16kc rows (2 KiB) into it, panels kK rows apart (the LBO). One wgmma per
+// 16 rows of B and 64 columns; the caller fences, commits and waits.
+template <typename T, int kK, int kD>
+__device__ __forceinline__ void wgmma_acc_rs_mn(float (&acc)[kD / 8][4], const uint32_t (&a)[kK / 16][4], const T* B) {
+#pragma unroll
+  for (int kc = 0; kc < kK / 16; ++kc)
+#pragma unroll
+    for (int pn = 0; pn < kD / 64; ++pn)
+      wgmma_m64n64k16_rs<T, true>(*reinterpret_cast<float(*)[8][4]>(&acc[8 * pn]), a[kc],
+                                  sw128_desc(B + pn * kK * 64 + kc * 16 * 64, kK * 128), true);
+}
+
 template <typename T, int kD>
 __global__ void __launch_bounds__(WgmmaFwd<T, kD>::kThreads, 1)
     attention_fwd_wgmma_kernel(const AttentionFwdParams p) {
@@ -672,45 +706,30 @@ __global__ void __launch_bounds__(WgmmaFwd<T, kD>::kThreads, 1)
     const T* tK = sK + stage * kBN * kD;
     const T* tV = sV + stage * kBN * kD;
 
-    // S = Q Kᵀ: k-step kk reads D columns 16kk .. of every key row, 32 bytes into panel kk / 4.
+    // S = Q Kᵀ: k-step kk reads D columns 16kk .. of every key row (panel_k_desc).
     float s[1][kBN / 8][4];
     wgmma_fence_operands(s[0]);
     wgmma_fence();
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk)
-      wgmma_m64n64k16_rs<T, false>(s[0], q[kk], sw128_desc(tK + (kk / 4) * kBN * 64 + (kk % 4) * 16, 16), kk > 0);
+      wgmma_m64n64k16_rs<T, false>(s[0], q[kk], panel_k_desc<kBN>(tK, 0, kk), kk > 0);
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_fence_operands(s[0]);
 
     online_softmax_step<T>(s, acc, m, l, p, tile_interior(p, i0, j0, kBN), bi, h, row0, j0, lane);
 
-    // O += P V: keys 16kc .. of panel pn start 16kc rows (2 KiB) into it; panels kBN rows apart.
-    // Every A fragment is packed before the batch: a register written between two wgmma of a
-    // batch makes ptxas insert a warpgroup.arrive there (warning C7519), serializing them.
+    // O += P V. Every A fragment is packed before the batch: a register written between two
+    // wgmma of a batch makes ptxas insert a warpgroup.arrive there (warning C7519), serializing
+    // them.
     uint32_t pa[kBN / 16][4];
-#pragma unroll
-    for (int kc = 0; kc < kBN / 16; ++kc) {
-      const float(&p0)[4] = s[0][2 * kc];
-      const float(&p1)[4] = s[0][2 * kc + 1];
-      pa[kc][0] = pack2<T>(p0[0], p0[1]);
-      pa[kc][1] = pack2<T>(p0[2], p0[3]);
-      pa[kc][2] = pack2<T>(p1[0], p1[1]);
-      pa[kc][3] = pack2<T>(p1[2], p1[3]);
-    }
-    auto panel = [&](int pn) -> float(&)[8][4] { return *reinterpret_cast<float(*)[8][4]>(&acc[0][8 * pn]); };
-#pragma unroll
-    for (int pn = 0; pn < kD / 64; ++pn) wgmma_fence_operands(panel(pn));
+    pack_a_fragments<T>(s[0], pa);
+    wgmma_fence_operands(acc[0]);
     wgmma_fence();
-#pragma unroll
-    for (int kc = 0; kc < kBN / 16; ++kc)
-#pragma unroll
-      for (int pn = 0; pn < kD / 64; ++pn)
-        wgmma_m64n64k16_rs<T, true>(panel(pn), pa[kc], sw128_desc(tV + pn * kBN * 64 + kc * 16 * 64, kBN * 128), true);
+    wgmma_acc_rs_mn<T, kBN, kD>(acc[0], pa, tV);
     wgmma_commit();
     wgmma_wait<0>();  // before the next pipeline_step lets the V buffer be refilled
-#pragma unroll
-    for (int pn = 0; pn < kD / 64; ++pn) wgmma_fence_operands(panel(pn));
+    wgmma_fence_operands(acc[0]);
   }
   cp_async_wait<0>();  // none pending at exit (kb_end = 0 leaves an empty group)
 
@@ -752,6 +771,129 @@ __device__ __forceinline__ void load_row_stats(float* s_lse, float* s_delta, con
   }
 }
 
+// dK/dV's element-wise step on a warp's kMT slabs of Sᵀ and dPᵀ (raw k·q and v·dO; rows are
+// keys row0 + 16 · mt + g (+ 8), columns the queries i0 + c of the tile, whose lse and Delta are
+// t_lse[c], t_delta[c]): st becomes Pdᵀ (P after dropout and its 1 / (1 - p)), dpt becomes dSᵀ =
+// P ∘ (dPd - Delta). P = exp(s - lse) is one FMA and an ex2 (ExpUnits).
+template <typename T, int kMT, int kSN>
+__device__ __forceinline__ void dkdv_tile_step(float (&st)[kMT][kSN][4], float (&dpt)[kMT][kSN][4],
+                                               const AttentionBwdParams& p, bool interior, const float* t_lse,
+                                               const float* t_delta, int64_t bi, int64_t h, int64_t i0,
+                                               int64_t row0, int lane) {
+  using U = ExpUnits<T>;
+  const int g = lane >> 2, t = lane & 3;
+  const float scale_u = p.scale * U::kPerNat;
+  const bool dropout = p.dropout_p > 0.f;
+  const float rp = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < kSN; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int c = nt * 8 + 2 * t + (e & 1);  // query row within the tile
+        const int64_t i = i0 + c, j = row0 + 16 * mt + g + 8 * (e >> 1);
+        const float pe =
+            U::exp(interior ? fmaf(st[mt][nt][e], scale_u, -t_lse[c])
+                            : fmaf(masked_score<T>(st[mt][nt][e], p.mask, p.scale, p.is_causal, p.lq, p.lk, bi, h, i, j),
+                                   U::kPerNat, -t_lse[c]));
+        const bool keep = !dropout || (i < p.lq && j < p.lk &&
+                                       keep_bit(p.seed, bi, h, i, j, p.hq, p.lq, p.lk, p.dropout_p));
+        st[mt][nt][e] = keep ? pe * rp : 0.f;                                       // Pdᵀ
+        dpt[mt][nt][e] = pe * ((keep ? dpt[mt][nt][e] * rp : 0.f) - t_delta[c]);  // dSᵀ
+      }
+}
+
+// dQ's element-wise step on a warp's kMT slabs of S and dP (raw q·k and dO·v; rows are queries
+// row0 + 16 · mt + g (+ 8) of the block that starts at i0, whose lse and Delta are s_lse[r],
+// s_delta[r] at r = row - i0; columns the keys j0 + c): s becomes dS = P ∘ (dPd - Delta).
+template <typename T, int kMT, int kSN>
+__device__ __forceinline__ void dq_tile_step(float (&s)[kMT][kSN][4], const float (&dp)[kMT][kSN][4],
+                                             const AttentionBwdParams& p, bool interior, const float* s_lse,
+                                             const float* s_delta, int64_t bi, int64_t h, int64_t i0, int64_t row0,
+                                             int64_t j0, int lane) {
+  using U = ExpUnits<T>;
+  const int g = lane >> 2, t = lane & 3;
+  const float scale_u = p.scale * U::kPerNat;
+  const bool dropout = p.dropout_p > 0.f;
+  const float rp = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < kSN; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int r = int(row0 - i0) + 16 * mt + g + 8 * (e >> 1);  // query row within the block
+        const int64_t i = i0 + r, j = j0 + nt * 8 + 2 * t + (e & 1);
+        const float pe =
+            U::exp(interior ? fmaf(s[mt][nt][e], scale_u, -s_lse[r])
+                            : fmaf(masked_score<T>(s[mt][nt][e], p.mask, p.scale, p.is_causal, p.lq, p.lk, bi, h, i, j),
+                                   U::kPerNat, -s_lse[r]));
+        const bool keep = !dropout || (i < p.lq && j < p.lk &&
+                                       keep_bit(p.seed, bi, h, i, j, p.hq, p.lq, p.lk, p.dropout_p));
+        s[mt][nt][e] = pe * ((keep ? dp[mt][nt][e] * rp : 0.f) - s_delta[r]);  // dS
+      }
+}
+
+// The dK/dV loop of one key block (keys from j0): one pass over (query head of the group,
+// query block of kBM rows), step n being head head(n) and rows from row(n), so the next step's
+// tiles can be prefetched across heads too. Causal: query rows below j0 see no key here.
+struct DkdvSchedule {
+  int64_t hk, group, qb_begin, nq, steps, bm;
+  __device__ DkdvSchedule(const AttentionBwdParams& p, int64_t hk_, int64_t j0, int kBM)
+      : hk(hk_), group(p.hq / p.hkv), qb_begin(p.is_causal ? j0 / kBM : 0), bm(kBM) {
+    const int64_t nqb = ceil_div(p.lq, kBM);
+    nq = nqb > qb_begin ? nqb - qb_begin : 0;
+    steps = group * nq;
+  }
+  __device__ int64_t head(int64_t n) const { return hk * group + n / nq; }
+  __device__ int64_t row(int64_t n) const { return (qb_begin + n % nq) * bm; }
+};
+
+// The dK/dV loop's loads: load(n, stage) fills buffer `stage` of sQ and sdO (kBM rows each, laid
+// out by Layout) and of the lse / Delta rows with step n's query tile.
+template <typename T, int kD, int kBM, int kThreads, typename Layout = RowLayout<T, kD>>
+__device__ __forceinline__ auto query_tile_loader(const AttentionBwdParams& p, const DkdvSchedule& sched, int64_t bi,
+                                                  T* sQ, T* sdO, float* s_lse, float* s_delta) {
+  constexpr int kS = Traits<T, kD>::kStride;
+  return [=, &p](int64_t n, int stage) {
+    const int64_t h = sched.head(n), i0 = sched.row(n);
+    const T* q_head = static_cast<const T*>(p.q) + bi * p.q_batch_stride + h * p.q_head_stride;
+    const T* do_head = static_cast<const T*>(p.do_) + bi * p.do_batch_stride + h * p.do_head_stride;
+    load_tile<T, kBM, kD, kThreads, Layout>(sQ + stage * kBM * kS, q_head, p.q_row_stride, i0, p.lq, p.d,
+                                            rows_16b_aligned(q_head, p.q_row_stride));
+    load_tile<T, kBM, kD, kThreads, Layout>(sdO + stage * kBM * kS, do_head, p.do_row_stride, i0, p.lq, p.d,
+                                            rows_16b_aligned(do_head, p.do_row_stride));
+    load_row_stats<T, kBM, kThreads>(s_lse + stage * kBM, s_delta + stage * kBM, p, bi, h, i0);
+  };
+}
+
+// dK (· scale) and dV of a warp's kMT m-tiles of keys (rows row0 + 16 · mt + g, + 8).
+template <typename T, int kMT, int kAN>
+__device__ __forceinline__ void store_dkdv_rows(const AttentionBwdParams& p, const float (&dk)[kMT][kAN][4],
+                                                const float (&dv)[kMT][kAN][4], int64_t bi, int64_t hk, int64_t row0,
+                                                int lane) {
+  const float mul_dk[2] = {p.scale, p.scale}, mul_dv[2] = {1.f, 1.f};
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt) {
+    store_slab<T, 8 * kAN>(dk[mt], mul_dk, static_cast<T*>(p.dk) + bi * p.dk_batch_stride + hk * p.dk_head_stride,
+                           p.dk_row_stride, row0 + 16 * mt, p.lk, p.d, lane);
+    store_slab<T, 8 * kAN>(dv[mt], mul_dv, static_cast<T*>(p.dv) + bi * p.dv_batch_stride + hk * p.dv_head_stride,
+                           p.dv_row_stride, row0 + 16 * mt, p.lk, p.d, lane);
+  }
+}
+
+// dQ (· scale) of a warp's kMT m-tiles of queries (rows row0 + 16 · mt + g, + 8).
+template <typename T, int kMT, int kAN>
+__device__ __forceinline__ void store_dq_rows(const AttentionBwdParams& p, const float (&dq)[kMT][kAN][4], int64_t bi,
+                                              int64_t h, int64_t row0, int lane) {
+  const float mul[2] = {p.scale, p.scale};
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+    store_slab<T, 8 * kAN>(dq[mt], mul, static_cast<T*>(p.dq) + bi * p.dq_batch_stride + h * p.dq_head_stride,
+                           p.dq_row_stride, row0 + 16 * mt, p.lq, p.d, lane);
+}
+
 // dK, dV of one key block: rows of the warp slabs are keys, columns queries (Sᵀ, dPᵀ).
 template <typename T, int kD>
 __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
@@ -759,8 +901,6 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
   using Tr = Traits<T, kD>;
   constexpr int kBN = Tr::kBwdBlockN, kBM = Tr::kBwdBlockM, kS = Tr::kStride, kStages = Tr::kStages;
   constexpr int kMT = Tr::kBwdMTiles;  // 16-row m-tiles (of keys) per warp
-  using U = ExpUnits<T>;  // lse in shared memory: in the exponent's units
-  const float scale_u = p.scale * U::kPerNat;
   extern __shared__ __align__(16) unsigned char smem[];
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + kBN * kS;
@@ -768,13 +908,11 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
   T* sdO = sQ + kStages * kBM * kS;                          // the same
   float* s_lse = reinterpret_cast<float*>(sdO + kStages * kBM * kS);  // kStages x kBM
   float* s_delta = s_lse + kStages * kBM;                              // kStages x kBM
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float* scratch = s_delta + kStages * kBM + warp * Tr::kScratchWarpFloats;
 
-  const int64_t kb = blockIdx.x, hk = blockIdx.y, bi = blockIdx.z, group = p.hq / p.hkv;
+  const int64_t kb = blockIdx.x, hk = blockIdx.y, bi = blockIdx.z;
   const int64_t j0 = kb * kBN;
-  const bool dropout = p.dropout_p > 0.f;
-  const float rp = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
   const T* k_head = static_cast<const T*>(p.k) + bi * p.k_batch_stride + hk * p.k_head_stride;
   const T* v_head = static_cast<const T*>(p.v) + bi * p.v_batch_stride + hk * p.v_head_stride;
   load_tile<T, kBN, kD, Tr::kThreads>(sK, k_head, p.k_row_stride, j0, p.lk, p.d,
@@ -782,29 +920,17 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
   load_tile<T, kBN, kD, Tr::kThreads>(sV, v_head, p.v_row_stride, j0, p.lk, p.d,
                                           rows_16b_aligned(v_head, p.v_row_stride));
 
-  // One loop over (query head of the group, query block): step n is head hk · group + n / nq,
-  // block qb_begin + n % nq, so the next step's tiles can be prefetched across heads too.
-  const int64_t qb_begin = p.is_causal ? j0 / kBM : 0;  // query rows i < j0 see no key here
-  const int64_t nqb = ceil_div(p.lq, kBM), nq = nqb > qb_begin ? nqb - qb_begin : 0, steps = group * nq;
-  auto load_q = [&](int64_t n, int stage) {
-    const int64_t h = hk * group + n / nq, i0 = (qb_begin + n % nq) * kBM;
-    const T* q_head = static_cast<const T*>(p.q) + bi * p.q_batch_stride + h * p.q_head_stride;
-    const T* do_head = static_cast<const T*>(p.do_) + bi * p.do_batch_stride + h * p.do_head_stride;
-    load_tile<T, kBM, kD, Tr::kThreads>(sQ + stage * kBM * kS, q_head, p.q_row_stride, i0, p.lq, p.d,
-                                            rows_16b_aligned(q_head, p.q_row_stride));
-    load_tile<T, kBM, kD, Tr::kThreads>(sdO + stage * kBM * kS, do_head, p.do_row_stride, i0, p.lq, p.d,
-                                            rows_16b_aligned(do_head, p.do_row_stride));
-    load_row_stats<T, kBM, Tr::kThreads>(s_lse + stage * kBM, s_delta + stage * kBM, p, bi, h, i0);
-  };
+  const DkdvSchedule sched(p, hk, j0, kBM);
+  const auto load_q = query_tile_loader<T, kD, kBM, Tr::kThreads>(p, sched, bi, sQ, sdO, s_lse, s_delta);
 
   // This warp's key rows: row0 + 16 · mt + g (+ 8), mt < kMT.
   const int64_t row0 = j0 + warp * 16 * kMT;
   float dk[kMT][kD / 8][4] = {}, dv[kMT][kD / 8][4] = {};
-  if (steps > 0) load_q(0, 0);
+  if (sched.steps > 0) load_q(0, 0);
   cp_async_commit();
-  for (int64_t n = 0; n < steps; ++n) {
-    const int64_t h = hk * group + n / nq, i0 = (qb_begin + n % nq) * kBM;
-    const int stage = pipeline_step<kStages>(n, steps, load_q);
+  for (int64_t n = 0; n < sched.steps; ++n) {
+    const int64_t h = sched.head(n), i0 = sched.row(n);
+    const int stage = pipeline_step<kStages>(n, sched.steps, load_q);
     const T* tQ = sQ + stage * kBM * kS;
     const T* tdO = sdO + stage * kBM * kS;
     const float* t_lse = s_lse + stage * kBM;
@@ -813,36 +939,12 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
     float st[kMT][kBM / 8][4] = {}, dpt[kMT][kBM / 8][4] = {};
     gemm_nt<T, kD, kBM, kS, kMT>(st, sK + (row0 - j0) * kS, tQ, lane);    // Sᵀ = K Qᵀ
     gemm_nt<T, kD, kBM, kS, kMT>(dpt, sV + (row0 - j0) * kS, tdO, lane);  // dPᵀ = V dOᵀ
-    const bool interior = tile_interior(p, i0, j0, kBN);
-#pragma unroll
-    for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < kBM / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int c = nt * 8 + 2 * t + (e & 1);  // query row within the tile
-          const int64_t i = i0 + c, j = row0 + 16 * mt + g + 8 * (e >> 1);
-          const float pe =  // P = exp(s - lse), one FMA and an ex2 (ExpUnits)
-              U::exp(interior ? fmaf(st[mt][nt][e], scale_u, -t_lse[c])
-                              : fmaf(masked_score<T>(st[mt][nt][e], p.mask, p.scale, p.is_causal, p.lq, p.lk, bi, h, i, j),
-                                     U::kPerNat, -t_lse[c]));
-          const bool keep = !dropout || (i < p.lq && j < p.lk &&
-                                         keep_bit(p.seed, bi, h, i, j, p.hq, p.lq, p.lk, p.dropout_p));
-          st[mt][nt][e] = keep ? pe * rp : 0.f;                                       // Pdᵀ
-          dpt[mt][nt][e] = pe * ((keep ? dpt[mt][nt][e] * rp : 0.f) - t_delta[c]);  // dSᵀ
-        }
+    dkdv_tile_step<T>(st, dpt, p, tile_interior(p, i0, j0, kBN), t_lse, t_delta, bi, h, i0, row0, lane);
     gemm_rs_nn<T, kBM, kD, kS, kMT>(dv, st, tdO, scratch, lane);  // dV += Pdᵀ dO
     gemm_rs_nn<T, kBM, kD, kS, kMT>(dk, dpt, tQ, scratch, lane);  // dK += dSᵀ Q
   }
   cp_async_wait<0>();  // none pending at exit (steps = 0 leaves K's and V's copies unwaited)
-  const float mul_dk[2] = {p.scale, p.scale}, mul_dv[2] = {1.f, 1.f};
-#pragma unroll
-  for (int mt = 0; mt < kMT; ++mt) {
-    store_slab<T, kD>(dk[mt], mul_dk, static_cast<T*>(p.dk) + bi * p.dk_batch_stride + hk * p.dk_head_stride,
-                      p.dk_row_stride, row0 + 16 * mt, p.lk, p.d, lane);
-    store_slab<T, kD>(dv[mt], mul_dv, static_cast<T*>(p.dv) + bi * p.dv_batch_stride + hk * p.dv_head_stride,
-                      p.dv_row_stride, row0 + 16 * mt, p.lk, p.d, lane);
-  }
+  store_dkdv_rows<T>(p, dk, dv, bi, hk, row0, lane);
 }
 
 // dQ of one query block: loops over the key blocks it reads (as the forward).
@@ -852,8 +954,6 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
   using Tr = Traits<T, kD>;
   constexpr int kBM = Tr::kBlockM, kBN = Tr::kBlockN, kS = Tr::kStride, kStages = Tr::kStages;
   constexpr int kMT = Tr::kDqMTiles;  // 16-row m-tiles per warp
-  using U = ExpUnits<T>;  // lse in shared memory: in the exponent's units
-  const float scale_u = p.scale * U::kPerNat;
   extern __shared__ __align__(16) unsigned char smem[];
   T* sQ = reinterpret_cast<T*>(smem);
   T* sdO = sQ + kBM * kS;
@@ -861,13 +961,11 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
   T* sV = sK + kStages * kBN * kS;   // the same
   float* s_lse = reinterpret_cast<float*>(sV + kStages * kBN * kS);
   float* s_delta = s_lse + kBM;
-  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane >> 2, t = lane & 3;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float* scratch = s_delta + kBM + warp * Tr::kScratchWarpFloats;
 
   const int64_t qb = blockIdx.x, h = blockIdx.y, bi = blockIdx.z, hk = h / (p.hq / p.hkv);
   const int64_t i0 = qb * kBM;
-  const bool dropout = p.dropout_p > 0.f;
-  const float rp = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;
   const T* q_head = static_cast<const T*>(p.q) + bi * p.q_batch_stride + h * p.q_head_stride;
   const T* do_head = static_cast<const T*>(p.do_) + bi * p.do_batch_stride + h * p.do_head_stride;
   const T* k_head = static_cast<const T*>(p.k) + bi * p.k_batch_stride + hk * p.k_head_stride;
@@ -894,31 +992,189 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
     float s[kMT][kBN / 8][4] = {}, dp[kMT][kBN / 8][4] = {};
     gemm_nt<T, kD, kBN, kS, kMT>(s, sQ + (row0 - i0) * kS, tK, lane);    // S = Q Kᵀ
     gemm_nt<T, kD, kBN, kS, kMT>(dp, sdO + (row0 - i0) * kS, tV, lane);  // dP = dO Vᵀ
-    const bool interior = tile_interior(p, i0, j0, kBN);
-#pragma unroll
-    for (int mt = 0; mt < kMT; ++mt)
-#pragma unroll
-      for (int nt = 0; nt < kBN / 8; ++nt)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int r = int(row0 - i0) + 16 * mt + g + 8 * (e >> 1);  // query row within the block
-          const int64_t i = i0 + r, j = j0 + nt * 8 + 2 * t + (e & 1);
-          const float pe =  // P = exp(s - lse), one FMA and an ex2 (ExpUnits)
-              U::exp(interior ? fmaf(s[mt][nt][e], scale_u, -s_lse[r])
-                              : fmaf(masked_score<T>(s[mt][nt][e], p.mask, p.scale, p.is_causal, p.lq, p.lk, bi, h, i, j),
-                                     U::kPerNat, -s_lse[r]));
-          const bool keep = !dropout || (i < p.lq && j < p.lk &&
-                                         keep_bit(p.seed, bi, h, i, j, p.hq, p.lq, p.lk, p.dropout_p));
-          s[mt][nt][e] = pe * ((keep ? dp[mt][nt][e] * rp : 0.f) - s_delta[r]);  // dS
-        }
+    dq_tile_step<T>(s, dp, p, tile_interior(p, i0, j0, kBN), s_lse, s_delta, bi, h, i0, row0, j0, lane);
     gemm_rs_nn<T, kBN, kD, kS, kMT>(dq, s, tK, scratch, lane);  // dQ += dS K
   }
   cp_async_wait<0>();  // none pending at exit (kb_end = 0 leaves Q's and dO's copies unwaited)
-  const float mul[2] = {p.scale, p.scale};
+  store_dq_rows<T>(p, dq, bi, h, row0, lane);
+}
+
+// ---------------------------------------------------------------------------------------
+// Backward on sm_90a: warpgroup MMA (16-bit, D = 64 and 128)
+//
+// The dK/dV and dQ kernels above with their products as wgmma, in the forward's style: each
+// warp owns one 16-row m-tile of the block (keys in dK/dV, queries in dQ), a warpgroup 64.
+//   dK/dV, 128 keys a block, query tiles of 64:  Sᵀ = K Qᵀ, dPᵀ = V dOᵀ  (A = the warpgroup's K
+//          or V rows and B = the Q or dO tile, both K-major in shared memory: _ss), then
+//          dV += Pdᵀ dO, dK += dSᵀ Q  (A from the registers, B = the dO or Q tile, MN-major)
+//   dQ, 128 queries a block, key tiles of 64:    S = Q Kᵀ, dP = dO Vᵀ (_ss), dQ += dS K (_rs,
+//          B = the K tile, MN-major)
+// The element-wise steps are the mma.sync kernels' (dkdv_tile_step, dq_tile_step), so masks,
+// causal, dropout and fully masked rows behave identically. Compiled for sm_90a only.
+template <typename T, int kD>
+struct WgmmaBwd {
+  static constexpr bool kSupported = WgmmaFwd<T, kD>::kSupported;
+  static constexpr int kThreads = 256;  // two warpgroups
+  static constexpr int kRows = 128;     // keys of a dK/dV block, queries of a dQ block
+  static constexpr int kTile = 64;      // queries (dK/dV) or keys (dQ) a loop step
+  static constexpr int kStages = 2;
+  static constexpr int kTileBytes = kD * int(sizeof(T));  // one tile row
+  // Two kRows tiles, kStages pairs of kTile tiles, the row stats, the alignment slack.
+  static constexpr int kDkdvSmem = (2 * kRows + 2 * kStages * kTile) * kTileBytes + 2 * kStages * kTile * 4 + 1024;
+  static constexpr int kDqSmem = (2 * kRows + 2 * kStages * kTile) * kTileBytes + 2 * kRows * 4 + 1024;
+  static_assert(kTile * kTileBytes % 1024 == 0, "every tile and panel on a 1024-byte boundary");
+};
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(WgmmaBwd<T, kD>::kThreads, 1)
+    attention_bwd_dkdv_wgmma_kernel(const AttentionBwdParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(FUSEDFORMER_CUDA_EMULATION)
+  using C = WgmmaBwd<T, kD>;
+  static_assert(C::kSupported, "16-bit, D = 64 or 128");
+  constexpr int kBN = C::kRows, kBM = C::kTile, kStages = C::kStages;
+  using KLayout = PanelLayout<T, kBN>;
+  using QLayout = PanelLayout<T, kBM>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sK = reinterpret_cast<T*>(smem + (1024 - shared_address(smem) % 1024) % 1024);
+  T* sV = sK + kBN * kD;
+  T* sQ = sV + kBN * kD;              // kStages tiles of kBM rows
+  T* sdO = sQ + kStages * kBM * kD;   // the same
+  float* s_lse = reinterpret_cast<float*>(sdO + kStages * kBM * kD);  // kStages x kBM
+  float* s_delta = s_lse + kStages * kBM;                              // kStages x kBM
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg_row = 64 * (warp / 4);
+
+  const int64_t kb = blockIdx.x, hk = blockIdx.y, bi = blockIdx.z;
+  const int64_t j0 = kb * kBN;
+  const T* k_head = static_cast<const T*>(p.k) + bi * p.k_batch_stride + hk * p.k_head_stride;
+  const T* v_head = static_cast<const T*>(p.v) + bi * p.v_batch_stride + hk * p.v_head_stride;
+  load_tile<T, kBN, kD, C::kThreads, KLayout>(sK, k_head, p.k_row_stride, j0, p.lk, p.d,
+                                              rows_16b_aligned(k_head, p.k_row_stride));
+  load_tile<T, kBN, kD, C::kThreads, KLayout>(sV, v_head, p.v_row_stride, j0, p.lk, p.d,
+                                              rows_16b_aligned(v_head, p.v_row_stride));
+  const DkdvSchedule sched(p, hk, j0, kBM);
+  const auto load_q = query_tile_loader<T, kD, kBM, C::kThreads, QLayout>(p, sched, bi, sQ, sdO, s_lse, s_delta);
+
+  const int64_t row0 = j0 + 16 * warp;  // this warp's key rows: row0 + g (+ 8)
+  float dk[1][kD / 8][4] = {}, dv[1][kD / 8][4] = {};
+  if (sched.steps > 0) load_q(0, 0);
+  cp_async_commit();  // with K's and V's copies: all land (and are fenced) at step 0
+  for (int64_t n = 0; n < sched.steps; ++n) {
+    const int64_t h = sched.head(n), i0 = sched.row(n);
+    const int stage = pipeline_step<kStages, true>(n, sched.steps, load_q);
+    const T* tQ = sQ + stage * kBM * kD;
+    const T* tdO = sdO + stage * kBM * kD;
+
+    float st[1][kBM / 8][4], dpt[1][kBM / 8][4];
+    wgmma_fence_operands(st[0]);
+    wgmma_fence_operands(dpt[0]);
+    wgmma_fence();
 #pragma unroll
-  for (int mt = 0; mt < kMT; ++mt)
-    store_slab<T, kD>(dq[mt], mul, static_cast<T*>(p.dq) + bi * p.dq_batch_stride + h * p.dq_head_stride,
-                      p.dq_row_stride, row0 + 16 * mt, p.lq, p.d, lane);
+    for (int kk = 0; kk < kD / 16; ++kk)  // Sᵀ = K Qᵀ
+      wgmma_m64n64k16_ss<T>(st[0], panel_k_desc<kBN>(sK, wg_row, kk), panel_k_desc<kBM>(tQ, 0, kk), kk > 0);
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk)  // dPᵀ = V dOᵀ
+      wgmma_m64n64k16_ss<T>(dpt[0], panel_k_desc<kBN>(sV, wg_row, kk), panel_k_desc<kBM>(tdO, 0, kk), kk > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_operands(st[0]);
+    wgmma_fence_operands(dpt[0]);
+
+    dkdv_tile_step<T>(st, dpt, p, tile_interior(p, i0, j0, kBN), s_lse + stage * kBM, s_delta + stage * kBM, bi,
+                      h, i0, row0, lane);
+
+    uint32_t pa[kBM / 16][4], sa[kBM / 16][4];
+    pack_a_fragments<T>(st[0], pa);
+    pack_a_fragments<T>(dpt[0], sa);
+    wgmma_fence_operands(dv[0]);
+    wgmma_fence_operands(dk[0]);
+    wgmma_fence();
+    wgmma_acc_rs_mn<T, kBM, kD>(dv[0], pa, tdO);  // dV += Pdᵀ dO
+    wgmma_acc_rs_mn<T, kBM, kD>(dk[0], sa, tQ);   // dK += dSᵀ Q
+    wgmma_commit();
+    wgmma_wait<0>();  // before the next pipeline_step lets this stage be refilled
+    wgmma_fence_operands(dv[0]);
+    wgmma_fence_operands(dk[0]);
+  }
+  cp_async_wait<0>();  // none pending at exit (steps = 0 leaves K's and V's copies unwaited)
+  store_dkdv_rows<T>(p, dk, dv, bi, hk, row0, lane);
+#else
+  __trap();  // launched only where the binary is sm_90a code
+#endif
+}
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(WgmmaBwd<T, kD>::kThreads, 1)
+    attention_bwd_dq_wgmma_kernel(const AttentionBwdParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(FUSEDFORMER_CUDA_EMULATION)
+  using C = WgmmaBwd<T, kD>;
+  static_assert(C::kSupported, "16-bit, D = 64 or 128");
+  constexpr int kBM = C::kRows, kBN = C::kTile, kStages = C::kStages;
+  using QLayout = PanelLayout<T, kBM>;
+  using KVLayout = PanelLayout<T, kBN>;
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* sQ = reinterpret_cast<T*>(smem + (1024 - shared_address(smem) % 1024) % 1024);
+  T* sdO = sQ + kBM * kD;
+  T* sK = sdO + kBM * kD;            // kStages tiles of kBN rows
+  T* sV = sK + kStages * kBN * kD;   // the same
+  float* s_lse = reinterpret_cast<float*>(sV + kStages * kBN * kD);
+  float* s_delta = s_lse + kBM;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg_row = 64 * (warp / 4);
+
+  const int64_t qb = blockIdx.x, h = blockIdx.y, bi = blockIdx.z, hk = h / (p.hq / p.hkv);
+  const int64_t i0 = qb * kBM;
+  const T* q_head = static_cast<const T*>(p.q) + bi * p.q_batch_stride + h * p.q_head_stride;
+  const T* do_head = static_cast<const T*>(p.do_) + bi * p.do_batch_stride + h * p.do_head_stride;
+  const T* k_head = static_cast<const T*>(p.k) + bi * p.k_batch_stride + hk * p.k_head_stride;
+  const T* v_head = static_cast<const T*>(p.v) + bi * p.v_batch_stride + hk * p.v_head_stride;
+  const auto load_kv = kv_tile_loader<T, kD, kBN, C::kThreads, KVLayout>(p, k_head, v_head, sK, sV);
+
+  const int64_t row0 = i0 + 16 * warp;  // this warp's query rows: row0 + g (+ 8)
+  float dq[1][kD / 8][4] = {};
+  const int64_t kb_end = key_blocks_end(p, i0, kBM, kBN);
+  load_tile<T, kBM, kD, C::kThreads, QLayout>(sQ, q_head, p.q_row_stride, i0, p.lq, p.d,
+                                              rows_16b_aligned(q_head, p.q_row_stride));
+  load_tile<T, kBM, kD, C::kThreads, QLayout>(sdO, do_head, p.do_row_stride, i0, p.lq, p.d,
+                                              rows_16b_aligned(do_head, p.do_row_stride));
+  load_row_stats<T, kBM, C::kThreads>(s_lse, s_delta, p, bi, h, i0);
+  if (kb_end > 0) load_kv(0, 0);
+  cp_async_commit();  // with Q's and dO's copies: all land (and are fenced) at step 0
+  for (int64_t kb = 0; kb < kb_end; ++kb) {
+    const int64_t j0 = kb * kBN;
+    const int stage = pipeline_step<kStages, true>(kb, kb_end, load_kv);
+    const T* tK = sK + stage * kBN * kD;
+    const T* tV = sV + stage * kBN * kD;
+
+    float s[1][kBN / 8][4], dp[1][kBN / 8][4];
+    wgmma_fence_operands(s[0]);
+    wgmma_fence_operands(dp[0]);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk)  // S = Q Kᵀ
+      wgmma_m64n64k16_ss<T>(s[0], panel_k_desc<kBM>(sQ, wg_row, kk), panel_k_desc<kBN>(tK, 0, kk), kk > 0);
+#pragma unroll
+    for (int kk = 0; kk < kD / 16; ++kk)  // dP = dO Vᵀ
+      wgmma_m64n64k16_ss<T>(dp[0], panel_k_desc<kBM>(sdO, wg_row, kk), panel_k_desc<kBN>(tV, 0, kk), kk > 0);
+    wgmma_commit();
+    wgmma_wait<0>();
+    wgmma_fence_operands(s[0]);
+    wgmma_fence_operands(dp[0]);
+
+    dq_tile_step<T>(s, dp, p, tile_interior(p, i0, j0, kBN), s_lse, s_delta, bi, h, i0, row0, j0, lane);
+
+    uint32_t sa[kBN / 16][4];
+    pack_a_fragments<T>(s[0], sa);
+    wgmma_fence_operands(dq[0]);
+    wgmma_fence();
+    wgmma_acc_rs_mn<T, kBN, kD>(dq[0], sa, tK);  // dQ += dS K
+    wgmma_commit();
+    wgmma_wait<0>();  // before the next pipeline_step lets this stage be refilled
+    wgmma_fence_operands(dq[0]);
+  }
+  cp_async_wait<0>();  // none pending at exit (kb_end = 0 leaves Q's and dO's copies unwaited)
+  store_dq_rows<T>(p, dq, bi, h, row0, lane);
+#else
+  __trap();  // launched only where the binary is sm_90a code
+#endif
 }
 
 // ---------------------------------------------------------------------------------------
@@ -1021,6 +1277,18 @@ void attention_bwd_cuda(const AttentionBwdParams& p, cudaStream_t stream) {
     const dim3 delta_grid(unsigned(ceil_div(p.b * p.hq * p.lq, kDeltaWarps)));
     launch(attention_bwd_delta_kernel<T>, delta_grid, 32 * kDeltaWarps, 0, stream,
            "attention_bwd_delta_kernel", p);
+    if constexpr (WgmmaBwd<T, kD>::kSupported) {
+      using C = WgmmaBwd<T, kD>;
+      if (wgmma_allowed() && binary_is_sm90(attention_bwd_dkdv_wgmma_kernel<T, kD>)) {
+        const dim3 dkdv_grid(unsigned(ceil_div(p.lk, C::kRows)), unsigned(p.hkv), unsigned(p.b));
+        launch(attention_bwd_dkdv_wgmma_kernel<T, kD>, dkdv_grid, C::kThreads, C::kDkdvSmem, stream,
+               "attention_bwd_dkdv_wgmma_kernel", p);
+        const dim3 dq_grid(unsigned(ceil_div(p.lq, C::kRows)), unsigned(p.hq), unsigned(p.b));
+        launch(attention_bwd_dq_wgmma_kernel<T, kD>, dq_grid, C::kThreads, C::kDqSmem, stream,
+               "attention_bwd_dq_wgmma_kernel", p);
+        return;
+      }
+    }
     const dim3 dkdv_grid(unsigned(ceil_div(p.lk, Tr::kBwdBlockN)), unsigned(p.hkv), unsigned(p.b));
     launch(attention_bwd_dkdv_kernel<T, kD>, dkdv_grid, Tr::kThreads, Tr::kDkdvSmem, stream,
            "attention_bwd_dkdv_kernel", p);

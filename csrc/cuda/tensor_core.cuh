@@ -108,8 +108,9 @@ __device__ __forceinline__ void cp_async_wait() {
 // ---- sm_90a: warpgroup MMA ----------------------------------------------------------------
 // A warpgroup (warps 4w .. 4w + 3 of a block, 128 threads) computes D(64 x N, fp32) (+)= A(64 x
 // 16) · B(16 x N) asynchronously (wgmma.mma_async; PTX ISA, "Asynchronous Warpgroup Level
-// Matrix Multiply-Accumulate"). Here A is in registers: warp 4w + v holds rows 16v .. 16v + 15
-// in mma_16816's A layout. B is in shared memory, named by a matrix descriptor (sw128_desc). D
+// Matrix Multiply-Accumulate"). A is in registers (_rs: warp 4w + v holds rows 16v .. 16v + 15
+// in mma_16816's A layout) or in shared memory (_ss: K-major, behind a descriptor). B is in
+// shared memory, named by a matrix descriptor (sw128_desc). D
 // is mma_16816's C layout over N / 8 column tiles: d[j][i] is row g + 8 · (i >> 1), column
 // 8j + 2t + (i & 1) of the warp's 16 rows. The protocol, in each thread:
 //   fence_proxy_async    after this thread's shared-memory writes (cp.async landed) that a wgmma
@@ -117,7 +118,7 @@ __device__ __forceinline__ void cp_async_wait() {
 //                        through the async proxy;
 //   wgmma_fence          before a batch: orders this thread's earlier register accesses (of A
 //                        and D) before the asynchronous ones;
-//   wgmma_m64n64k16_rs   the multiplies, then wgmma_commit (one group);
+//   wgmma_m64n64k16_*    the multiplies, then wgmma_commit (one group);
 //   wgmma_wait<N>        before D is read or the B tiles are overwritten, then
 //                        wgmma_fence_operands(D) so the compiler keeps D's reads below the wait.
 // The instructions exist only for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); other targets compile
@@ -230,6 +231,37 @@ __device__ __forceinline__ void wgmma_m64n64k16_rs(float (&d)[8][4], const uint3
   __trap();
 #endif
 }
+
+#define FUSEDFORMER_WGMMA_M64N64K16_SS(TYPE)                                                          \
+  asm volatile(                                                                                     \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"                                                  \
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32." TYPE "." TYPE " "                               \
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, " \
+      "%20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, %32, %33, p, 1, 1, 0, 0;\n}\n"   \
+      : FUSEDFORMER_WGMMA_D8(0), FUSEDFORMER_WGMMA_D8(1), FUSEDFORMER_WGMMA_D8(2),                  \
+        FUSEDFORMER_WGMMA_D8(3), FUSEDFORMER_WGMMA_D8(4), FUSEDFORMER_WGMMA_D8(5),                  \
+        FUSEDFORMER_WGMMA_D8(6), FUSEDFORMER_WGMMA_D8(7)                                            \
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate ? 1 : 0))
+
+// D(64 x 64) = A · B (+ D when accumulate), A (64 x 16) and B both K-major in shared memory:
+// rows of A and of B's columns, K contiguous (the warpgroup's 64 rows of A start at desc_a).
+template <typename T>
+__device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[8][4], uint64_t desc_a, uint64_t desc_b,
+                                                   bool accumulate) {
+  static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "bf16 or fp16 operands");
+#if defined(FUSEDFORMER_CUDA_EMULATION)
+  emu::wgmma_ss<T>(&d[0][0], 64, desc_a, desc_b, accumulate);
+#elif defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    FUSEDFORMER_WGMMA_M64N64K16_SS("bf16");
+  } else {
+    FUSEDFORMER_WGMMA_M64N64K16_SS("f16");
+  }
+#else
+  __trap();
+#endif
+}
+#undef FUSEDFORMER_WGMMA_M64N64K16_SS
 #undef FUSEDFORMER_WGMMA_M64N64K16_RS
 #undef FUSEDFORMER_WGMMA_D8
 

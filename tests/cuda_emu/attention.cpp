@@ -171,7 +171,7 @@ void run(const Case& c) {
 }
 
 // Every padded head dim (32, 64, 96, 128, 256) in every dtype family, d with zero-filled
-// columns (1, 20, 33, 40, 80, 100, 200), L = 1, LK = 0, Lq != Lk, lengths off the block
+// columns (1, 20, 33, 40, 80, 100, 200), L = 1, LK = 0 (fp32 and bf16), Lq != Lk, lengths off the block
 // multiples, GQA and MQA, every mask kind with fully masked rows, causal, dropout. Loads: the
 // 16-byte cp.async path (d = 40, 64, 80, 128, 200, 256), its partial chunks (kv_pad: d = 20,
 // 30, 36 in aligned rows) and the element-wise path (rows off 16 bytes: d = 1, 20, 33, 100);
@@ -219,6 +219,7 @@ const bool registered = [] {
   add(0.f, {1, 2, 1, 70, 90, 30, true, M::kKeyPadding, 0.f, 2});
   add(bf, {1, 2, 2, 45, 140, 20, false, M::kAdditive, 0.f, 4});
   add(f16, {2, 2, 1, 90, 66, 36, true, M::kNone, 0.f, 4});
+  add(bf, {1, 2, 1, 65, 0, 64, false, M::kNone, 0.f});  // LK = 0: no key block in any loop
   return true;
 }();
 

@@ -1,5 +1,6 @@
 // sm_90a warpgroup MMA on the CPU, for tests/cuda_emu: wgmma.mma_async m64nNk16 with the A
-// operand in registers and B in shared memory behind a matrix descriptor, wgmma.fence,
+// operand in registers or (K-major) in shared memory and B in shared memory behind a matrix
+// descriptor, wgmma.fence,
 // wgmma.commit_group, wgmma.wait_group, and fence.proxy.async (csrc/cuda/tensor_core.cuh's
 // wgmma helpers call these when FUSEDFORMER_CUDA_EMULATION is set).
 //
@@ -8,7 +9,8 @@
 //     mma.m16n8k16 A-fragment layout (mma.h); D (64 x N, fp32): warp w rows 16w .., element
 //     4j + i of a lane at row g + 8 · (i >> 1), column 8j + 2t + (i & 1). A lane's A registers
 //     reach the other lanes through the warp exchange, so a value in the wrong lane or
-//     register corrupts the product, as on the hardware;
+//     register corrupts the product, as on the hardware. A in shared memory: rows 0 .. 63 of
+//     the descriptor's K-major operand, warp w reading rows 16w ..;
 //   - B (16 x N) in shared memory, addressed only through the 64-bit descriptor: start address,
 //     leading and stride byte offsets, swizzle mode, and the transpose flag that selects the
 //     K-major or MN-major canonical layout ("Canonical Layouts": in 16-byte units of T = 8
@@ -32,7 +34,7 @@
 //   - a thread that exits with wgmma groups pending is an error.
 // Not emulated: the warpgroup-wide convergence of .sync.aligned (checked per warp only), the
 // tensor core's accumulation order and rounding (the 16 products are summed in double, as in
-// mma.h), A from shared memory, scale-a / scale-b negation, bank conflicts of the operand reads.
+// mma.h), an MN-major A, scale-a / scale-b negation, bank conflicts of the operand reads.
 #pragma once
 
 #include <cstdint>
@@ -56,7 +58,9 @@ float half_to_float(uint16_t bits);  // cuda_shim.h
 struct WgmmaOp {
   float* d;             // the issuing thread's N / 2 accumulators
   int n;
-  float a[2][16];       // this lane's A rows g and g + 8, captured at issue
+  float a[2][16];       // this lane's A rows g and g + 8: captured at issue (A in registers) ...
+  bool a_in_smem;       // ... or read at the wait from desc_a's rows 16 · (warp % 4) + g, + 8
+  uint64_t desc_a;
   uint64_t desc_b;
   bool trans_b, accumulate;
   float (*to_float)(uint16_t);
@@ -94,8 +98,8 @@ inline uint32_t wgmma_element_address(uint64_t desc, int mn, int k, bool mn_majo
   return a ^ (((a >> 7) & (c - 1)) << 4);
 }
 
-template <typename T>
-inline void wgmma_rs(float* d, int n, const uint32_t (&a)[4], uint64_t desc_b, bool trans_b, bool accumulate) {
+// The checks every wgmma.mma_async makes at issue (see the header).
+inline WgmmaQueue& wgmma_issue_checks(int n) {
   if (n % 8 != 0 || n < 8 || n > 256) throw std::logic_error("emu: wgmma N not in 8, 16, .. 256");
   if (block.nthreads % 128 != 0) throw std::logic_error("emu: wgmma in a block that is not whole warpgroups");
   WgmmaQueue& q = wgmma_queue(self().tid);
@@ -104,11 +108,17 @@ inline void wgmma_rs(float* d, int n, const uint32_t (&a)[4], uint64_t desc_b, b
     if (wgmma_queue(unsigned(tid)).proxy_dirty)
       throw std::logic_error("emu: wgmma.mma_async while thread " + std::to_string(tid) +
                              "'s cp.async writes are not fenced to the async proxy (fence.proxy.async)");
+  return q;
+}
+
+template <typename T>
+inline void wgmma_rs(float* d, int n, const uint32_t (&a)[4], uint64_t desc_b, bool trans_b, bool accumulate) {
+  WgmmaQueue& q = wgmma_issue_checks(n);
   warp_barrier();  // every lane has consumed the previous exchange
   uint64_t* mine = exchange_slots(lane_id());
   for (int i = 0; i < 4; ++i) mine[i] = a[i];
   warp_barrier();  // every lane's A registers are published
-  WgmmaOp op{d, n, {}, desc_b, trans_b, accumulate, [](uint16_t b) { return half_to_float<T>(b); }};
+  WgmmaOp op{d, n, {}, false, 0, desc_b, trans_b, accumulate, [](uint16_t b) { return half_to_float<T>(b); }};
   const int g = lane_id() >> 2;
   for (int t = 0; t < 4; ++t) {  // the quad 4g .. 4g + 3 holds rows g and g + 8
     const uint64_t* r = exchange_slots(4 * g + t);
@@ -121,6 +131,13 @@ inline void wgmma_rs(float* d, int n, const uint32_t (&a)[4], uint64_t desc_b, b
   q.open.push_back(op);
 }
 
+template <typename T>
+inline void wgmma_ss(float* d, int n, uint64_t desc_a, uint64_t desc_b, bool accumulate) {
+  WgmmaQueue& q = wgmma_issue_checks(n);
+  warp_barrier();  // every lane of the warp issues it (.sync.aligned)
+  q.open.push_back({d, n, {}, true, desc_a, desc_b, false, accumulate, [](uint16_t b) { return half_to_float<T>(b); }});
+}
+
 inline void wgmma_fence() { wgmma_queue(self().tid).fenced = true; }
 
 inline void wgmma_commit_group() {
@@ -129,17 +146,25 @@ inline void wgmma_commit_group() {
   q.open.clear();
 }
 
-inline void wgmma_execute(const WgmmaOp& op) {
+inline uint16_t wgmma_operand_bits(uint64_t desc, int mn, int k, bool mn_major) {
+  uint16_t bits;
+  memcpy(&bits, shared_window_pointer(wgmma_element_address(desc, mn, k, mn_major), 2), 2);
+  return bits;
+}
+
+inline void wgmma_execute(WgmmaOp op) {
   const int g = lane_id() >> 2, t = lane_id() & 3;
+  if (op.a_in_smem) {
+    const int row0 = 16 * (int(self().tid) / kWarpSize % 4) + g;
+    for (int r = 0; r < 2; ++r)
+      for (int k = 0; k < 16; ++k) op.a[r][k] = op.to_float(wgmma_operand_bits(op.desc_a, row0 + 8 * r, k, false));
+  }
   for (int j = 0; j < op.n / 8; ++j)
     for (int i = 0; i < 4; ++i) {
       const int row = i >> 1, col = 8 * j + 2 * t + (i & 1);
       double dot = 0.0;
-      for (int k = 0; k < 16; ++k) {
-        uint16_t bits;
-        memcpy(&bits, shared_window_pointer(wgmma_element_address(op.desc_b, col, k, op.trans_b), 2), 2);
-        dot += double(op.a[row][k]) * double(op.to_float(bits));
-      }
+      for (int k = 0; k < 16; ++k)
+        dot += double(op.a[row][k]) * double(op.to_float(wgmma_operand_bits(op.desc_b, col, k, op.trans_b)));
       float& dst = op.d[4 * j + i];
       dst = float((op.accumulate ? double(dst) : 0.0) + dot);
     }
