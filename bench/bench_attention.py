@@ -25,30 +25,47 @@ else:
     PEERS = ["sdpa"]
 
 
-def _tma_providers() -> list[str]:
-    """fusedformer-triton-tma: the triton backend with its opt-in TMA forward
-    (FUSEDFORMER_TRITON_TMA=1; the backward is the same as fusedformer-triton's), where it can
-    run: sm_90+ and a Triton with host tensor descriptors."""
-    if "fusedformer-triton" not in fused_providers("attention"):
-        return []
-    from fusedformer.kernels import attention
+# Variants of a fused provider: the same backend under an environment switch, timed where the
+# switch means something. Base providers run with every switch at its default.
+SWITCHES = {"FUSEDFORMER_TRITON_TMA": "0", "FUSEDFORMER_CUDA_WGMMA": "1"}
+VARIANTS = {
+    # the triton forward through TMA descriptors (the backward is fusedformer-triton's)
+    "fusedformer-triton-tma": {"FUSEDFORMER_TRITON_TMA": "1"},
+    # the cuda backend's mma.sync kernels on an sm_90, where its default is the wgmma ones
+    "fusedformer-cuda-mma": {"FUSEDFORMER_CUDA_WGMMA": "0"},
+}
 
-    if attention.TensorDescriptor is None or torch.cuda.get_device_capability() < (9, 0):
+
+def _variant_providers() -> list[str]:
+    """The VARIANTS that can run here: sm_90+, the base backend available, and for the TMA
+    one a Triton with host tensor descriptors."""
+    if torch.cuda.get_device_capability() < (9, 0):
         return []
-    return ["fusedformer-triton-tma"]
+    out = []
+    fused = fused_providers("attention")
+    if "fusedformer-triton" in fused:
+        from fusedformer.kernels import attention
+
+        if attention.TensorDescriptor is not None:
+            out.append("fusedformer-triton-tma")
+    if "fusedformer-cuda" in fused:
+        out.append("fusedformer-cuda-mma")
+    return out
 
 
 @contextlib.contextmanager
-def _tma(on: bool):
-    saved = os.environ.get("FUSEDFORMER_TRITON_TMA")
-    os.environ["FUSEDFORMER_TRITON_TMA"] = "1" if on else "0"
+def _switches(provider: str):
+    wanted = {**SWITCHES, **VARIANTS.get(provider, {})}
+    saved = {name: os.environ.get(name) for name in wanted}
+    os.environ.update(wanted)
     try:
         yield
     finally:
-        if saved is None:
-            os.environ.pop("FUSEDFORMER_TRITON_TMA")
-        else:
-            os.environ["FUSEDFORMER_TRITON_TMA"] = saved
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
 
 
 def _sdpa_context(provider: str):
@@ -61,7 +78,7 @@ def _sdpa_context(provider: str):
     return sdpa_kernel([kind])
 
 
-@pytest.mark.parametrize("provider", fused_providers("attention") + (_tma_providers() if ON_GPU else [])
+@pytest.mark.parametrize("provider", fused_providers("attention") + (_variant_providers() if ON_GPU else [])
                          + PEERS)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -78,7 +95,7 @@ def test_attention(benchmark, provider, causal, dtype, shape, mode):
     def attend():
         if provider.startswith("fusedformer-"):
             backend = provider.split("-")[1]
-            with _tma(provider.endswith("-tma")):
+            with _switches(provider):
                 return fusedformer.attention(q, k, v, is_causal=causal, backend=backend)
         with _sdpa_context(provider):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)

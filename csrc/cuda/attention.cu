@@ -8,6 +8,7 @@
 //   attention_bwd_dkdv_kernel   (key blocks, HKV, B)    dK, dV: loops over the group's query
 //                                                       heads and the query blocks
 //   attention_bwd_dq_kernel     (query blocks, HQ, B)   dQ: loops over the key blocks
+//   attention_*_wgmma_kernel    the same grids, 128-row blocks: sm_90a, 16-bit, D = 64, 128
 // Every output element is summed by one thread in a fixed order: deterministic, no atomics.
 //
 // Warp tiling: each warp owns kMT m-tiles of 16 rows of its block (queries, or keys in dK/dV;
@@ -39,8 +40,13 @@
 // multiplied, with one barrier per step. Other layouts take an element-wise, bounds-checked
 // path (any row stride, any alignment).
 //
-// STATUS: compiled for sm_80 and sm_90a (tests/test_nvcc.py) and executed on the CPU by the
-// emulator in tests/cuda_emu (real barriers, ldmatrix, mma.sync and cp.async semantics); never
+// sm_90a: the 16-bit kernels at D = 64 and 128 have warpgroup-MMA twins (attention_*_wgmma_kernel,
+// see "Forward on sm_90a" below), launched wherever the binary that runs is sm_90a code; the
+// mma.sync kernels serve sm_80, fp32, the other head dims, and FUSEDFORMER_CUDA_WGMMA=0.
+//
+// STATUS: compiled for sm_80 and sm_90a (tests/test_nvcc.py, which also checks that the wgmma
+// kernels are HGMMA in the sm_90a SASS) and executed on the CPU by the emulator in
+// tests/cuda_emu (real barriers, ldmatrix, mma.sync, cp.async and wgmma semantics); never
 // run on a GPU yet. The gpu tier of tests/test_attention_cpp.py checks it against the oracle.
 // Known: the D = 256 dK/dV kernel spills about 1 KiB (two 16 x 256 fp32 accumulators per warp
 // are 256 registers a thread by themselves); splitting D over warps would fix it.
