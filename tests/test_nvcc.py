@@ -6,8 +6,8 @@ has CUDA; they are syntax-checked here against the c10/cuda headers that the CPU
 The check is for errors (C++, CUDA and inline-PTX through ptxas), not for code quality, so it
 compiles at -O0 (measured on the 2-core CI machine: ffn.cu 121 s of CPU at -O3 vs 75 s at -O0)
 and runs all files at once, one process per core. setup.py builds with -O3. One check reads the
-machine code: the sm_90a attention kernels' products must be warpgroup MMA (HGMMA) in the sm_90a
-cubin and absent from the sm_80 one (cuobjdump, as shipped with CUDA or with the triton wheel).
+machine code: the sm_90a attention and FFN kernels' products must be warpgroup MMA (HGMMA) in the
+sm_90a cubin and absent from the sm_80 one (cuobjdump, as shipped with CUDA or with the triton wheel).
 """
 import concurrent.futures
 import os
@@ -109,16 +109,19 @@ def _sass_instructions(obj: pathlib.Path, opcode: str) -> dict[tuple[str, str], 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH or in $CUDA_HOME")
 @pytest.mark.skipif(_cuobjdump() is None, reason="no cuobjdump (CUDA toolkit or triton wheel)")
-def test_wgmma_attention_is_warpgroup_mma_on_sm90a_only(compiled):
-    assert compiled["attention.cu"].returncode == 0, compiled["attention.cu"].stderr
-    hgmma = _sass_instructions(compiled["attention.cu"].obj, "HGMMA")
-    wgmma = {key: n for key, n in hgmma.items() if "_wgmma_kernel" in key[1]}
-    # forward, dK/dV and dQ; bf16 and fp16; D = 64 and 128; in both cubins
-    assert len(wgmma) == 3 * 2 * 2 * 2, sorted(wgmma)
+@pytest.mark.parametrize("cu,kernels", [("attention.cu", 3 * 2 * 2), ("ffn.cu", 6 * 2)],
+                         ids=["attention", "ffn"])
+def test_wgmma_kernels_are_warpgroup_mma_on_sm90a_only(compiled, cu, kernels):
+    """attention: forward, dK/dV, dQ x bf16, fp16 x D = 64, 128; ffn: the GEMM's six
+    (epilogue, layout) instantiations x bf16, fp16. Each in both cubins."""
+    assert compiled[cu].returncode == 0, compiled[cu].stderr
+    hgmma = _sass_instructions(compiled[cu].obj, "HGMMA")
+    wgmma = {key: n for key, n in hgmma.items() if "wgmma" in key[1]}
+    assert len(wgmma) == kernels * 2, sorted(wgmma)
     for (arch, kernel), n in wgmma.items():
         if arch == "sm_90a":
             assert n > 0, f"{kernel}: no HGMMA in its sm_90a SASS"
         else:
             assert n == 0, f"{kernel}: HGMMA in its {arch} SASS"
-    others = {key: n for key, n in hgmma.items() if "_wgmma_kernel" not in key[1] and n > 0}
+    others = {key: n for key, n in hgmma.items() if "wgmma" not in key[1] and n > 0}
     assert not others, f"HGMMA outside the wgmma kernels: {sorted(others)}"

@@ -54,10 +54,7 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
-#include <atomic>
 #include <cstdint>
-#include <cstdlib>
-#include <cstring>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
@@ -1220,34 +1217,6 @@ void dispatch(const P& p, F&& f) {
     throw std::runtime_error("attention (cuda): head dim must be <= 256, got " + std::to_string(p.d));
   };
   dispatch_cuda_dtype(p.dtype, by_dim);
-}
-
-// Whether `kernel` runs on the current device as sm_90 code: the binary the runtime picks there
-// is sm_90a SASS (the build's FUSEDFORMER_CUDA_ARCHS include 90a and the device is an sm_90).
-// Asked once per device.
-template <typename Kernel>
-bool binary_is_sm90(Kernel kernel) {
-  constexpr int kMaxDevices = 64;
-  static std::atomic<int> known[kMaxDevices];  // 0: not asked yet, 1: no, 2: yes
-  int device = 0;
-  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
-  const bool cached = device >= 0 && device < kMaxDevices;
-  if (cached) {
-    const int k = known[device].load(std::memory_order_relaxed);
-    if (k != 0) return k == 2;
-  }
-  cudaFuncAttributes attr{};
-  check_cuda(cudaFuncGetAttributes(&attr, kernel), "cudaFuncGetAttributes");
-  const bool yes = attr.binaryVersion == 90;
-  if (cached) known[device].store(yes ? 2 : 1, std::memory_order_relaxed);
-  return yes;
-}
-
-// FUSEDFORMER_CUDA_WGMMA=0 keeps the forward on the mma.sync kernel on sm_90 too (to compare
-// the two, or to step around the wgmma one).
-bool wgmma_allowed() {
-  const char* v = std::getenv("FUSEDFORMER_CUDA_WGMMA");
-  return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
 }  // namespace

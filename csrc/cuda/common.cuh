@@ -4,8 +4,14 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <stdexcept>
+#include <string>
 #include <type_traits>
 
 #include "../common.h"
@@ -97,6 +103,37 @@ void launch_with_smem(void (*kernel)(Params...), dim3 grid, dim3 block, size_t s
                       cudaStream_t stream, Args&&... args) {
   if (smem > 0) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
   kernel<<<grid, block, smem, stream>>>(static_cast<Args&&>(args)...);
+}
+
+// Whether `kernel` runs on the current device as sm_90 code: the binary the runtime picks there
+// is sm_90a SASS (the build's FUSEDFORMER_CUDA_ARCHS include 90a and the device is an sm_90).
+// Hosts launch a kernel's warpgroup-MMA (wgmma) twin only then. Asked once per device.
+template <typename Kernel>
+bool binary_is_sm90(Kernel kernel) {
+  constexpr int kMaxDevices = 64;
+  static std::atomic<int> known[kMaxDevices];  // 0: not asked yet, 1: no, 2: yes
+  auto check = [](cudaError_t err, const char* what) {
+    if (err != cudaSuccess) throw std::runtime_error(std::string(what) + ": " + cudaGetErrorString(err));
+  };
+  int device = 0;
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  const bool cached = device >= 0 && device < kMaxDevices;
+  if (cached) {
+    const int k = known[device].load(std::memory_order_relaxed);
+    if (k != 0) return k == 2;
+  }
+  cudaFuncAttributes attr{};
+  check(cudaFuncGetAttributes(&attr, kernel), "cudaFuncGetAttributes");
+  const bool yes = attr.binaryVersion == 90;
+  if (cached) known[device].store(yes ? 2 : 1, std::memory_order_relaxed);
+  return yes;
+}
+
+// FUSEDFORMER_CUDA_WGMMA=0 keeps every op on its mma.sync kernels on sm_90 too (to compare the
+// two, or to step around a wgmma one).
+inline bool wgmma_allowed() {
+  const char* v = std::getenv("FUSEDFORMER_CUDA_WGMMA");
+  return v == nullptr || std::strcmp(v, "0") != 0;
 }
 
 // Calls f(T{}) with T the CUDA storage type of dt.

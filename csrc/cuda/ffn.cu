@@ -19,9 +19,12 @@
 //   tiles), conflict-free.
 // fp32: a SIMT tiled GEMM (64 x 64 x 16 tiles, 4 x 4 outputs per thread, fp32 FMA): exact
 //   fp32 like the CPU reference (TF32 tensor cores would not meet fp32 tolerances).
+// sm_90a: the same GEMMs as warpgroup MMA (gemm_wgmma, below), launched wherever the binary that
+// runs is sm_90a code (FUSEDFORMER_CUDA_WGMMA=0: gemm_mma there too).
 // Napkin math: FLOPs = 2·M·C·F1 + 2·M·F·C forward, twice that backward; at (8192, 4096,
-// 16384) bf16 that is 1.6 TFLOP forward, ~2 ms at H100's ~800 TFLOP/s dense peak. This
-// mma.sync kernel (no wgmma/TMA, no warp specialization) will sit well below that peak.
+// 16384) bf16 that is 1.6 TFLOP forward, ~2 ms at H100's ~800 TFLOP/s dense peak. The
+// mma.sync kernel (no warp specialization) will sit well below that peak on an H100; how close
+// gemm_wgmma gets is for a GPU run to say.
 // torch-free: raw pointers, sizes, a stream. Workspaces (hidden, d_pre) come from the caller.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
@@ -308,6 +311,156 @@ __global__ void __launch_bounds__(kThreads) gemm_mma(Operand a, Operand b, int64
   }
 }
 
+// ---- sm_90a: warpgroup-MMA GEMM (bf16 / fp16) ----------------------------------------------
+// The same C = A · Bᵀ with the same operand layouts, row maps and epilogues as gemm_mma, as
+// wgmma.mma_async m64n128k16 with both operands from shared memory: a 128 x 128 block tile, two
+// warpgroups of 64 rows, each issuing one instruction per 16 of k for all 128 columns (64 fp32
+// accumulators a thread, the C layout of mma_16816 over 16 column tiles). Per 64 k the
+// warpgroup reads its 64-row A slice and the whole B tile from shared memory once: 24 KiB per
+// 2 MFLOP, where gemm_mma's warps, each ldmatrix-ing its own fragments, read twice as much.
+// Tiles are 64 k wide (one 128-byte swizzle row, sw128_desc), double-buffered through cp.async:
+//   row tile (k-contiguous operand): [128 rows][64 k], chunk c of row r at c ^ r % 8: K-major
+//   k tile (row-contiguous operand): [64 k][128 rows] as two [64 k][64 rows] panels, chunk c of
+//            row k at c ^ k % 8: MN-major (the transpose flag), panels 8 KiB apart (the LBO)
+// __launch_bounds__(256, 2) holds it to 128 registers (ptxas -O3: no spills), so two blocks
+// (130 KiB of shared memory) share an SM and one's MMAs run under the other's loads and
+// epilogue. Not yet: TMA, a producer warp, more than two stages, a persistent tile scheduler.
+constexpr int kWBK = 64;                          // k of a stage
+constexpr int kWTile = kBM * kWBK;                // elements of one operand tile
+constexpr int kWSmem = 2 * 2 * kWTile * 2 + 1024; // two stages of A and B, 16-bit, + alignment
+static_assert(kBM == 128 && kBN == 128, "two 64-row warpgroups, one N = 128 instruction");
+
+__device__ __forceinline__ int wrow_offset(int row, int k) {  // row tile, k % 8 == 0
+  return row * kWBK + ((((k >> 3) ^ row) & 7) << 3);
+}
+__device__ __forceinline__ int wk_offset(int k, int row) {  // k tile, row % 8 == 0
+  return (row >> 6) * (kWBK * 64) + k * 64 + (((((row & 63) >> 3) ^ k) & 7) << 3);
+}
+
+// Fills one stage's tile of an operand with op(map(t), k0 + kk) for t < 128, kk < 64 (zeros
+// outside the operand), in the layout of K_TILE (row tile when false). The quarter warp of a
+// cp.async writes one 128-byte tile row: conflict-free.
+template <typename T, bool K_TILE>
+__device__ __forceinline__ void load_wtile(T* tile, const Operand& op, const RowMap& map, int64_t k0, int64_t K) {
+  const T* src = static_cast<const T*>(op.ptr);
+  const int tid = threadIdx.x;
+  if constexpr (!K_TILE) {
+    if (op.vec) {  // 1024 16-byte chunks along k, 4 per thread
+#pragma unroll
+      for (int it = 0; it < 4; ++it) {
+        const int c = tid + it * kThreads, t = c >> 3, kk = (c & 7) * 8;
+        const int64_t r = map(t);
+        const bool valid = r >= 0 && k0 + kk < K;  // K % 8 == 0: a chunk is all in or all out
+        cp_async16(tile + wrow_offset(t, kk), valid ? src + r * op.ld + k0 + kk : src, valid ? 16 : 0);
+      }
+    } else {  // element by element, coalesced along k
+#pragma unroll 4
+      for (int it = 0; it < kWTile / kThreads; ++it) {
+        const int e = tid + it * kThreads, t = e >> 6, kk = e & 63;
+        const int64_t r = map(t);
+        tile[wrow_offset(t, kk & ~7) + (kk & 7)] = (r >= 0 && k0 + kk < K) ? src[r * op.ld + k0 + kk] : from_f<T>(0.f);
+      }
+    }
+  } else {
+    if (op.vec && map.g == 0) {  // 1024 16-byte chunks along the rows, 4 per thread
+#pragma unroll
+      for (int it = 0; it < 4; ++it) {
+        const int c = tid + it * kThreads, kk = c >> 4, t0 = (c & 15) * 8;
+        const int64_t r = map.r0 + t0;
+        const bool valid = r < op.rows && k0 + kk < K;  // rows % 8 == 0: all 8 rows in or out
+        cp_async16(tile + wk_offset(kk, t0), valid ? src + (k0 + kk) * op.ld + r : src, valid ? 16 : 0);
+      }
+    } else {  // element by element, coalesced along the rows
+#pragma unroll 4
+      for (int it = 0; it < kWTile / kThreads; ++it) {
+        const int e = tid + it * kThreads, t = e & (kBM - 1), kk = e >> 7;
+        const int64_t r = map(t);
+        tile[wk_offset(kk, t & ~7) + (t & 7)] = (r >= 0 && k0 + kk < K) ? src[(k0 + kk) * op.ld + r] : from_f<T>(0.f);
+      }
+    }
+  }
+}
+
+// Descriptor of k-step ks (16 of the stage's 64 k) of `rows` rows from `row` of a stage tile.
+template <bool K_TILE, typename T>
+__device__ __forceinline__ uint64_t wtile_desc(const T* tile, int row, int ks) {
+  if constexpr (!K_TILE) return sw128_desc(tile + row * kWBK + ks * 16, 16);        // K-major
+  else return sw128_desc(tile + (row >> 6) * (kWBK * 64) + ks * 16 * 64, kWBK * 64 * 2);  // MN-major
+}
+
+template <typename T, typename Epi, bool PAIRED, bool A_T, bool B_T>
+__global__ void __launch_bounds__(kThreads, 2) gemm_wgmma(Operand a, Operand b, int64_t M, int64_t N, int64_t K,
+                                                          Epi epi) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(FUSEDFORMER_CUDA_EMULATION)
+  extern __shared__ __align__(16) unsigned char smem[];
+  T* As = reinterpret_cast<T*>(smem + (1024 - shared_address(smem) % 1024) % 1024);  // [2][kWTile]
+  T* Bs = As + 2 * kWTile;                                                             // [2][kWTile]
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wg = warp >> 2;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int64_t m0 = int64_t(blockIdx.x) * kBM;
+  const int64_t n0 = int64_t(blockIdx.y) * (PAIRED ? kBN / 2 : kBN);
+  const RowMap amap{m0, M, 0, 0};
+  const RowMap bmap{n0, PAIRED ? N : b.rows, N, PAIRED ? kPairG : 0};
+
+  float acc[16][4];
+#pragma unroll
+  for (int j = 0; j < 16; ++j)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
+
+  const int64_t ktiles = (K + kWBK - 1) / kWBK;
+  load_wtile<T, A_T>(As, a, amap, 0, K);
+  load_wtile<T, B_T>(Bs, b, bmap, 0, K);
+  cp_async_commit();
+  for (int64_t kt = 0; kt < ktiles; ++kt) {
+    const int s = int(kt & 1);
+    cp_async_wait<0>();  // stage s has landed (this thread's copies) ...
+    fence_proxy_async();  // ... is visible to the tensor cores' reads ...
+    __syncthreads();      // ... for every thread; stage s ^ 1 is no longer being read
+    if (kt + 1 < ktiles) {  // prefetch the next stage while this one is multiplied
+      load_wtile<T, A_T>(As + (s ^ 1) * kWTile, a, amap, (kt + 1) * kWBK, K);
+      load_wtile<T, B_T>(Bs + (s ^ 1) * kWTile, b, bmap, (kt + 1) * kWBK, K);
+      cp_async_commit();
+    }
+    const T* at = As + s * kWTile;
+    const T* bt = Bs + s * kWTile;
+    wgmma_fence_operands(acc);
+    wgmma_fence();
+#pragma unroll
+    for (int ks = 0; ks < kWBK / 16; ++ks)
+      wgmma_m64n128k16_ss<T, A_T, B_T>(acc, wtile_desc<A_T>(at, 64 * wg, ks), wtile_desc<B_T>(bt, 0, ks), true);
+    wgmma_commit();
+    wgmma_wait<0>();  // before the next iteration's barrier lets stage s be refilled
+    wgmma_fence_operands(acc);
+  }
+
+  // Epilogue from the accumulators: element e of column tile j is row g (+8 for e >= 2) of the
+  // warp's 16, column 8j + 2·t4 + (e & 1) of the tile's 128.
+  const int64_t row0 = m0 + 64 * wg + 16 * (warp & 3) + g;
+#pragma unroll
+  for (int e = 0; e < 4; ++e) {
+    const int64_t i = row0 + (e >= 2 ? 8 : 0);
+    if (i >= M) continue;
+    if (PAIRED) {  // column groups of 32: 16 gate units then their 16 up rows (kPairG)
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        if ((j & 3) >= 2) continue;
+        const int64_t u = n0 + 16 * (j >> 2) + 8 * (j & 3) + 2 * t4 + (e & 1);
+        if (u < N) epi.pair(i, u, acc[j][e], acc[j + 2][e]);
+      }
+    } else {
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        const int64_t n = n0 + 8 * j + 2 * t4 + (e & 1);
+        if (n < N) epi(i, n, acc[j][e]);
+      }
+    }
+  }
+#else
+  __trap();  // launched only where the binary is sm_90a code
+#endif
+}
+
 // ---- SIMT GEMM (fp32) ------------------------------------------------------------------------
 
 constexpr int kSBM = 64, kSBN = 64, kSBK = 16;  // 256 threads as 16 x 16, 4 x 4 outputs each
@@ -443,7 +596,12 @@ void gemm(const Operand& a, const Operand& b, int64_t M, int64_t N, int64_t K, c
     const int64_t per = PAIRED ? kBN / 2 : kBN;
     check_column_tiles((N + per - 1) / per, N);
     const dim3 grid(unsigned((M + kBM - 1) / kBM), unsigned((N + per - 1) / per));
-    gemm_mma<T, Epi, PAIRED, A_T, B_T><<<grid, kThreads, 0, stream>>>(a2, b2, M, N, K, epi);
+    if (wgmma_allowed() && binary_is_sm90(gemm_wgmma<T, Epi, PAIRED, A_T, B_T>)) {
+      launch_with_smem(gemm_wgmma<T, Epi, PAIRED, A_T, B_T>, grid, dim3(kThreads), size_t(kWSmem), stream, a2, b2, M,
+                       N, K, epi);
+    } else {
+      gemm_mma<T, Epi, PAIRED, A_T, B_T><<<grid, kThreads, 0, stream>>>(a2, b2, M, N, K, epi);
+    }
   }
 }
 

@@ -250,7 +250,7 @@ __device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[8][4], uint64_t de
                                                    bool accumulate) {
   static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "bf16 or fp16 operands");
 #if defined(FUSEDFORMER_CUDA_EMULATION)
-  emu::wgmma_ss<T>(&d[0][0], 64, desc_a, desc_b, accumulate);
+  emu::wgmma_ss<T>(&d[0][0], 64, desc_a, desc_b, accumulate, false, false);
 #elif defined(__CUDA_ARCH_FEAT_SM90_ALL)
   if constexpr (std::is_same_v<T, __nv_bfloat16>) {
     FUSEDFORMER_WGMMA_M64N64K16_SS("bf16");
@@ -262,6 +262,43 @@ __device__ __forceinline__ void wgmma_m64n64k16_ss(float (&d)[8][4], uint64_t de
 #endif
 }
 #undef FUSEDFORMER_WGMMA_M64N64K16_SS
+#define FUSEDFORMER_WGMMA_M64N128K16_SS(TYPE)                                                         \
+  asm volatile(                                                                                     \
+      "{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"                                                  \
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32." TYPE "." TYPE " {"                              \
+      "%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, " \
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, " \
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, " \
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63" \
+      "}, %64, %65, p, 1, 1, %67, %68;\n}\n"                                                          \
+      : FUSEDFORMER_WGMMA_D8(0), FUSEDFORMER_WGMMA_D8(1), FUSEDFORMER_WGMMA_D8(2),                  \
+        FUSEDFORMER_WGMMA_D8(3), FUSEDFORMER_WGMMA_D8(4), FUSEDFORMER_WGMMA_D8(5),                  \
+        FUSEDFORMER_WGMMA_D8(6), FUSEDFORMER_WGMMA_D8(7), FUSEDFORMER_WGMMA_D8(8),                  \
+        FUSEDFORMER_WGMMA_D8(9), FUSEDFORMER_WGMMA_D8(10), FUSEDFORMER_WGMMA_D8(11),                \
+        FUSEDFORMER_WGMMA_D8(12), FUSEDFORMER_WGMMA_D8(13), FUSEDFORMER_WGMMA_D8(14),               \
+        FUSEDFORMER_WGMMA_D8(15)                                                                    \
+      : "l"(desc_a), "l"(desc_b), "r"(accumulate ? 1 : 0), "n"(kTransA ? 1 : 0), "n"(kTransB ? 1 : 0))
+
+// D(64 x 128) = A · B (+ D when accumulate), both in shared memory: A K-major (rows, K
+// contiguous) or with kTransA MN-major (K rows, M contiguous); B likewise with kTransB.
+// One instruction for 128 columns reads the A tile once where two N = 64 ones read it twice.
+template <typename T, bool kTransA, bool kTransB>
+__device__ __forceinline__ void wgmma_m64n128k16_ss(float (&d)[16][4], uint64_t desc_a, uint64_t desc_b,
+                                                    bool accumulate) {
+  static_assert(std::is_same_v<T, __nv_bfloat16> || std::is_same_v<T, __half>, "bf16 or fp16 operands");
+#if defined(FUSEDFORMER_CUDA_EMULATION)
+  emu::wgmma_ss<T>(&d[0][0], 128, desc_a, desc_b, accumulate, kTransA, kTransB);
+#elif defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) {
+    FUSEDFORMER_WGMMA_M64N128K16_SS("bf16");
+  } else {
+    FUSEDFORMER_WGMMA_M64N128K16_SS("f16");
+  }
+#else
+  __trap();
+#endif
+}
+#undef FUSEDFORMER_WGMMA_M64N128K16_SS
 #undef FUSEDFORMER_WGMMA_M64N64K16_RS
 #undef FUSEDFORMER_WGMMA_D8
 

@@ -25,6 +25,7 @@ struct Case {
   int64_t m, c, f;
   bool bias;
   float dropout;
+  int device = 0;  // the emulator's device: 0 runs sm_80 code, 1 sm_90a (the wgmma GEMM)
 };
 
 double act_ref(FfnActivation act, double a) {
@@ -73,6 +74,7 @@ template <typename T>
 void run(const Case& cs) {
   const double tol = driver::pick<T>(kTol);
   const int64_t m = cs.m, c = cs.c, f = cs.f, f1 = ffn_f1(cs.act, f);
+  cudaSetDevice(cs.device);
   const bool swiglu = cs.act == FfnActivation::kSwiglu;
   const uint64_t seed = 0x5eed1234ull;
   const std::vector<T> x = driver::random_tensor<T>(m * c), w1 = scaled_random<T>(f1 * c, 1.0 / std::sqrt(double(c))),
@@ -171,9 +173,9 @@ void run(const Case& cs) {
     }
 
   static const char* const kActs[] = {"relu", "gelu", "gelu_tanh", "swiglu"};
-  char config[160];
-  snprintf(config, sizeof config, "%-4s %-9s m=%ld c=%ld f=%ld bias=%d p=%.1f", driver::dtype_name<T>(),
-           kActs[int(cs.act)], long(m), long(c), long(f), int(cs.bias), cs.dropout);
+  char config[176];
+  snprintf(config, sizeof config, "%-4s sm%d %-9s m=%ld c=%ld f=%ld bias=%d p=%.1f", driver::dtype_name<T>(),
+           cs.device == 1 ? 90 : 80, kActs[int(cs.act)], long(m), long(c), long(f), int(cs.bias), cs.dropout);
   driver::report("launch", config, fwd_err == cudaSuccess && bwd_err == cudaSuccess ? 0.0 : INFINITY, tol);
   driver::report("pre", config, driver::rel_error(pre, rpre), tol);
   driver::report("y", config, driver::rel_error(y, ry), tol);
@@ -193,7 +195,16 @@ void run(const Case& cs) {
 
 using A = FfnActivation;
 const bool registered = [] {
-  auto add = [](auto tag, Case c) { driver::cases().push_back([=] { run<decltype(tag)>(c); }); };
+  // Every 16-bit case also runs on the emulated sm_90a device, where the GEMMs are gemm_wgmma.
+  auto add = [](auto tag, Case c) {
+    using T = decltype(tag);
+    driver::cases().push_back([=] { run<T>(c); });
+    if (!std::is_same_v<T, float>) {
+      Case on_sm90 = c;
+      on_sm90.device = 1;
+      driver::cases().push_back([=] { run<T>(on_sm90); });
+    }
+  };
   const __nv_bfloat16 bf{};
   const __half h{};
   add(0.f, {A::kRelu, 1, 40, 97, true, 0.f});

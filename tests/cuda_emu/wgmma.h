@@ -10,7 +10,8 @@
 //     4j + i of a lane at row g + 8 · (i >> 1), column 8j + 2t + (i & 1). A lane's A registers
 //     reach the other lanes through the warp exchange, so a value in the wrong lane or
 //     register corrupts the product, as on the hardware. A in shared memory: rows 0 .. 63 of
-//     the descriptor's K-major operand, warp w reading rows 16w ..;
+//     the descriptor's operand (K-major, or MN-major with the transpose flag), warp w reading
+//     rows 16w ..;
 //   - B (16 x N) in shared memory, addressed only through the 64-bit descriptor: start address,
 //     leading and stride byte offsets, swizzle mode, and the transpose flag that selects the
 //     K-major or MN-major canonical layout ("Canonical Layouts": in 16-byte units of T = 8
@@ -34,7 +35,7 @@
 //   - a thread that exits with wgmma groups pending is an error.
 // Not emulated: the warpgroup-wide convergence of .sync.aligned (checked per warp only), the
 // tensor core's accumulation order and rounding (the 16 products are summed in double, as in
-// mma.h), an MN-major A, scale-a / scale-b negation, bank conflicts of the operand reads.
+// mma.h), scale-a / scale-b negation, bank conflicts of the operand reads.
 #pragma once
 
 #include <cstdint>
@@ -62,7 +63,7 @@ struct WgmmaOp {
   bool a_in_smem;       // ... or read at the wait from desc_a's rows 16 · (warp % 4) + g, + 8
   uint64_t desc_a;
   uint64_t desc_b;
-  bool trans_b, accumulate;
+  bool trans_a, trans_b, accumulate;
   float (*to_float)(uint16_t);
 };
 struct WgmmaQueue {
@@ -118,7 +119,7 @@ inline void wgmma_rs(float* d, int n, const uint32_t (&a)[4], uint64_t desc_b, b
   uint64_t* mine = exchange_slots(lane_id());
   for (int i = 0; i < 4; ++i) mine[i] = a[i];
   warp_barrier();  // every lane's A registers are published
-  WgmmaOp op{d, n, {}, false, 0, desc_b, trans_b, accumulate, [](uint16_t b) { return half_to_float<T>(b); }};
+  WgmmaOp op{d, n, {}, false, 0, desc_b, false, trans_b, accumulate, [](uint16_t b) { return half_to_float<T>(b); }};
   const int g = lane_id() >> 2;
   for (int t = 0; t < 4; ++t) {  // the quad 4g .. 4g + 3 holds rows g and g + 8
     const uint64_t* r = exchange_slots(4 * g + t);
@@ -132,10 +133,11 @@ inline void wgmma_rs(float* d, int n, const uint32_t (&a)[4], uint64_t desc_b, b
 }
 
 template <typename T>
-inline void wgmma_ss(float* d, int n, uint64_t desc_a, uint64_t desc_b, bool accumulate) {
+inline void wgmma_ss(float* d, int n, uint64_t desc_a, uint64_t desc_b, bool accumulate, bool trans_a, bool trans_b) {
   WgmmaQueue& q = wgmma_issue_checks(n);
   warp_barrier();  // every lane of the warp issues it (.sync.aligned)
-  q.open.push_back({d, n, {}, true, desc_a, desc_b, false, accumulate, [](uint16_t b) { return half_to_float<T>(b); }});
+  q.open.push_back({d, n, {}, true, desc_a, desc_b, trans_a, trans_b, accumulate,
+                    [](uint16_t b) { return half_to_float<T>(b); }});
 }
 
 inline void wgmma_fence() { wgmma_queue(self().tid).fenced = true; }
@@ -157,7 +159,7 @@ inline void wgmma_execute(WgmmaOp op) {
   if (op.a_in_smem) {
     const int row0 = 16 * (int(self().tid) / kWarpSize % 4) + g;
     for (int r = 0; r < 2; ++r)
-      for (int k = 0; k < 16; ++k) op.a[r][k] = op.to_float(wgmma_operand_bits(op.desc_a, row0 + 8 * r, k, false));
+      for (int k = 0; k < 16; ++k) op.a[r][k] = op.to_float(wgmma_operand_bits(op.desc_a, row0 + 8 * r, k, op.trans_a));
   }
   for (int j = 0; j < op.n / 8; ++j)
     for (int i = 0; i < 4; ++i) {
