@@ -46,6 +46,8 @@ ptxas-report: $(STAMP)
 # each test shape would benchmark every config); the benchmarks autotune.
 # The gpu tier runs as four pytest processes at once (Triton compiles each kernel specialization
 # on first use, on one CPU core per process); the last shard is every other test file.
+# A fifth runs the cuda attention and FFN tests again with FUSEDFORMER_CUDA_WGMMA=0: on an sm_90
+# the default is their wgmma kernels, and the mma.sync ones must pass there too.
 GPU_SHARDS := tests/test_attention_triton.py tests/test_ffn.py \
               tests/test_softmax.py,tests/test_layer_norm.py \
               tests,--ignore=tests/test_attention_triton.py,--ignore=tests/test_ffn.py,--ignore=tests/test_softmax.py,--ignore=tests/test_layer_norm.py
@@ -61,7 +63,13 @@ gpu-check:
 	  ( FUSEDFORMER_AUTOTUNE=0 timeout 200 $(GPU_PY) -m pytest $$(echo $$files | tr , ' ') -m gpu -q -rs \
 	      -p no:cacheprovider --junitxml=$(OUT)/tests-$$i.xml > $(OUT)/tests-$$i.log 2>&1; \
 	    echo "tests exit $$? ($$files)" >> $(OUT)/tests-$$i.log ) & \
-	done; wait; tail -n 6 $(OUT)/tests-*.log
+	done; \
+	( FUSEDFORMER_AUTOTUNE=0 FUSEDFORMER_CUDA_WGMMA=0 timeout 200 $(GPU_PY) -m pytest tests/test_attention_cpp.py \
+	    tests/test_ffn.py -m gpu -k cuda-cuda -q -rs -p no:cacheprovider --junitxml=$(OUT)/tests-mma.xml \
+	    > $(OUT)/tests-mma.log 2>&1; \
+	  echo "tests exit $$? (cuda attention and ffn on the mma.sync kernels: FUSEDFORMER_CUDA_WGMMA=0)" \
+	    >> $(OUT)/tests-mma.log ) & \
+	wait; tail -n 6 $(OUT)/tests-*.log
 
 gpu-bench:
 	mkdir -p $(OUT)

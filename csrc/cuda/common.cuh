@@ -10,9 +10,12 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <map>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <type_traits>
+#include <utility>
 
 #include "../common.h"
 
@@ -93,15 +96,28 @@ void chunks_switch(int64_t per_lane, F&& f) {
   return f(std::integral_constant<int, MAX>{});
 }
 
+// The dynamic shared memory each (kernel, device) has opted in to so far (launch_with_smem).
+inline std::mutex opt_in_mutex;
+inline std::map<std::pair<const void*, int>, size_t> opt_in_bytes;
+
 // kernel<<<grid, block, smem, stream>>>(args...), opting in to its dynamic shared memory first:
 // without the opt-in a launch may use at most 48 KiB minus the kernel's static shared memory,
 // so exactly 48 KiB fails for a kernel with a static reduction buffer (LayerNorm's cached row at
-// 12288 columns did). An error of either call surfaces through cudaGetLastError, as a launch
-// error does.
+// 12288 columns did). The opt-in is a driver call, made once per kernel and device and again
+// only for a larger size. An error of either call surfaces through cudaGetLastError, as a
+// launch error does.
 template <typename... Params, typename... Args>
 void launch_with_smem(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
                       cudaStream_t stream, Args&&... args) {
-  if (smem > 0) cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem));
+  int device = 0;
+  if (smem > 0 && cudaGetDevice(&device) == cudaSuccess) {
+    const std::pair<const void*, int> key{reinterpret_cast<const void*>(kernel), device};
+    const std::lock_guard<std::mutex> lock(opt_in_mutex);
+    size_t& done = opt_in_bytes[key];
+    if (smem > done &&
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)) == cudaSuccess)
+      done = smem;
+  }
   kernel<<<grid, block, smem, stream>>>(static_cast<Args&&>(args)...);
 }
 
