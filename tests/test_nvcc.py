@@ -115,11 +115,12 @@ def _sass_instructions(obj: pathlib.Path, opcode: str, match: str) -> dict[tuple
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH or in $CUDA_HOME")
 @pytest.mark.skipif(_cuobjdump() is None, reason="no cuobjdump (CUDA toolkit or triton wheel)")
-@pytest.mark.parametrize("cu,kernels", [("attention.cu", 3 * 2 * 2), ("ffn.cu", 6 * 2)],
+@pytest.mark.parametrize("cu,kernels", [("attention.cu", (3 + 2 + 2) * 2), ("ffn.cu", 6 * 2)],
                          ids=["attention", "ffn"])
 def test_wgmma_kernels_are_warpgroup_mma_on_sm90a_only(compiled, cu, kernels):
-    """attention: forward, dK/dV, dQ x bf16, fp16 x D = 64, 128; ffn: the GEMM's six
-    (epilogue, layout) instantiations x bf16, fp16. Each in both cubins."""
+    """attention: the forward at D = 64, 128, 256 and dK/dV and dQ at D = 64, 128, x bf16,
+    fp16; ffn: the GEMM's six (epilogue, layout) instantiations x bf16, fp16. Each in both
+    cubins."""
     assert compiled[cu].returncode == 0, compiled[cu].stderr
     wgmma = _sass_instructions(compiled[cu].obj, "HGMMA", "wgmma")
     assert len(wgmma) == kernels * 2, sorted(wgmma)

@@ -9,6 +9,7 @@
 //                                                       heads and the query blocks
 //   attention_bwd_dq_kernel     (query blocks, HQ, B)   dQ: loops over the key blocks
 //   attention_*_wgmma_kernel    the same grids, 128-row blocks: sm_90a, 16-bit, D = 64, 128
+//                               (and 256 in the forward)
 // Every output element is summed by one thread in a fixed order: deterministic, no atomics.
 //
 // Warp tiling: each warp owns kMT m-tiles of 16 rows of its block (queries, or keys in dK/dV;
@@ -40,7 +41,7 @@
 // multiplied, with one barrier per step. Other layouts take an element-wise, bounds-checked
 // path (any row stride, any alignment).
 //
-// sm_90a: the 16-bit kernels at D = 64 and 128 have warpgroup-MMA twins (attention_*_wgmma_kernel,
+// sm_90a: the 16-bit kernels at D = 64 and 128 (forward: and 256) have warpgroup-MMA twins (attention_*_wgmma_kernel,
 // see "Forward on sm_90a" below), launched wherever the binary that runs is sm_90a code; the
 // mma.sync kernels serve sm_80, fp32, the other head dims, and FUSEDFORMER_CUDA_WGMMA=0.
 //
@@ -601,13 +602,14 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
 }
 
 // ---------------------------------------------------------------------------------------
-// Forward on sm_90a: warpgroup MMA (16-bit, D = 64 and 128)
+// Forward on sm_90a: warpgroup MMA (16-bit, D = 64, 128 and 256)
 //
 // The same algorithm and per-warp row ownership as attention_fwd_kernel (each warp one 16-row
 // m-tile, its scores and accumulators in the mma C layout, the same online_softmax_step and
 // store_fwd_rows), with the two products issued per warpgroup as wgmma.mma_async m64n64k16:
-//   S = Q Kᵀ   A: the warp's Q rows, loaded once into registers (ldmatrix); B: the K tile,
-//              K-major (key rows, D contiguous), one wgmma per 16 of D
+//   S = Q Kᵀ   A: the warp's Q rows, loaded once into registers (ldmatrix; at D = 256 read by
+//              the wgmma from the Q tile instead); B: the K tile, K-major (key rows, D
+//              contiguous), one wgmma per 16 of D
 //   O += P V   A: P from the score registers (as gemm_rs_nn packs it); B: the V tile, MN-major
 //              (key rows, D contiguous), one wgmma per 16 keys and 64-column panel of D
 // Neither operand is re-read by each warp from shared memory through ldmatrix, which is what
@@ -619,15 +621,20 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
 // steps. Compiled for sm_90a only (a trap elsewhere); launched where binary_is_sm90.
 template <typename T, int kD>
 struct WgmmaFwd {
-  static constexpr bool kSupported = !std::is_same_v<T, float> && (kD == 64 || kD == 128);
+  static constexpr bool kSupported = !std::is_same_v<T, float> && (kD == 64 || kD == 128 || kD == 256);
+  // Q as register A fragments (D / 4 registers a thread) up to D = 128; at D = 256 the O
+  // accumulators alone are 128 registers, so Q stays in shared memory (S = Q Kᵀ as _ss).
+  static constexpr bool kQInRegisters = kD <= 128;
   static constexpr int kWarpgroups = 2;
   static constexpr int kThreads = 128 * kWarpgroups;
   static constexpr int kBM = 64 * kWarpgroups;  // query rows of a block
   static constexpr int kBN = 64;                // keys per tile: one wgmma N
   static constexpr int kStages = 2;             // K and V tiles in flight
-  // Q, then kStages K and V tiles, plus up to 1008 bytes to reach a 1024-byte boundary.
+  // Q, then kStages K and V tiles, plus up to 1008 bytes to reach a 1024-byte boundary; at
+  // D = 256, 193 KiB: sm_90's 227 KiB a block allows it (the kernel runs only there).
   static constexpr int kSmem = (kBM + 2 * kStages * kBN) * kD * int(sizeof(T)) + 1024;
   static_assert(kBN * kD * int(sizeof(T)) % 1024 == 0, "every tile and panel on a 1024-byte boundary");
+  static_assert(!kSupported || kSmem <= 227 * 1024, "over sm_90's shared memory per block");
 };
 
 // Descriptor of k-step kk (16 columns of D) of the 64 rows from `row` of a PanelLayout tile of
@@ -669,7 +676,7 @@ __global__ void __launch_bounds__(WgmmaFwd<T, kD>::kThreads, 1)
     attention_fwd_wgmma_kernel(const AttentionFwdParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(FUSEDFORMER_CUDA_EMULATION)
   using C = WgmmaFwd<T, kD>;
-  static_assert(C::kSupported, "16-bit, D = 64 or 128");
+  static_assert(C::kSupported, "16-bit, D = 64, 128 or 256");
   constexpr int kBM = C::kBM, kBN = C::kBN, kStages = C::kStages;
   using QLayout = PanelLayout<T, kBM>;
   using KVLayout = PanelLayout<T, kBN>;
@@ -696,10 +703,13 @@ __global__ void __launch_bounds__(WgmmaFwd<T, kD>::kThreads, 1)
   cp_async_commit();
   cp_async_wait<1>();  // Q's copies (the K, V tile 0 ones may still fly)
   __syncthreads();
-  uint32_t q[kD / 16][4];  // the warp's Q rows as A fragments, one per 16 of D (gemm_nt's rows)
+  // The warp's Q rows as A fragments, one per 16 of D (gemm_nt's rows), when they fit.
+  uint32_t q[C::kQInRegisters ? kD / 16 : 1][4];
+  if constexpr (C::kQInRegisters) {
 #pragma unroll
-  for (int kk = 0; kk < kD / 16; ++kk)
-    ldmatrix_x4(q[kk], sQ + QLayout::offset(16 * warp + (lane & 15), 16 * kk + 8 * (lane >> 4)));
+    for (int kk = 0; kk < kD / 16; ++kk)
+      ldmatrix_x4(q[kk], sQ + QLayout::offset(16 * warp + (lane & 15), 16 * kk + 8 * (lane >> 4)));
+  }
 
   float acc[1][kD / 8][4] = {};
   float m[1][2] = {{-kInf, -kInf}}, l[1][2] = {{0.f, 0.f}};
@@ -714,8 +724,12 @@ __global__ void __launch_bounds__(WgmmaFwd<T, kD>::kThreads, 1)
     wgmma_fence_operands(s[0]);
     wgmma_fence();
 #pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk)
-      wgmma_m64n64k16_rs<T, false>(s[0], q[kk], panel_k_desc<kBN>(tK, 0, kk), kk > 0);
+    for (int kk = 0; kk < kD / 16; ++kk) {
+      if constexpr (C::kQInRegisters)
+        wgmma_m64n64k16_rs<T, false>(s[0], q[kk], panel_k_desc<kBN>(tK, 0, kk), kk > 0);
+      else
+        wgmma_m64n64k16_ss<T>(s[0], panel_k_desc<kBM>(sQ, 64 * (warp / 4), kk), panel_k_desc<kBN>(tK, 0, kk), kk > 0);
+    }
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_fence_operands(s[0]);
@@ -1016,7 +1030,8 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
 // causal, dropout and fully masked rows behave identically. Compiled for sm_90a only.
 template <typename T, int kD>
 struct WgmmaBwd {
-  static constexpr bool kSupported = WgmmaFwd<T, kD>::kSupported;
+  // D = 256 stays on the mma.sync kernels: dK and dV alone would be 256 registers a thread.
+  static constexpr bool kSupported = !std::is_same_v<T, float> && (kD == 64 || kD == 128);
   static constexpr int kThreads = 256;  // two warpgroups
   static constexpr int kRows = 128;     // keys of a dK/dV block, queries of a dQ block
   static constexpr int kTile = 64;      // queries (dK/dV) or keys (dQ) a loop step

@@ -220,6 +220,7 @@ const bool registered = [] {
   add(bf, {1, 2, 2, 45, 140, 20, false, M::kAdditive, 0.f, 4});
   add(f16, {2, 2, 1, 90, 66, 36, true, M::kNone, 0.f, 4});
   add(bf, {1, 2, 1, 65, 0, 64, false, M::kNone, 0.f});  // LK = 0: no key block in any loop
+  add(bf, {1, 2, 1, 150, 140, 256, true, M::kKeyPadding, 0.1f});  // D = 256: two query blocks
   return true;
 }();
 

@@ -10,7 +10,8 @@
 //   - a launch runs every block of the grid, one after the other, each block's threads as
 //     fibers (fibers.h) with real __syncthreads / __syncwarp / __shfl_xor_sync semantics;
 //   - the launch checks of the runtime: block size <= 1024, grid limits, dynamic shared memory
-//     <= 48 KiB unless opted in with cudaFuncSetAttribute, and at most sm_80's 163 KiB per
+//     <= 48 KiB unless opted in with cudaFuncSetAttribute, and at most 163 KiB (sm_80; 227 on
+//     the emulated sm_90a device) per
 //     block (static + dynamic); a failed launch runs nothing and sets cudaGetLastError;
 //   - shared memory is exactly as large as requested and starts as 0xff bytes (NaN in every
 //     float type), re-poisoned for each block, so reading what no thread wrote shows up as NaN
@@ -25,7 +26,7 @@
 //     swizzle-pattern boundary, so a kernel must align its swizzled tiles itself;
 //   - two devices (cudaSetDevice / cudaGetDevice): 0 runs every kernel as sm_80 code, 1 as
 //     sm_90a code (cudaFuncGetAttributes' binaryVersion), which is how a host picks between the
-//     sm_80 and sm_90a kernels; the launch limits are sm_80's on both.
+//     sm_80 and sm_90a kernels, and the device's shared memory a block (163 or 227 KiB).
 // Not emulated: timing, occupancy, register limits (__launch_bounds__ is ignored), bank
 // conflicts of plain shared loads and stores, the fast-math intrinsics' approximation errors
 // (__expf, __logf, rsqrtf are the libm functions here), concurrency between blocks (they run
@@ -170,10 +171,12 @@ enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
 namespace emu {
 
 constexpr size_t kDefaultSmem = 48 * 1024;  // dynamic shared memory without the opt-in
-constexpr size_t kMaxSmem = 163 * 1024;     // sm_80's opt-in maximum per block (the smaller target)
+constexpr size_t kMaxSmemSm80 = 163 * 1024;  // opt-in maximum per block, sm_80
+constexpr size_t kMaxSmemSm90 = 227 * 1024;  // and sm_90
 constexpr size_t kGuard = 4096;             // poisoned bytes past the dynamic buffer
 constexpr uint32_t kDynamicWindowBase = 0x410;  // shared-window address of the dynamic buffer
 inline int current_device = 0;              // 0: sm_80, 1: sm_90a (cudaSetDevice)
+inline size_t max_smem() { return current_device == 1 ? kMaxSmemSm90 : kMaxSmemSm80; }
 
 inline cudaError_t last_error = cudaSuccess;
 inline std::map<const void*, size_t> smem_opt_in;  // kernel -> MaxDynamicSharedMemorySize
@@ -277,7 +280,7 @@ struct Launch {
           run_block(int(threads.x), body);
           if (std::any_of(dyn_smem.begin() + smem, dyn_smem.end(), [](unsigned char b) { return b != 0xff; }))
             throw std::logic_error("emu: a write past the dynamic shared memory of the launch");
-          if (static_bytes > kDefaultSmem || static_bytes + smem > kMaxSmem)
+          if (static_bytes > kDefaultSmem || static_bytes + smem > max_smem())
             throw std::logic_error("emu: shared memory over the per-block limit: " +
                                    std::to_string(static_bytes) + " static + " + std::to_string(smem) + " dynamic");
         }
@@ -294,7 +297,7 @@ inline Launch<Params...> launch(void (*kernel)(Params...), dim3 grid, dim3 block
 
 template <typename... Params>
 inline cudaError_t cudaFuncSetAttribute(void (*kernel)(Params...), cudaFuncAttribute attr, int value) {
-  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || size_t(value) > emu::kMaxSmem)
+  if (attr != cudaFuncAttributeMaxDynamicSharedMemorySize || value < 0 || size_t(value) > emu::max_smem())
     return emu::fail(cudaErrorInvalidValue, "cudaFuncSetAttribute(" + std::to_string(value) + ")");
   emu::smem_opt_in[reinterpret_cast<const void*>(kernel)] = size_t(value);
   return cudaSuccess;
