@@ -681,7 +681,7 @@ __global__ void __launch_bounds__(WgmmaFwd<T, kD>::kThreads, 1)
   using QLayout = PanelLayout<T, kBM>;
   using KVLayout = PanelLayout<T, kBN>;
   extern __shared__ __align__(16) unsigned char smem[];
-  T* sQ = reinterpret_cast<T*>(smem + (1024 - shared_address(smem) % 1024) % 1024);
+  T* sQ = sw128_base<T>(smem);
   T* sK = sQ + kBM * kD;             // kStages tiles of kBN rows
   T* sV = sK + kStages * kBN * kD;   // the same
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
@@ -1043,6 +1043,28 @@ struct WgmmaBwd {
   static_assert(kTile * kTileBytes % 1024 == 0, "every tile and panel on a 1024-byte boundary");
 };
 
+// x = A1 B1ᵀ and y = A2 B2ᵀ (64 x 64 each) for a warpgroup, in one batch that this returns
+// complete: A1, A2 PanelLayout tiles of kRowsA rows (the warpgroup's 64 from a_row), B1, B2 of
+// 64 rows, kD columns, all K-major (_ss). The backward's two score products.
+template <typename T, int kD, int kRowsA, int kRowsB>
+__device__ __forceinline__ void wgmma_nt_pair(float (&x)[8][4], const T* A1, const T* B1, float (&y)[8][4],
+                                              const T* A2, const T* B2, int a_row) {
+  static_assert(kRowsB == 64, "one wgmma N");
+  wgmma_fence_operands(x);
+  wgmma_fence_operands(y);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk)
+    wgmma_m64n64k16_ss<T>(x, panel_k_desc<kRowsA>(A1, a_row, kk), panel_k_desc<kRowsB>(B1, 0, kk), kk > 0);
+#pragma unroll
+  for (int kk = 0; kk < kD / 16; ++kk)
+    wgmma_m64n64k16_ss<T>(y, panel_k_desc<kRowsA>(A2, a_row, kk), panel_k_desc<kRowsB>(B2, 0, kk), kk > 0);
+  wgmma_commit();
+  wgmma_wait<0>();
+  wgmma_fence_operands(x);
+  wgmma_fence_operands(y);
+}
+
 template <typename T, int kD>
 __global__ void __launch_bounds__(WgmmaBwd<T, kD>::kThreads, 1)
     attention_bwd_dkdv_wgmma_kernel(const AttentionBwdParams p) {
@@ -1053,7 +1075,7 @@ __global__ void __launch_bounds__(WgmmaBwd<T, kD>::kThreads, 1)
   using KLayout = PanelLayout<T, kBN>;
   using QLayout = PanelLayout<T, kBM>;
   extern __shared__ __align__(16) unsigned char smem[];
-  T* sK = reinterpret_cast<T*>(smem + (1024 - shared_address(smem) % 1024) % 1024);
+  T* sK = sw128_base<T>(smem);
   T* sV = sK + kBN * kD;
   T* sQ = sV + kBN * kD;              // kStages tiles of kBM rows
   T* sdO = sQ + kStages * kBM * kD;   // the same
@@ -1083,19 +1105,7 @@ __global__ void __launch_bounds__(WgmmaBwd<T, kD>::kThreads, 1)
     const T* tdO = sdO + stage * kBM * kD;
 
     float st[1][kBM / 8][4], dpt[1][kBM / 8][4];
-    wgmma_fence_operands(st[0]);
-    wgmma_fence_operands(dpt[0]);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk)  // Sᵀ = K Qᵀ
-      wgmma_m64n64k16_ss<T>(st[0], panel_k_desc<kBN>(sK, wg_row, kk), panel_k_desc<kBM>(tQ, 0, kk), kk > 0);
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk)  // dPᵀ = V dOᵀ
-      wgmma_m64n64k16_ss<T>(dpt[0], panel_k_desc<kBN>(sV, wg_row, kk), panel_k_desc<kBM>(tdO, 0, kk), kk > 0);
-    wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_fence_operands(st[0]);
-    wgmma_fence_operands(dpt[0]);
+    wgmma_nt_pair<T, kD, kBN, kBM>(st[0], sK, tQ, dpt[0], sV, tdO, wg_row);  // Sᵀ = K Qᵀ, dPᵀ = V dOᵀ
 
     dkdv_tile_step<T>(st, dpt, p, tile_interior(p, i0, j0, kBN), s_lse + stage * kBM, s_delta + stage * kBM, bi,
                       h, i0, row0, lane);
@@ -1130,7 +1140,7 @@ __global__ void __launch_bounds__(WgmmaBwd<T, kD>::kThreads, 1)
   using QLayout = PanelLayout<T, kBM>;
   using KVLayout = PanelLayout<T, kBN>;
   extern __shared__ __align__(16) unsigned char smem[];
-  T* sQ = reinterpret_cast<T*>(smem + (1024 - shared_address(smem) % 1024) % 1024);
+  T* sQ = sw128_base<T>(smem);
   T* sdO = sQ + kBM * kD;
   T* sK = sdO + kBM * kD;            // kStages tiles of kBN rows
   T* sV = sK + kStages * kBN * kD;   // the same
@@ -1163,19 +1173,7 @@ __global__ void __launch_bounds__(WgmmaBwd<T, kD>::kThreads, 1)
     const T* tV = sV + stage * kBN * kD;
 
     float s[1][kBN / 8][4], dp[1][kBN / 8][4];
-    wgmma_fence_operands(s[0]);
-    wgmma_fence_operands(dp[0]);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk)  // S = Q Kᵀ
-      wgmma_m64n64k16_ss<T>(s[0], panel_k_desc<kBM>(sQ, wg_row, kk), panel_k_desc<kBN>(tK, 0, kk), kk > 0);
-#pragma unroll
-    for (int kk = 0; kk < kD / 16; ++kk)  // dP = dO Vᵀ
-      wgmma_m64n64k16_ss<T>(dp[0], panel_k_desc<kBM>(sdO, wg_row, kk), panel_k_desc<kBN>(tV, 0, kk), kk > 0);
-    wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_fence_operands(s[0]);
-    wgmma_fence_operands(dp[0]);
+    wgmma_nt_pair<T, kD, kBM, kBN>(s[0], sQ, tK, dp[0], sdO, tV, wg_row);  // S = Q Kᵀ, dP = dO Vᵀ
 
     dq_tile_step<T>(s, dp, p, tile_interior(p, i0, j0, kBN), s_lse, s_delta, bi, h, i0, row0, j0, lane);
 

@@ -164,46 +164,55 @@ __device__ __forceinline__ int row_tile_offset(int row, int k) {
 }
 static_assert(kBM == kBN, "one tile size serves A and B");
 
-// Fills one stage's tile of an operand with op(map(t), k0 + kk) for t < 128, kk < 32 (zeros
-// outside the operand), in the layout of K_TILE (row tile when false, see above).
-template <typename T, bool K_TILE>
+// The mma.sync GEMM's stage tiles (see above), for load_tile: kK of k, and the element offsets
+// of (row t, k) in a row tile and of (k, row t) in a k tile, at the start of a 16-byte chunk
+// (k, resp. t, a multiple of 8).
+struct MmaTiles {
+  static constexpr int kK = kBK;
+  __device__ __forceinline__ static int row(int t, int k) { return row_tile_offset(t, k); }
+  __device__ __forceinline__ static int ktile(int k, int t) { return k * kLdK + t; }
+};
+
+// Fills one stage's tile of an operand with op(map(t), k0 + kk) for t < 128, kk < Tiles::kK
+// (zeros outside the operand), in the layout of K_TILE (row tile when false) and Tiles.
+template <typename T, bool K_TILE, typename Tiles = MmaTiles>
 __device__ __forceinline__ void load_tile(T* tile, const Operand& op, const RowMap& map, int64_t k0,
                                           int64_t K) {
+  constexpr int kK = Tiles::kK, kChunksPerThread = kBM * kK / 8 / kThreads;
   const T* src = static_cast<const T*>(op.ptr);
   const int tid = threadIdx.x;
   if constexpr (!K_TILE) {
-    if (op.vec) {  // 512 16-byte chunks along k, 2 per thread, asynchronous
+    if (op.vec) {  // 16-byte chunks along k, asynchronous
 #pragma unroll
-      for (int it = 0; it < 2; ++it) {
-        const int c = tid + it * kThreads, t = c >> 2, kk = (c & 3) * 8;
+      for (int it = 0; it < kChunksPerThread; ++it) {
+        const int c = tid + it * kThreads, t = c / (kK / 8), kk = c % (kK / 8) * 8;
         const int64_t r = map(t);
         const bool valid = r >= 0 && k0 + kk < K;  // K % 8 == 0: a chunk is all in or all out
-        cp_async16(tile + row_tile_offset(t, kk), valid ? src + r * op.ld + k0 + kk : src, valid ? 16 : 0);
+        cp_async16(tile + Tiles::row(t, kk), valid ? src + r * op.ld + k0 + kk : src, valid ? 16 : 0);
       }
     } else {  // element by element, coalesced along k
 #pragma unroll 4
-      for (int it = 0; it < kBM * kBK / kThreads; ++it) {
-        const int e = tid + it * kThreads, t = e >> 5, kk = e & 31;
+      for (int it = 0; it < kBM * kK / kThreads; ++it) {
+        const int e = tid + it * kThreads, t = e / kK, kk = e % kK;
         const int64_t r = map(t);
-        tile[row_tile_offset(t, kk & ~7) + (kk & 7)] =
-            (r >= 0 && k0 + kk < K) ? src[r * op.ld + k0 + kk] : from_f<T>(0.f);
+        tile[Tiles::row(t, kk & ~7) + (kk & 7)] = (r >= 0 && k0 + kk < K) ? src[r * op.ld + k0 + kk] : from_f<T>(0.f);
       }
     }
   } else {
-    if (op.vec && map.g == 0) {  // 512 16-byte chunks along the rows, 2 per thread, asynchronous
+    if (op.vec && map.g == 0) {  // 16-byte chunks along the rows, asynchronous
 #pragma unroll
-      for (int it = 0; it < 2; ++it) {
-        const int c = tid + it * kThreads, kk = c >> 4, t0 = (c & 15) * 8;
+      for (int it = 0; it < kChunksPerThread; ++it) {
+        const int c = tid + it * kThreads, kk = c / (kBM / 8), t0 = c % (kBM / 8) * 8;
         const int64_t r = map.r0 + t0;
         const bool valid = r < op.rows && k0 + kk < K;  // rows % 8 == 0: all 8 rows in or out
-        cp_async16(tile + kk * kLdK + t0, valid ? src + (k0 + kk) * op.ld + r : src, valid ? 16 : 0);
+        cp_async16(tile + Tiles::ktile(kk, t0), valid ? src + (k0 + kk) * op.ld + r : src, valid ? 16 : 0);
       }
     } else {  // element by element, coalesced along the rows
 #pragma unroll 4
-      for (int it = 0; it < kBM * kBK / kThreads; ++it) {
-        const int e = tid + it * kThreads, t = e & (kBM - 1), kk = e >> 7;
+      for (int it = 0; it < kBM * kK / kThreads; ++it) {
+        const int e = tid + it * kThreads, t = e % kBM, kk = e / kBM;
         const int64_t r = map(t);
-        tile[kk * kLdK + t] = (r >= 0 && k0 + kk < K) ? src[(k0 + kk) * op.ld + r] : from_f<T>(0.f);
+        tile[Tiles::ktile(kk, t & ~7) + (t & 7)] = (r >= 0 && k0 + kk < K) ? src[(k0 + kk) * op.ld + r] : from_f<T>(0.f);
       }
     }
   }
@@ -315,9 +324,9 @@ __global__ void __launch_bounds__(kThreads) gemm_mma(Operand a, Operand b, int64
 // The same C = A · Bᵀ with the same operand layouts, row maps and epilogues as gemm_mma, as
 // wgmma.mma_async m64n128k16 with both operands from shared memory: a 128 x 128 block tile, two
 // warpgroups of 64 rows, each issuing one instruction per 16 of k for all 128 columns (64 fp32
-// accumulators a thread, the C layout of mma_16816 over 16 column tiles). Per 64 k the
-// warpgroup reads its 64-row A slice and the whole B tile from shared memory once: 24 KiB per
-// 2 MFLOP, where gemm_mma's warps, each ldmatrix-ing its own fragments, read twice as much.
+// accumulators a thread, the C layout of mma_16816 over 16 column tiles). Each instruction
+// reads its 64 x 16 A slice and the 128 x 16 B slice from shared memory: 6 KiB per 262 kFLOP,
+// 24 KiB per MFLOP, half of what gemm_mma's warps read (48 KiB per MFLOP through ldmatrix).
 // Tiles are 64 k wide (one 128-byte swizzle row, sw128_desc), double-buffered through cp.async:
 //   row tile (k-contiguous operand): [128 rows][64 k], chunk c of row r at c ^ r % 8: K-major
 //   k tile (row-contiguous operand): [64 k][128 rows] as two [64 k][64 rows] panels, chunk c of
@@ -330,56 +339,14 @@ constexpr int kWTile = kBM * kWBK;                // elements of one operand til
 constexpr int kWSmem = 2 * 2 * kWTile * 2 + 1024; // two stages of A and B, 16-bit, + alignment
 static_assert(kBM == 128 && kBN == 128, "two 64-row warpgroups, one N = 128 instruction");
 
-__device__ __forceinline__ int wrow_offset(int row, int k) {  // row tile, k % 8 == 0
-  return row * kWBK + ((((k >> 3) ^ row) & 7) << 3);
-}
-__device__ __forceinline__ int wk_offset(int k, int row) {  // k tile, row % 8 == 0
-  return (row >> 6) * (kWBK * 64) + k * 64 + (((((row & 63) >> 3) ^ k) & 7) << 3);
-}
-
-// Fills one stage's tile of an operand with op(map(t), k0 + kk) for t < 128, kk < 64 (zeros
-// outside the operand), in the layout of K_TILE (row tile when false). The quarter warp of a
-// cp.async writes one 128-byte tile row: conflict-free.
-template <typename T, bool K_TILE>
-__device__ __forceinline__ void load_wtile(T* tile, const Operand& op, const RowMap& map, int64_t k0, int64_t K) {
-  const T* src = static_cast<const T*>(op.ptr);
-  const int tid = threadIdx.x;
-  if constexpr (!K_TILE) {
-    if (op.vec) {  // 1024 16-byte chunks along k, 4 per thread
-#pragma unroll
-      for (int it = 0; it < 4; ++it) {
-        const int c = tid + it * kThreads, t = c >> 3, kk = (c & 7) * 8;
-        const int64_t r = map(t);
-        const bool valid = r >= 0 && k0 + kk < K;  // K % 8 == 0: a chunk is all in or all out
-        cp_async16(tile + wrow_offset(t, kk), valid ? src + r * op.ld + k0 + kk : src, valid ? 16 : 0);
-      }
-    } else {  // element by element, coalesced along k
-#pragma unroll 4
-      for (int it = 0; it < kWTile / kThreads; ++it) {
-        const int e = tid + it * kThreads, t = e >> 6, kk = e & 63;
-        const int64_t r = map(t);
-        tile[wrow_offset(t, kk & ~7) + (kk & 7)] = (r >= 0 && k0 + kk < K) ? src[r * op.ld + k0 + kk] : from_f<T>(0.f);
-      }
-    }
-  } else {
-    if (op.vec && map.g == 0) {  // 1024 16-byte chunks along the rows, 4 per thread
-#pragma unroll
-      for (int it = 0; it < 4; ++it) {
-        const int c = tid + it * kThreads, kk = c >> 4, t0 = (c & 15) * 8;
-        const int64_t r = map.r0 + t0;
-        const bool valid = r < op.rows && k0 + kk < K;  // rows % 8 == 0: all 8 rows in or out
-        cp_async16(tile + wk_offset(kk, t0), valid ? src + (k0 + kk) * op.ld + r : src, valid ? 16 : 0);
-      }
-    } else {  // element by element, coalesced along the rows
-#pragma unroll 4
-      for (int it = 0; it < kWTile / kThreads; ++it) {
-        const int e = tid + it * kThreads, t = e & (kBM - 1), kk = e >> 7;
-        const int64_t r = map(t);
-        tile[wk_offset(kk, t & ~7) + (t & 7)] = (r >= 0 && k0 + kk < K) ? src[(k0 + kk) * op.ld + r] : from_f<T>(0.f);
-      }
-    }
+// gemm_wgmma's stage tiles (above), for load_tile.
+struct WgmmaTiles {
+  static constexpr int kK = kWBK;
+  __device__ __forceinline__ static int row(int t, int k) { return t * kWBK + ((((k >> 3) ^ t) & 7) << 3); }
+  __device__ __forceinline__ static int ktile(int k, int t) {
+    return (t >> 6) * (kWBK * 64) + k * 64 + (((((t & 63) >> 3) ^ k) & 7) << 3);
   }
-}
+};
 
 // Descriptor of k-step ks (16 of the stage's 64 k) of `rows` rows from `row` of a stage tile.
 template <bool K_TILE, typename T>
@@ -393,7 +360,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_wgmma(Operand a, Operand b, 
                                                           Epi epi) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(FUSEDFORMER_CUDA_EMULATION)
   extern __shared__ __align__(16) unsigned char smem[];
-  T* As = reinterpret_cast<T*>(smem + (1024 - shared_address(smem) % 1024) % 1024);  // [2][kWTile]
+  T* As = sw128_base<T>(smem);  // [2][kWTile]
   T* Bs = As + 2 * kWTile;                                                             // [2][kWTile]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wg = warp >> 2;
   const int g = lane >> 2, t4 = lane & 3;
@@ -409,8 +376,8 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_wgmma(Operand a, Operand b, 
     for (int e = 0; e < 4; ++e) acc[j][e] = 0.f;
 
   const int64_t ktiles = (K + kWBK - 1) / kWBK;
-  load_wtile<T, A_T>(As, a, amap, 0, K);
-  load_wtile<T, B_T>(Bs, b, bmap, 0, K);
+  load_tile<T, A_T, WgmmaTiles>(As, a, amap, 0, K);
+  load_tile<T, B_T, WgmmaTiles>(Bs, b, bmap, 0, K);
   cp_async_commit();
   for (int64_t kt = 0; kt < ktiles; ++kt) {
     const int s = int(kt & 1);
@@ -418,8 +385,8 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_wgmma(Operand a, Operand b, 
     fence_proxy_async();  // ... is visible to the tensor cores' reads ...
     __syncthreads();      // ... for every thread; stage s ^ 1 is no longer being read
     if (kt + 1 < ktiles) {  // prefetch the next stage while this one is multiplied
-      load_wtile<T, A_T>(As + (s ^ 1) * kWTile, a, amap, (kt + 1) * kWBK, K);
-      load_wtile<T, B_T>(Bs + (s ^ 1) * kWTile, b, bmap, (kt + 1) * kWBK, K);
+      load_tile<T, A_T, WgmmaTiles>(As + (s ^ 1) * kWTile, a, amap, (kt + 1) * kWBK, K);
+      load_tile<T, B_T, WgmmaTiles>(Bs + (s ^ 1) * kWTile, b, bmap, (kt + 1) * kWBK, K);
       cp_async_commit();
     }
     const T* at = As + s * kWTile;

@@ -134,6 +134,14 @@ __device__ __forceinline__ uint32_t shared_address(const void* p) {
 #endif
 }
 
+// The first 1024-byte boundary of the shared window at or after `smem`, where 128-byte-swizzled
+// tiles start (the swizzle pattern repeats every 1024 bytes of address, sw128_desc); the
+// caller's buffer has 1008 bytes of slack for it.
+template <typename T>
+__device__ __forceinline__ T* sw128_base(unsigned char* smem) {
+  return reinterpret_cast<T*>(smem + (1024 - shared_address(smem) % 1024) % 1024);
+}
+
 // Descriptor of a 128-byte-swizzled 16-bit operand in shared memory: rows of 64 elements (128
 // bytes) whose 16-byte chunk c is stored at chunk c ^ row % 8, in atoms of 8 rows (1024 bytes,
 // the stride byte offset) that start on 1024-byte boundaries of the shared window. `start` is

@@ -182,12 +182,7 @@ using M = Mask;
 const bool registered = [] {
   auto add = [](auto tag, Case c) {
     using T = decltype(tag);
-    driver::cases().push_back([=] { run<T>(c); });
-    if (!std::is_same_v<T, float>) {
-      Case on_sm90 = c;
-      on_sm90.device = 1;
-      driver::cases().push_back([=] { run<T>(on_sm90); });
-    }
+    driver::add_on_both_devices<T>(c, [](const Case& cs) { run<T>(cs); });
   };
   const __nv_bfloat16 bf{};
   const __half f16{};

@@ -107,6 +107,18 @@ inline std::vector<std::function<void()>>& cases() {
   return all;
 }
 
+// Registers run<T>(c) as a case on the emulated sm_80 device (c.device = 0) and, for the 16-bit
+// types that have sm_90a (wgmma) kernels, again on the sm_90a one (c.device = 1).
+template <typename T, typename Case, typename Run>
+inline void add_on_both_devices(Case c, Run run) {
+  c.device = 0;
+  cases().push_back([=] { run(c); });
+  if (!std::is_same_v<T, float>) {
+    c.device = 1;
+    cases().push_back([=] { run(c); });
+  }
+}
+
 inline int main(int argc, char** argv) {
   if (argc != 4) {
     fprintf(stderr, "usage: %s ORDER SHARD NSHARDS\n", argv[0]);

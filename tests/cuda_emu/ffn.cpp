@@ -198,12 +198,7 @@ const bool registered = [] {
   // Every 16-bit case also runs on the emulated sm_90a device, where the GEMMs are gemm_wgmma.
   auto add = [](auto tag, Case c) {
     using T = decltype(tag);
-    driver::cases().push_back([=] { run<T>(c); });
-    if (!std::is_same_v<T, float>) {
-      Case on_sm90 = c;
-      on_sm90.device = 1;
-      driver::cases().push_back([=] { run<T>(on_sm90); });
-    }
+    driver::add_on_both_devices<T>(c, [](const Case& cs) { run<T>(cs); });
   };
   const __nv_bfloat16 bf{};
   const __half h{};
