@@ -471,16 +471,17 @@ __device__ __forceinline__ void store_slab(const float (&acc)[kD / 8][4], const 
 // One key block of the forward's online softmax, for a warp's kMT m-tiles (query rows row0 +
 // 16 · mt + g and + 8; keys from j0): the raw q·k scores s become scaled, masked scores in the
 // exponent's units (interior tiles skip masked_score), the running max m and this lane's partial
-// row sums l advance, acc is rescaled, and s leaves as the probabilities (after dropout) that
-// multiply V. The 4 lanes of a quad share rows g and g + 8 of each m-tile.
-// kSN, kAN: 8-column tiles of the score slab (kBN / 8) and of the accumulators (kD / 8).
-template <typename T, int kMT, int kSN, int kAN>
-__device__ __forceinline__ void online_softmax_step(float (&s)[kMT][kSN][4], float (&acc)[kMT][kAN][4],
+// row sums l advance, alpha is the factor by which the output accumulators must be rescaled
+// (rescale_rows) before this block's P V is added, and s leaves as the probabilities (after
+// dropout) that multiply V. The 4 lanes of a quad share rows g and g + 8 of each m-tile.
+// kSN: 8-column tiles of the score slab (kBN / 8).
+template <typename T, int kMT, int kSN>
+__device__ __forceinline__ void online_softmax_step(float (&s)[kMT][kSN][4], float (&alpha)[kMT][2],
                                                     float (&m)[kMT][2], float (&l)[kMT][2],
                                                     const AttentionFwdParams& p, bool interior, int64_t bi,
                                                     int64_t h, int64_t row0, int64_t j0, int lane) {
   using U = ExpUnits<T>;
-  constexpr int kBN = 8 * kSN, kD = 8 * kAN;
+  constexpr int kBN = 8 * kSN;
   const int g = lane >> 2, t = lane & 3;
   const float scale_u = p.scale * U::kPerNat;
   const bool dropout = p.dropout_p > 0.f;
@@ -503,14 +504,9 @@ __device__ __forceinline__ void online_softmax_step(float (&s)[kMT][kSN][4], flo
       for (int nt = 0; nt < kBN / 8; ++nt) mx = fmaxf(mx, fmaxf(s[mt][nt][2 * r], s[mt][nt][2 * r + 1]));
       const float m_new = fmaxf(m[mt][r], quad_max(mx));
       const float m_use = m_new == -kInf ? 0.f : m_new;  // every key so far masked: p = 0
-      const float alpha = U::exp(m[mt][r] - m_use);      // 0 when m = -inf
+      alpha[mt][r] = U::exp(m[mt][r] - m_use);  // 0 when m = -inf
       m[mt][r] = m_new;
-      l[mt][r] *= alpha;  // this lane's partial row sum, reduced over the quad at the end
-#pragma unroll
-      for (int nt = 0; nt < kD / 8; ++nt) {
-        acc[mt][nt][2 * r] *= alpha;
-        acc[mt][nt][2 * r + 1] *= alpha;
-      }
+      l[mt][r] *= alpha[mt][r];  // this lane's partial row sum, reduced over the quad at the end
       const int64_t i = row0 + 16 * mt + g + 8 * r;
 #pragma unroll
       for (int nt = 0; nt < kBN / 8; ++nt)
@@ -524,6 +520,17 @@ __device__ __forceinline__ void online_softmax_step(float (&s)[kMT][kSN][4], flo
           s[mt][nt][2 * r + c] = keep ? pe : 0.f;
         }
     }
+}
+
+// acc rows g and g + 8 of each m-tile times alpha (online_softmax_step).
+template <int kMT, int kAN>
+__device__ __forceinline__ void rescale_rows(float (&acc)[kMT][kAN][4], const float (&alpha)[kMT][2]) {
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int nt = 0; nt < kAN; ++nt)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) acc[mt][nt][e] *= alpha[mt][e >> 1];
 }
 
 // The forward's epilogue for a warp's kMT m-tiles: o = acc / l (· 1 / (1 - p) with dropout) and
@@ -593,7 +600,9 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
 
     float s[kMT][kBN / 8][4] = {};
     gemm_nt<T, kD, kBN, kS, kMT>(s, sQ + (row0 - i0) * kS, tK, lane);
-    online_softmax_step<T>(s, acc, m, l, p, tile_interior(p, i0, j0, kBN), bi, h, row0, j0, lane);
+    float alpha[kMT][2];
+    online_softmax_step<T>(s, alpha, m, l, p, tile_interior(p, i0, j0, kBN), bi, h, row0, j0, lane);
+    rescale_rows(acc, alpha);
     gemm_rs_nn<T, kBN, kD, kS, kMT>(acc, s, tV, scratch, lane);
   }
   cp_async_wait<0>();  // none pending at exit (kb_end = 0 leaves Q's copies unwaited)
@@ -691,18 +700,34 @@ __global__ void __launch_bounds__(WgmmaFwd<T, kD>::kThreads, 1)
   const T* q_head = static_cast<const T*>(p.q) + bi * p.q_batch_stride + h * p.q_head_stride;
   const T* k_head = static_cast<const T*>(p.k) + bi * p.k_batch_stride + hk * p.k_head_stride;
   const T* v_head = static_cast<const T*>(p.v) + bi * p.v_batch_stride + hk * p.v_head_stride;
-  const auto load_kv = kv_tile_loader<T, kD, kBN, C::kThreads, KVLayout>(p, k_head, v_head, sK, sV);
+  const bool k_vec = rows_16b_aligned(k_head, p.k_row_stride), v_vec = rows_16b_aligned(v_head, p.v_row_stride);
+  auto k_tile = [&](int64_t kb) { return sK + int(kb % kStages) * kBN * kD; };
+  auto v_tile = [&](int64_t kb) { return sV + int(kb % kStages) * kBN * kD; };
+  auto load_k = [&](int64_t kb) {
+    load_tile<T, kBN, kD, C::kThreads, KVLayout>(k_tile(kb), k_head, p.k_row_stride, kb * kBN, p.lk, p.d, k_vec);
+  };
+  auto load_v = [&](int64_t kb) {
+    load_tile<T, kBN, kD, C::kThreads, KVLayout>(v_tile(kb), v_head, p.v_row_stride, kb * kBN, p.lk, p.d, v_vec);
+  };
+  // Every thread's copies so far have landed, are visible to the tensor cores, and every thread
+  // is past its previous waits (so the buffers their wgmma read may be refilled).
+  auto tiles_landed = [] {
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();
+  };
 
   // This warp's query rows: row0 + g (+ 8); warpgroup w's wgmma rows 16v .. are warp 4w + v's.
   const int64_t row0 = i0 + 16 * warp;
-  const int64_t kb_end = key_blocks_end(p, i0, kBM, kBN);
+  const int64_t n = key_blocks_end(p, i0, kBM, kBN);
   load_tile<T, kBM, kD, C::kThreads, QLayout>(sQ, q_head, p.q_row_stride, i0, p.lq, p.d,
                                               rows_16b_aligned(q_head, p.q_row_stride));
+  if (n > 0) load_k(0);
   cp_async_commit();
-  if (kb_end > 0) load_kv(0, 0);
+  tiles_landed();
+  if (n > 1) load_k(1);
+  if (n > 0) load_v(0);
   cp_async_commit();
-  cp_async_wait<1>();  // Q's copies (the K, V tile 0 ones may still fly)
-  __syncthreads();
   // The warp's Q rows as A fragments, one per 16 of D (gemm_nt's rows), when they fit.
   uint32_t q[C::kQInRegisters ? kD / 16 : 1][4];
   if constexpr (C::kQInRegisters) {
@@ -710,45 +735,71 @@ __global__ void __launch_bounds__(WgmmaFwd<T, kD>::kThreads, 1)
     for (int kk = 0; kk < kD / 16; ++kk)
       ldmatrix_x4(q[kk], sQ + QLayout::offset(16 * warp + (lane & 15), 16 * kk + 8 * (lane >> 4)));
   }
-
-  float acc[1][kD / 8][4] = {};
-  float m[1][2] = {{-kInf, -kInf}}, l[1][2] = {{0.f, 0.f}};
-  for (int64_t kb = 0; kb < kb_end; ++kb) {
-    const int64_t j0 = kb * kBN;
-    const int stage = pipeline_step<kStages, true>(kb, kb_end, load_kv);
-    const T* tK = sK + stage * kBN * kD;
-    const T* tV = sV + stage * kBN * kD;
-
-    // S = Q Kᵀ: k-step kk reads D columns 16kk .. of every key row (panel_k_desc).
-    float s[1][kBN / 8][4];
-    wgmma_fence_operands(s[0]);
-    wgmma_fence();
+  // S = Q Kᵀ for key block kb, issued (not committed): k-step kk reads D columns 16kk .. of
+  // every key row (panel_k_desc).
+  auto issue_scores = [&](float (&s)[kBN / 8][4], int64_t kb) {
 #pragma unroll
     for (int kk = 0; kk < kD / 16; ++kk) {
       if constexpr (C::kQInRegisters)
-        wgmma_m64n64k16_rs<T, false>(s[0], q[kk], panel_k_desc<kBN>(tK, 0, kk), kk > 0);
+        wgmma_m64n64k16_rs<T, false>(s, q[kk], panel_k_desc<kBN>(k_tile(kb), 0, kk), kk > 0);
       else
-        wgmma_m64n64k16_ss<T>(s[0], panel_k_desc<kBM>(sQ, 64 * (warp / 4), kk), panel_k_desc<kBN>(tK, 0, kk), kk > 0);
+        wgmma_m64n64k16_ss<T>(s, panel_k_desc<kBM>(sQ, 64 * (warp / 4), kk), panel_k_desc<kBN>(k_tile(kb), 0, kk),
+                              kk > 0);
     }
+  };
+
+  // The loop is software-pipelined as FlashAttention-3's intra-warpgroup overlap: step kb issues
+  // S_kb = Q K_kbᵀ and O += P_{kb-1} V_{kb-1} together, waits for S_kb only, and runs the softmax
+  // of block kb while the tensor cores add the previous block's P V; O is rescaled once that
+  // product has landed. K runs one block ahead of V: step kb refills the K buffer of block kb - 1
+  // and the V buffer of block kb - 2, both released by step kb - 1's waits before the barrier.
+  float acc[1][kD / 8][4] = {};
+  float m[1][2] = {{-kInf, -kInf}}, l[1][2] = {{0.f, 0.f}}, alpha[1][2];
+  uint32_t pa[kBN / 16][4];  // P of the previous block as A fragments (packed before its batch)
+  if (n > 0) {
+    float s[1][kBN / 8][4];
+    wgmma_fence_operands(s[0]);
+    wgmma_fence();
+    issue_scores(s[0], 0);
     wgmma_commit();
     wgmma_wait<0>();
     wgmma_fence_operands(s[0]);
-
-    online_softmax_step<T>(s, acc, m, l, p, tile_interior(p, i0, j0, kBN), bi, h, row0, j0, lane);
-
-    // O += P V. Every A fragment is packed before the batch: a register written between two
-    // wgmma of a batch makes ptxas insert a warpgroup.arrive there (warning C7519), serializing
-    // them.
-    uint32_t pa[kBN / 16][4];
+    online_softmax_step<T>(s, alpha, m, l, p, tile_interior(p, i0, 0, kBN), bi, h, row0, 0, lane);
     pack_a_fragments<T>(s[0], pa);
+  }
+  for (int64_t kb = 1; kb < n; ++kb) {
+    const int64_t j0 = kb * kBN;
+    tiles_landed();  // K_kb and V_{kb-1}
+    if (kb + 1 < n) load_k(kb + 1);
+    load_v(kb);
+    cp_async_commit();
+
+    float s[1][kBN / 8][4];
+    wgmma_fence_operands(s[0]);
     wgmma_fence_operands(acc[0]);
     wgmma_fence();
-    wgmma_acc_rs_mn<T, kBN, kD>(acc[0], pa, tV);
+    issue_scores(s[0], kb);
     wgmma_commit();
-    wgmma_wait<0>();  // before the next pipeline_step lets the V buffer be refilled
+    wgmma_acc_rs_mn<T, kBN, kD>(acc[0], pa, v_tile(kb - 1));
+    wgmma_commit();
+    wgmma_wait<1>();  // S_kb; the P V of block kb - 1 may still run
+    wgmma_fence_operands(s[0]);
+    online_softmax_step<T>(s, alpha, m, l, p, tile_interior(p, i0, j0, kBN), bi, h, row0, j0, lane);
+    wgmma_wait<0>();
+    wgmma_fence_operands(acc[0]);
+    rescale_rows(acc, alpha);
+    pack_a_fragments<T>(s[0], pa);
+  }
+  if (n > 0) {  // the last block's P V
+    tiles_landed();  // V_{n-1}
+    wgmma_fence_operands(acc[0]);
+    wgmma_fence();
+    wgmma_acc_rs_mn<T, kBN, kD>(acc[0], pa, v_tile(n - 1));
+    wgmma_commit();
+    wgmma_wait<0>();
     wgmma_fence_operands(acc[0]);
   }
-  cp_async_wait<0>();  // none pending at exit (kb_end = 0 leaves an empty group)
+  cp_async_wait<0>();  // none pending at exit
 
   store_fwd_rows<T>(p, acc, m, l, bi, h, row0, lane);
 #else
