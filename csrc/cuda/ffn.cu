@@ -327,16 +327,19 @@ __global__ void __launch_bounds__(kThreads) gemm_mma(Operand a, Operand b, int64
 // accumulators a thread, the C layout of mma_16816 over 16 column tiles). Each instruction
 // reads its 64 x 16 A slice and the 128 x 16 B slice from shared memory: 6 KiB per 262 kFLOP,
 // 24 KiB per MFLOP, half of what gemm_mma's warps read (48 KiB per MFLOP through ldmatrix).
-// Tiles are 64 k wide (one 128-byte swizzle row, sw128_desc), double-buffered through cp.async:
+// Tiles are 64 k wide (one 128-byte swizzle row, sw128_desc), in three stages through cp.async:
 //   row tile (k-contiguous operand): [128 rows][64 k], chunk c of row r at c ^ r % 8: K-major
 //   k tile (row-contiguous operand): [64 k][128 rows] as two [64 k][64 rows] panels, chunk c of
 //            row k at c ^ k % 8: MN-major (the transpose flag), panels 8 KiB apart (the LBO)
-// __launch_bounds__(256, 2) holds it to 128 registers (ptxas -O3: no spills), so two blocks
-// (130 KiB of shared memory) share an SM and one's MMAs run under the other's loads and
-// epilogue. Not yet: TMA, a producer warp, more than two stages, a persistent tile scheduler.
-constexpr int kWBK = 64;                          // k of a stage
-constexpr int kWTile = kBM * kWBK;                // elements of one operand tile
-constexpr int kWSmem = 2 * 2 * kWTile * 2 + 1024; // two stages of A and B, 16-bit, + alignment
+// A step's MMAs stay in flight across the next step's barrier and loads (wgmma_wait<1>).
+// __launch_bounds__(256, 2) holds it to 128 registers (ptxas -O3: no spills but 4 bytes in
+// G3's epilogue), so two blocks (194 KiB of shared memory) share an SM and one's MMAs also
+// run under the other's epilogue.
+// Not yet: TMA, a producer warp, a persistent tile scheduler.
+constexpr int kWBK = 64;      // k of a stage
+constexpr int kWStages = 3;   // tile kt + 1 loading, kt multiplied, kt - 1's MMAs still in flight
+constexpr int kWTile = kBM * kWBK;                             // elements of one operand tile
+constexpr int kWSmem = kWStages * 2 * kWTile * 2 + 1024;       // A and B, 16-bit, + alignment
 static_assert(kBM == 128 && kBN == 128, "two 64-row warpgroups, one N = 128 instruction");
 
 // gemm_wgmma's stage tiles (above), for load_tile.
@@ -360,8 +363,8 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_wgmma(Operand a, Operand b, 
                                                           Epi epi) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(FUSEDFORMER_CUDA_EMULATION)
   extern __shared__ __align__(16) unsigned char smem[];
-  T* As = sw128_base<T>(smem);  // [2][kWTile]
-  T* Bs = As + 2 * kWTile;                                                             // [2][kWTile]
+  T* As = sw128_base<T>(smem);     // [kWStages][kWTile]
+  T* Bs = As + kWStages * kWTile;  // [kWStages][kWTile]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, wg = warp >> 2;
   const int g = lane >> 2, t4 = lane & 3;
   const int64_t m0 = int64_t(blockIdx.x) * kBM;
@@ -379,14 +382,18 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_wgmma(Operand a, Operand b, 
   load_tile<T, A_T, WgmmaTiles>(As, a, amap, 0, K);
   load_tile<T, B_T, WgmmaTiles>(Bs, b, bmap, 0, K);
   cp_async_commit();
+  // Tile kt sits in stage kt % 3. Step kt keeps the MMAs of step kt - 1 in flight (wait_group
+  // 1) while it lands tile kt, refills the stage of tile kt - 2 (whose MMAs every thread's
+  // previous wait_group retired before this barrier) with tile kt + 1, and issues its own.
   for (int64_t kt = 0; kt < ktiles; ++kt) {
-    const int s = int(kt & 1);
-    cp_async_wait<0>();  // stage s has landed (this thread's copies) ...
+    const int s = int(kt % kWStages);
+    cp_async_wait<0>();   // tile kt has landed (this thread's copies) ...
     fence_proxy_async();  // ... is visible to the tensor cores' reads ...
-    __syncthreads();      // ... for every thread; stage s ^ 1 is no longer being read
-    if (kt + 1 < ktiles) {  // prefetch the next stage while this one is multiplied
-      load_tile<T, A_T, WgmmaTiles>(As + (s ^ 1) * kWTile, a, amap, (kt + 1) * kWBK, K);
-      load_tile<T, B_T, WgmmaTiles>(Bs + (s ^ 1) * kWTile, b, bmap, (kt + 1) * kWBK, K);
+    __syncthreads();      // ... for every thread
+    if (kt + 1 < ktiles) {
+      const int next = int((kt + 1) % kWStages);
+      load_tile<T, A_T, WgmmaTiles>(As + next * kWTile, a, amap, (kt + 1) * kWBK, K);
+      load_tile<T, B_T, WgmmaTiles>(Bs + next * kWTile, b, bmap, (kt + 1) * kWBK, K);
       cp_async_commit();
     }
     const T* at = As + s * kWTile;
@@ -397,9 +404,11 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_wgmma(Operand a, Operand b, 
     for (int ks = 0; ks < kWBK / 16; ++ks)
       wgmma_m64n128k16_ss<T, A_T, B_T>(acc, wtile_desc<A_T>(at, 64 * wg, ks), wtile_desc<B_T>(bt, 0, ks), true);
     wgmma_commit();
-    wgmma_wait<0>();  // before the next iteration's barrier lets stage s be refilled
+    wgmma_wait<1>();  // step kt - 1's MMAs have retired: its stage is free for step kt + 1
     wgmma_fence_operands(acc);
   }
+  wgmma_wait<0>();
+  wgmma_fence_operands(acc);
 
   // Epilogue from the accumulators: element e of column tile j is row g (+8 for e >= 2) of the
   // warp's 16, column 8j + 2·t4 + (e & 1) of the tile's 128.

@@ -216,6 +216,7 @@ const bool registered = [] {
   add(h, {A::kGelu, 67, 64, 136, true, 0.2f});
   add(h, {A::kGeluTanh, 1, 40, 97, true, 0.2f});
   add(h, {A::kSwiglu, 1, 40, 97, false, 0.f});
+  add(bf, {A::kGelu, 200, 72, 264, true, 0.f});  // 4-5 k tiles: every stage of the wgmma ring reused
   return true;
 }();
 
