@@ -6,14 +6,14 @@ forward. Report TFLOP/s and, on a GPU, the ratio to SDPA-flash measured in the s
 from __future__ import annotations
 
 import contextlib
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
 
 import fusedformer
-from bench.common import DEVICE, ON_GPU, fused_providers, grads, measure
+from bench.common import (DEVICE, ON_GPU, backend_of, fused_providers, grads, measure, switches,
+                          variant_providers)
 
 if ON_GPU:  # the issue's target grid: bf16, D = 128, H * D = 2048, B * T = 16k
     SHAPES = [(4, 16, 4096, 128), (2, 16, 8192, 128), (1, 16, 16384, 128), (8, 32, 2048, 64)]
@@ -23,49 +23,6 @@ else:
     SHAPES = [(1, 8, 512, 64), (2, 4, 1024, 64)]
     DTYPES = [torch.float32]
     PEERS = ["sdpa"]
-
-
-# Variants of a fused provider: the same backend under an environment switch, timed where the
-# switch means something. Base providers run with every switch at its default.
-SWITCHES = {"FUSEDFORMER_TRITON_TMA": "0", "FUSEDFORMER_CUDA_WGMMA": "1"}
-VARIANTS = {
-    # the triton forward through TMA descriptors (the backward is fusedformer-triton's)
-    "fusedformer-triton-tma": {"FUSEDFORMER_TRITON_TMA": "1"},
-    # the cuda backend's mma.sync kernels on an sm_90, where its default is the wgmma ones
-    "fusedformer-cuda-mma": {"FUSEDFORMER_CUDA_WGMMA": "0"},
-}
-
-
-def _variant_providers() -> list[str]:
-    """The VARIANTS that can run here: sm_90+, the base backend available, and for the TMA
-    one a Triton with host tensor descriptors."""
-    if torch.cuda.get_device_capability() < (9, 0):
-        return []
-    out = []
-    fused = fused_providers("attention")
-    if "fusedformer-triton" in fused:
-        from fusedformer.kernels import attention
-
-        if attention.TensorDescriptor is not None:
-            out.append("fusedformer-triton-tma")
-    if "fusedformer-cuda" in fused:
-        out.append("fusedformer-cuda-mma")
-    return out
-
-
-@contextlib.contextmanager
-def _switches(provider: str):
-    wanted = {**SWITCHES, **VARIANTS.get(provider, {})}
-    saved = {name: os.environ.get(name) for name in wanted}
-    os.environ.update(wanted)
-    try:
-        yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name)
-            else:
-                os.environ[name] = value
 
 
 def _sdpa_context(provider: str):
@@ -78,7 +35,7 @@ def _sdpa_context(provider: str):
     return sdpa_kernel([kind])
 
 
-@pytest.mark.parametrize("provider", fused_providers("attention") + (_variant_providers() if ON_GPU else [])
+@pytest.mark.parametrize("provider", fused_providers("attention") + variant_providers("attention")
                          + PEERS)
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -94,9 +51,8 @@ def test_attention(benchmark, provider, causal, dtype, shape, mode):
 
     def attend():
         if provider.startswith("fusedformer-"):
-            backend = provider.split("-")[1]
-            with _switches(provider):
-                return fusedformer.attention(q, k, v, is_causal=causal, backend=backend)
+            with switches(provider):
+                return fusedformer.attention(q, k, v, is_causal=causal, backend=backend_of(provider))
         with _sdpa_context(provider):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 

@@ -10,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import fusedformer
-from bench.common import DEVICE, ON_GPU, fused_providers, grads, measure
+from bench.common import (DEVICE, ON_GPU, backend_of, fused_providers, grads, measure, switches,
+                          variant_providers)
 
 SHAPES = [(16384, 2048, 8192), (8192, 4096, 11008)] if ON_GPU else [(512, 256, 1024), (1024, 512, 2048)]
 DTYPES = [torch.bfloat16] if ON_GPU else [torch.float32]
@@ -30,7 +31,8 @@ def _eager(x, w1, b1, w2, b2, activation):
 _compiled = torch.compile(_eager, dynamic=False)
 
 
-@pytest.mark.parametrize("provider", fused_providers("ffn") + ["torch", "torch-compile"])
+@pytest.mark.parametrize("provider", fused_providers("ffn") + variant_providers("ffn")
+                         + ["torch", "torch-compile"])
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
@@ -49,7 +51,8 @@ def test_ffn(benchmark, provider, activation, dtype, shape, mode):
             return _eager(x, w1, b1, w2, b2, activation)
         if provider == "torch-compile":
             return _compiled(x, w1, b1, w2, b2, activation)
-        return fusedformer.ffn(x, w1, b1, w2, b2, activation, backend=provider.split("-", 1)[1])
+        with switches(provider):
+            return fusedformer.ffn(x, w1, b1, w2, b2, activation, backend=backend_of(provider))
 
     def run():
         if mode == "fwd":

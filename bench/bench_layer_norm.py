@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 import fusedformer
-from bench.common import DEVICE, ON_GPU, fused_providers, grads, measure
+from bench.common import DEVICE, ON_GPU, backend_of, fused_providers, grads, measure
 
 SHAPES = [(16384, 2048), (4096, 8192), (2048, 65536)] if ON_GPU else [(4096, 768), (2048, 4096), (512, 8192)]
 DTYPES = [torch.bfloat16, torch.float32] if ON_GPU else [torch.float32, torch.bfloat16]
@@ -30,7 +30,7 @@ def _fwd(provider, x, r, w, b):
     if provider == "torch":
         h = x + r
         return F.layer_norm(h, (n,), w, b), h
-    return fusedformer.layer_norm(x, n, w, b, residual=r, backend=provider.split("-", 1)[1])
+    return fusedformer.layer_norm(x, n, w, b, residual=r, backend=backend_of(provider))
 
 
 @pytest.mark.parametrize("provider", fused_providers("layer_norm") + ["torch"])

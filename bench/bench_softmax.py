@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import fusedformer
-from bench.common import DEVICE, ON_GPU, fused_providers, grads, measure
+from bench.common import DEVICE, ON_GPU, backend_of, fused_providers, grads, measure
 
 SHAPES = [(4, 16, 1024, 1024), (1, 16, 2048, 4096)] if ON_GPU else [(2, 8, 256, 256), (1, 4, 128, 2048)]
 DTYPES = [torch.bfloat16, torch.float32] if ON_GPU else [torch.float32]
@@ -29,7 +29,7 @@ def test_softmax(benchmark, provider, dtype, shape, mode):
     def softmax():
         if provider == "torch":
             return torch.softmax((x * 0.125).masked_fill(~keep, float("-inf")), dim=-1)
-        return fusedformer.scaled_masked_softmax(x, 0.125, keep, backend=provider.split("-", 1)[1])
+        return fusedformer.scaled_masked_softmax(x, 0.125, keep, backend=backend_of(provider))
 
     def run():
         if mode == "fwd":

@@ -6,7 +6,9 @@ and is what bench/report.py prints.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import os
+from collections.abc import Callable, Iterator
 
 import torch
 
@@ -29,6 +31,57 @@ def fused_providers(op: str) -> list[str]:
     status = fusedformer.info()["backends"]
     wanted = ("triton", "cuda") if ON_GPU else ("cpu",)
     return [f"fusedformer-{b}" for b in wanted if status[b]["available"] and op in status[b]["ops"]]
+
+
+# Variants of a fused provider: the same backend under an environment switch, timed where the
+# switch means something (sm_90+). Base providers run with every switch at its default.
+SWITCHES = {"FUSEDFORMER_TRITON_TMA": "0", "FUSEDFORMER_CUDA_WGMMA": "1"}
+VARIANTS = {
+    # the triton attention forward through TMA descriptors (the backward is fusedformer-triton's)
+    "fusedformer-triton-tma": ("attention", {"FUSEDFORMER_TRITON_TMA": "1"}),
+    # the cuda backend's mma.sync kernels on an sm_90, where its default is the wgmma ones
+    "fusedformer-cuda-mma": ("attention", "ffn", {"FUSEDFORMER_CUDA_WGMMA": "0"}),
+}
+
+
+def variant_providers(op: str) -> list[str]:
+    """The VARIANTS of `op` that can run here: a GPU of sm_90+ and the base backend available
+    (the TMA one also needs a Triton with host tensor descriptors)."""
+    if not ON_GPU or torch.cuda.get_device_capability() < (9, 0):
+        return []
+    fused = fused_providers(op)
+    out = []
+    for name, (*ops, _) in VARIANTS.items():
+        if op not in ops or name.rsplit("-", 1)[0] not in fused:
+            continue
+        if name == "fusedformer-triton-tma":
+            from fusedformer.kernels import attention
+
+            if attention.TensorDescriptor is None:
+                continue
+        out.append(name)
+    return out
+
+
+def backend_of(provider: str) -> str:
+    """fusedformer-<backend>[-<variant>] -> backend."""
+    return provider.split("-")[1]
+
+
+@contextlib.contextmanager
+def switches(provider: str) -> Iterator[None]:
+    """The environment switches of `provider` (VARIANTS), every other one at its default."""
+    wanted = {**SWITCHES, **(VARIANTS[provider][-1] if provider in VARIANTS else {})}
+    saved = {name: os.environ.get(name) for name in wanted}
+    os.environ.update(wanted)
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name)
+            else:
+                os.environ[name] = value
 
 
 def measure(benchmark, fn: Callable[[], object], **extra) -> float:
