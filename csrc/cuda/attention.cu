@@ -41,9 +41,10 @@
 // multiplied, with one barrier per step. Other layouts take an element-wise, bounds-checked
 // path (any row stride, any alignment).
 //
-// sm_90a: the 16-bit kernels at D = 64 and 128 (forward: and 256) have warpgroup-MMA twins (attention_*_wgmma_kernel,
-// see "Forward on sm_90a" below), launched wherever the binary that runs is sm_90a code; the
-// mma.sync kernels serve sm_80, fp32, the other head dims, and FUSEDFORMER_CUDA_WGMMA=0.
+// sm_90a: the 16-bit kernels at D = 64 and 128 (the forward also at 256) have warpgroup-MMA
+// twins (attention_*_wgmma_kernel, see "Forward on sm_90a" below), launched wherever the binary
+// that runs is sm_90a code; the mma.sync kernels serve sm_80, fp32, the other head dims, and
+// FUSEDFORMER_CUDA_WGMMA=0.
 //
 // STATUS: compiled for sm_80 and sm_90a (tests/test_nvcc.py, which also checks that the wgmma
 // kernels are HGMMA in the sm_90a SASS) and executed on the CPU by the emulator in
@@ -168,7 +169,7 @@ __device__ __forceinline__ int tile_offset(int row, int col) {
 }
 
 // Shared tile layouts, as types for load_tile: RowLayout (the mma.sync kernels: tile_offset's
-// rows of kWidth) and PanelLayout (the wgmma forward: kD / 64 panels of kRows x 64, each row 128
+// rows of kWidth) and PanelLayout (the wgmma kernels: kD / 64 panels of kRows x 64, each row 128
 // bytes swizzled as tile_offset<T, 64>, chunk ^ row % 8). With every panel on a 1024-byte
 // boundary of the shared window that is the hardware's 128-byte swizzle (sw128_desc), and
 // ldmatrix reads and cp.async writes stay conflict-free on it for tile_offset's reason.
@@ -624,10 +625,12 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
 // Neither operand is re-read by each warp from shared memory through ldmatrix, which is what
 // bounds the mma.sync kernel on sm_90 (gemm_nt's comment); the warpgroup's tensor cores read
 // the B tile once for 64 rows. Tiles are PanelLayout (the 128-byte swizzle of sw128_desc), on
-// 1024-byte boundaries of the shared window, double-buffered through cp.async as before.
-// Not yet: TMA loads, warp specialization (producer warps, ping-pong of the two warpgroups) and
-// overlap of the softmax with the next Q Kᵀ inside a warpgroup, FlashAttention-3's further
-// steps. Compiled for sm_90a only (a trap elsewhere); launched where binary_is_sm90.
+// 1024-byte boundaries of the shared window, double-buffered through cp.async, K one block
+// ahead of V. The softmax of block kb runs while the tensor cores add block kb - 1's P V
+// (FlashAttention-3's intra-warpgroup overlap; see the loop). Not yet: TMA loads and warp
+// specialization (a producer warp with mbarriers instead of the one block-wide barrier a step,
+// which keeps the two warpgroups in step; their ping-pong scheduling). Compiled for sm_90a only
+// (a trap elsewhere); launched where binary_is_sm90.
 template <typename T, int kD>
 struct WgmmaFwd {
   static constexpr bool kSupported = !std::is_same_v<T, float> && (kD == 64 || kD == 128 || kD == 256);
@@ -861,10 +864,10 @@ __device__ __forceinline__ void dkdv_tile_step(float (&st)[kMT][kSN][4], float (
       for (int e = 0; e < 4; ++e) {
         const int c = nt * 8 + 2 * t + (e & 1);  // query row within the tile
         const int64_t i = i0 + c, j = row0 + 16 * mt + g + 8 * (e >> 1);
-        const float pe =
-            U::exp(interior ? fmaf(st[mt][nt][e], scale_u, -t_lse[c])
-                            : fmaf(masked_score<T>(st[mt][nt][e], p.mask, p.scale, p.is_causal, p.lq, p.lk, bi, h, i, j),
-                                   U::kPerNat, -t_lse[c]));
+        const float pe = U::exp(
+            interior ? fmaf(st[mt][nt][e], scale_u, -t_lse[c])
+                     : fmaf(masked_score<T>(st[mt][nt][e], p.mask, p.scale, p.is_causal, p.lq, p.lk, bi, h, i, j),
+                            U::kPerNat, -t_lse[c]));
         const bool keep = !dropout || (i < p.lq && j < p.lk &&
                                        keep_bit(p.seed, bi, h, i, j, p.hq, p.lq, p.lk, p.dropout_p));
         st[mt][nt][e] = keep ? pe * rp : 0.f;                                       // Pdᵀ

@@ -212,7 +212,8 @@ __device__ __forceinline__ void load_tile(T* tile, const Operand& op, const RowM
       for (int it = 0; it < kBM * kK / kThreads; ++it) {
         const int e = tid + it * kThreads, t = e % kBM, kk = e / kBM;
         const int64_t r = map(t);
-        tile[Tiles::ktile(kk, t & ~7) + (t & 7)] = (r >= 0 && k0 + kk < K) ? src[(k0 + kk) * op.ld + r] : from_f<T>(0.f);
+        tile[Tiles::ktile(kk, t & ~7) + (t & 7)] =
+            (r >= 0 && k0 + kk < K) ? src[(k0 + kk) * op.ld + r] : from_f<T>(0.f);
       }
     }
   }

@@ -311,7 +311,8 @@ inline cudaError_t cudaFuncGetAttributes(cudaFuncAttributes* attr, void (*)(Para
   return cudaSuccess;
 }
 inline cudaError_t cudaSetDevice(int device) {
-  if (device != 0 && device != 1) return emu::fail(cudaErrorInvalidValue, "cudaSetDevice(" + std::to_string(device) + ")");
+  if (device != 0 && device != 1)
+    return emu::fail(cudaErrorInvalidValue, "cudaSetDevice(" + std::to_string(device) + ")");
   emu::current_device = device;
   return cudaSuccess;
 }
