@@ -89,6 +89,9 @@ void attention_bwd_cpu(const AttentionBwdParams& p);
 #if defined(__CUDACC__) || defined(FUSEDFORMER_WITH_CUDA)
 void attention_fwd_cuda(const AttentionFwdParams& p, cudaStream_t stream);
 void attention_bwd_cuda(const AttentionBwdParams& p, cudaStream_t stream);
+// Whether the CUDA attention and FFN launch their sm_90a warpgroup-MMA (wgmma) kernels on the
+// current device: the binary that runs there is sm_90a code and FUSEDFORMER_CUDA_WGMMA is not 0.
+bool wgmma_kernels_active_cuda();
 #endif
 
 }  // namespace fusedformer

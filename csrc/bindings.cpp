@@ -687,6 +687,21 @@ void check_cpu_isa() {
 #endif
 }
 
+// "wgmma (sm_90a)" where the CUDA attention and FFN launch their warpgroup-MMA kernels on the
+// current device, "mma.sync" where their sm_80 ones, "" without CUDA (build or device).
+std::string cuda_matmul_path() {
+#ifdef FUSEDFORMER_WITH_CUDA
+  int count = 0;
+  if (cudaGetDeviceCount(&count) != cudaSuccess || count == 0) {
+    cudaGetLastError();  // clear the error state the query may leave
+    return "";
+  }
+  return fusedformer::wgmma_kernels_active_cuda() ? "wgmma (sm_90a)" : "mma.sync";
+#else
+  return "";
+#endif
+}
+
 pybind11::dict build_info() {
   pybind11::dict d;
 #ifdef FUSEDFORMER_WITH_CUDA
@@ -721,6 +736,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   check_cpu_isa();
   m.doc() = "fusedformer C++/CUDA kernels (see csrc/). Use through fusedformer, not directly.";
   m.def("build_info", &build_info, "What this build contains: CUDA or not (and why), ops.");
+  m.def("cuda_matmul_path", &cuda_matmul_path,
+        "The tensor-core instructions the CUDA attention and FFN use on the current device.");
   m.def("set_nan_fill", [](bool on) { g_nan_fill = on; },
         "Debug: fill outputs with NaN before kernels write them (used by the tests).");
   m.def("layer_norm_fwd", &layer_norm_fwd, "LayerNorm (+ residual) forward -> (y, h, mean, rstd)",

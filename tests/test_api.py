@@ -65,6 +65,10 @@ def test_info_reports_every_backend():
         assert status["available"] or status["reason"], f"{name} unavailable without a reason"
     if not torch.cuda.is_available():
         assert not info["backends"]["cuda"]["available"]
+    if info["backends"]["cuda"]["available"]:
+        assert info["cuda_matmul"] in ("wgmma (sm_90a)", "mma.sync")
+    else:
+        assert info["cuda_matmul"] == "n/a: " + info["backends"]["cuda"]["reason"]
     assert "reference" in fusedformer.available_backends()
 
 

@@ -83,4 +83,17 @@ def info() -> dict[str, Any]:
         "device": device,
         "backend": get_backend(),
         "backends": backend_status(),
+        "cuda_matmul": _cuda_matmul(),
     }
+
+
+def _cuda_matmul() -> str:
+    """The tensor-core instructions of the cuda backend's attention and FFN on the current
+    device (their sm_90a warpgroup-MMA kernels, or the mma.sync ones), or why there are none."""
+    status = backend_status()["cuda"]
+    if not status["available"]:
+        return f"n/a: {status['reason']}"
+    from .kernels.dispatch import extension
+
+    ext, _ = extension()
+    return ext.cuda_matmul_path()

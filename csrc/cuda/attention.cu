@@ -1309,6 +1309,10 @@ void attention_fwd_cuda(const AttentionFwdParams& p, cudaStream_t stream) {
   });
 }
 
+bool wgmma_kernels_active_cuda() {
+  return wgmma_allowed() && binary_is_sm90(attention_fwd_wgmma_kernel<__nv_bfloat16, 128>);
+}
+
 void attention_bwd_cuda(const AttentionBwdParams& p, cudaStream_t stream) {
   check_grid(p, "attention_bwd");
   dispatch(p, [&](auto tag, auto dim) {
