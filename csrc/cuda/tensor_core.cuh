@@ -109,21 +109,21 @@ __device__ __forceinline__ void cp_async_wait() {
 // A warpgroup (warps 4w .. 4w + 3 of a block, 128 threads) computes D(64 x N, fp32) (+)= A(64 x
 // 16) · B(16 x N) asynchronously (wgmma.mma_async; PTX ISA, "Asynchronous Warpgroup Level
 // Matrix Multiply-Accumulate"). A is in registers (_rs: warp 4w + v holds rows 16v .. 16v + 15
-// in mma_16816's A layout) or in shared memory (_ss: K-major, behind a descriptor). B is in
-// shared memory, named by a matrix descriptor (sw128_desc). D
-// is mma_16816's C layout over N / 8 column tiles: d[j][i] is row g + 8 · (i >> 1), column
-// 8j + 2t + (i & 1) of the warp's 16 rows. The protocol, in each thread:
+// in mma_16816's A layout) or in shared memory (_ss: behind a descriptor). B is in shared
+// memory, named by a matrix descriptor (sw128_desc). D is mma_16816's C layout over N / 8
+// column tiles: d[j][i] is row g + 8 · (i >> 1), column 8j + 2t + (i & 1) of the warp's 16
+// rows (CUTLASS's ALayout_64x16 and CLayout_64xN say the same). The protocol, in each thread:
 //   fence_proxy_async    after this thread's shared-memory writes (cp.async landed) that a wgmma
 //                        will read, before the barrier that publishes them: wgmma reads
 //                        through the async proxy;
 //   wgmma_fence          before a batch: orders this thread's earlier register accesses (of A
 //                        and D) before the asynchronous ones;
-//   wgmma_m64n64k16_*    the multiplies, then wgmma_commit (one group);
+//   wgmma_m64n*k16_*     the multiplies, then wgmma_commit (one group);
 //   wgmma_wait<N>        before D is read or the B tiles are overwritten, then
 //                        wgmma_fence_operands(D) so the compiler keeps D's reads below the wait.
 // The instructions exist only for sm_90a (__CUDA_ARCH_FEAT_SM90_ALL); other targets compile
 // these helpers to a trap, and the host launches a wgmma kernel only where the binary that runs
-// is sm_90 code (attention.cu: binary_is_sm90).
+// is sm_90 code (common.cuh: binary_is_sm90).
 
 // The address of p in the block's shared window (p in dynamic shared memory).
 __device__ __forceinline__ uint32_t shared_address(const void* p) {

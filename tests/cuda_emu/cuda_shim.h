@@ -11,8 +11,8 @@
 //     fibers (fibers.h) with real __syncthreads / __syncwarp / __shfl_xor_sync semantics;
 //   - the launch checks of the runtime: block size <= 1024, grid limits, dynamic shared memory
 //     <= 48 KiB unless opted in with cudaFuncSetAttribute, and at most 163 KiB (sm_80; 227 on
-//     the emulated sm_90a device) per
-//     block (static + dynamic); a failed launch runs nothing and sets cudaGetLastError;
+//     the emulated sm_90a device) per block (static + dynamic); a failed launch runs nothing
+//     and sets cudaGetLastError;
 //   - shared memory is exactly as large as requested and starts as 0xff bytes (NaN in every
 //     float type), re-poisoned for each block, so reading what no thread wrote shows up as NaN
 //     in the outputs; writes past the dynamic size are caught by a guard zone;
