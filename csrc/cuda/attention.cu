@@ -1093,26 +1093,37 @@ struct WgmmaBwd {
   static constexpr int kTileBytes = kD * int(sizeof(T));  // one tile row
   // Two kRows tiles, kStages pairs of kTile tiles, the row stats, the alignment slack.
   static constexpr int kDkdvSmem = (2 * kRows + 2 * kStages * kTile) * kTileBytes + 2 * kStages * kTile * 4 + 1024;
-  static constexpr int kDqSmem = (2 * kRows + 2 * kStages * kTile) * kTileBytes + 2 * kRows * 4 + 1024;
+  // dQ keeps three K tiles (the previous block's in its dS K, the current one's in S, the next
+  // one loading) and two V tiles (attention_bwd_dq_wgmma_kernel's pipeline).
+  static constexpr int kDqKStages = 3;
+  static constexpr int kDqSmem =
+      (2 * kRows + (kDqKStages + kStages) * kTile) * kTileBytes + 2 * kRows * 4 + 1024;
   static_assert(kTile * kTileBytes % 1024 == 0, "every tile and panel on a 1024-byte boundary");
 };
 
-// x = A1 B1ᵀ and y = A2 B2ᵀ (64 x 64 each) for a warpgroup, in one batch that this returns
-// complete: A1, A2 PanelLayout tiles of kRowsA rows (the warpgroup's 64 from a_row), B1, B2 of
+// x = A1 B1ᵀ and y = A2 B2ᵀ (64 x 64 each) for a warpgroup, issued (the caller fences and
+// commits): A1, A2 PanelLayout tiles of kRowsA rows (the warpgroup's 64 from a_row), B1, B2 of
 // 64 rows, kD columns, all K-major (_ss). The backward's two score products.
 template <typename T, int kD, int kRowsA, int kRowsB>
-__device__ __forceinline__ void wgmma_nt_pair(float (&x)[8][4], const T* A1, const T* B1, float (&y)[8][4],
+__device__ __forceinline__ void issue_nt_pair(float (&x)[8][4], const T* A1, const T* B1, float (&y)[8][4],
                                               const T* A2, const T* B2, int a_row) {
   static_assert(kRowsB == 64, "one wgmma N");
-  wgmma_fence_operands(x);
-  wgmma_fence_operands(y);
-  wgmma_fence();
 #pragma unroll
   for (int kk = 0; kk < kD / 16; ++kk)
     wgmma_m64n64k16_ss<T>(x, panel_k_desc<kRowsA>(A1, a_row, kk), panel_k_desc<kRowsB>(B1, 0, kk), kk > 0);
 #pragma unroll
   for (int kk = 0; kk < kD / 16; ++kk)
     wgmma_m64n64k16_ss<T>(y, panel_k_desc<kRowsA>(A2, a_row, kk), panel_k_desc<kRowsB>(B2, 0, kk), kk > 0);
+}
+
+// issue_nt_pair as one batch that this returns complete.
+template <typename T, int kD, int kRowsA, int kRowsB>
+__device__ __forceinline__ void wgmma_nt_pair(float (&x)[8][4], const T* A1, const T* B1, float (&y)[8][4],
+                                              const T* A2, const T* B2, int a_row) {
+  wgmma_fence_operands(x);
+  wgmma_fence_operands(y);
+  wgmma_fence();
+  issue_nt_pair<T, kD, kRowsA, kRowsB>(x, A1, B1, y, A2, B2, a_row);
   wgmma_commit();
   wgmma_wait<0>();
   wgmma_fence_operands(x);
@@ -1196,8 +1207,8 @@ __global__ void __launch_bounds__(WgmmaBwd<T, kD>::kThreads, 1)
   extern __shared__ __align__(16) unsigned char smem[];
   T* sQ = sw128_base<T>(smem);
   T* sdO = sQ + kBM * kD;
-  T* sK = sdO + kBM * kD;            // kStages tiles of kBN rows
-  T* sV = sK + kStages * kBN * kD;   // the same
+  T* sK = sdO + kBM * kD;                    // kDqKStages tiles of kBN rows
+  T* sV = sK + C::kDqKStages * kBN * kD;     // kStages tiles of kBN rows
   float* s_lse = reinterpret_cast<float*>(sV + kStages * kBN * kD);
   float* s_delta = s_lse + kBM;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, wg_row = 64 * (warp / 4);
@@ -1208,39 +1219,80 @@ __global__ void __launch_bounds__(WgmmaBwd<T, kD>::kThreads, 1)
   const T* do_head = static_cast<const T*>(p.do_) + bi * p.do_batch_stride + h * p.do_head_stride;
   const T* k_head = static_cast<const T*>(p.k) + bi * p.k_batch_stride + hk * p.k_head_stride;
   const T* v_head = static_cast<const T*>(p.v) + bi * p.v_batch_stride + hk * p.v_head_stride;
-  const auto load_kv = kv_tile_loader<T, kD, kBN, C::kThreads, KVLayout>(p, k_head, v_head, sK, sV);
+  const bool k_vec = rows_16b_aligned(k_head, p.k_row_stride), v_vec = rows_16b_aligned(v_head, p.v_row_stride);
+  auto k_tile = [&](int64_t kb) { return sK + int(kb % C::kDqKStages) * kBN * kD; };
+  auto v_tile = [&](int64_t kb) { return sV + int(kb % kStages) * kBN * kD; };
+  auto load_kv = [&](int64_t kb) {
+    load_tile<T, kBN, kD, C::kThreads, KVLayout>(k_tile(kb), k_head, p.k_row_stride, kb * kBN, p.lk, p.d, k_vec);
+    load_tile<T, kBN, kD, C::kThreads, KVLayout>(v_tile(kb), v_head, p.v_row_stride, kb * kBN, p.lk, p.d, v_vec);
+  };
+  auto tiles_landed = [] {  // as in the forward
+    cp_async_wait<0>();
+    fence_proxy_async();
+    __syncthreads();
+  };
 
   const int64_t row0 = i0 + 16 * warp;  // this warp's query rows: row0 + g (+ 8)
   float dq[1][kD / 8][4] = {};
-  const int64_t kb_end = key_blocks_end(p, i0, kBM, kBN);
+  const int64_t n = key_blocks_end(p, i0, kBM, kBN);
   load_tile<T, kBM, kD, C::kThreads, QLayout>(sQ, q_head, p.q_row_stride, i0, p.lq, p.d,
                                               rows_16b_aligned(q_head, p.q_row_stride));
   load_tile<T, kBM, kD, C::kThreads, QLayout>(sdO, do_head, p.do_row_stride, i0, p.lq, p.d,
                                               rows_16b_aligned(do_head, p.do_row_stride));
   load_row_stats<T, kBM, C::kThreads>(s_lse, s_delta, p, bi, h, i0);
-  if (kb_end > 0) load_kv(0, 0);
-  cp_async_commit();  // with Q's and dO's copies: all land (and are fenced) at step 0
-  for (int64_t kb = 0; kb < kb_end; ++kb) {
+  if (n > 0) load_kv(0);
+  cp_async_commit();
+
+  // Pipelined as the forward: step kb issues S_kb, dP_kb (one group) and the previous block's
+  // dQ += dS K (another), waits for the first, and computes dS_kb while the tensor cores add the
+  // previous product. Step kb refills the K buffer of block kb - 2 (its dS K retired at step
+  // kb - 1) and the V buffer of block kb - 1 (its dP retired there too). Block 0 has no
+  // predecessor and runs before the loop, so that every batch in it is the same (a branch
+  // inside a batch made ptxas insert a warpgroup.arrive, C7519).
+  uint32_t sa[kBN / 16][4];  // dS of the previous block as A fragments
+  if (n > 0) {
+    tiles_landed();  // Q, dO, row stats, K_0, V_0
+    if (n > 1) load_kv(1);
+    cp_async_commit();
+    float s[1][kBN / 8][4], dp[1][kBN / 8][4];
+    wgmma_nt_pair<T, kD, kBM, kBN>(s[0], sQ, k_tile(0), dp[0], sdO, v_tile(0), wg_row);
+    dq_tile_step<T>(s, dp, p, tile_interior(p, i0, 0, kBN), s_lse, s_delta, bi, h, i0, row0, 0, lane);
+    pack_a_fragments<T>(s[0], sa);
+  }
+  for (int64_t kb = 1; kb < n; ++kb) {
     const int64_t j0 = kb * kBN;
-    const int stage = pipeline_step<kStages, true>(kb, kb_end, load_kv);
-    const T* tK = sK + stage * kBN * kD;
-    const T* tV = sV + stage * kBN * kD;
+    tiles_landed();  // K_kb and V_kb; every thread past step kb - 1's waits
+    if (kb + 1 < n) load_kv(kb + 1);
+    cp_async_commit();
 
     float s[1][kBN / 8][4], dp[1][kBN / 8][4];
-    wgmma_nt_pair<T, kD, kBM, kBN>(s[0], sQ, tK, dp[0], sdO, tV, wg_row);  // S = Q Kᵀ, dP = dO Vᵀ
+    wgmma_fence_operands(s[0]);
+    wgmma_fence_operands(dp[0]);
+    wgmma_fence_operands(dq[0]);
+    wgmma_fence();
+    issue_nt_pair<T, kD, kBM, kBN>(s[0], sQ, k_tile(kb), dp[0], sdO, v_tile(kb), wg_row);  // S = Q Kᵀ, dP = dO Vᵀ
+    wgmma_commit();
+    wgmma_acc_rs_mn<T, kBN, kD>(dq[0], sa, k_tile(kb - 1));  // dQ += dS K of block kb - 1
+    wgmma_commit();
+    wgmma_wait<1>();  // S_kb, dP_kb; the previous dS K may still run
+    wgmma_fence_operands(s[0]);
+    wgmma_fence_operands(dp[0]);
 
     dq_tile_step<T>(s, dp, p, tile_interior(p, i0, j0, kBN), s_lse, s_delta, bi, h, i0, row0, j0, lane);
 
-    uint32_t sa[kBN / 16][4];
+    wgmma_wait<0>();  // the previous dS K: its A fragments may be overwritten now
+    wgmma_fence_operands(dq[0]);
     pack_a_fragments<T>(s[0], sa);
+  }
+  if (n > 0) {  // the last block's dS K
     wgmma_fence_operands(dq[0]);
     wgmma_fence();
-    wgmma_acc_rs_mn<T, kBN, kD>(dq[0], sa, tK);  // dQ += dS K
+    wgmma_acc_rs_mn<T, kBN, kD>(dq[0], sa, k_tile(n - 1));
     wgmma_commit();
-    wgmma_wait<0>();  // before the next pipeline_step lets this stage be refilled
+    wgmma_wait<0>();
     wgmma_fence_operands(dq[0]);
   }
-  cp_async_wait<0>();  // none pending at exit (kb_end = 0 leaves Q's and dO's copies unwaited)
+  cp_async_wait<0>();  // none pending at exit
   store_dq_rows<T>(p, dq, bi, h, row0, lane);
 #else
   __trap();  // launched only where the binary is sm_90a code

@@ -24,7 +24,9 @@
 //   - asynchrony: the product is computed when the issuing thread's wait_group retires its
 //     group, reading shared memory and accumulating into the registers then. A thread that
 //     reads D before that wait sees stale values; a tile overwritten before the wait feeds
-//     the product the new data. The A registers are captured at issue;
+//     the product the new data. The A registers are captured at issue, and at the wait they
+//     must still hold the same values: overwriting them while the wgmma is in flight (which
+//     the PTX ISA makes undefined) throws;
 //   - a wgmma needs a wgmma.fence by the same thread since its last wait_group (the fence
 //     that orders the thread's own register accesses before the asynchronous ones), else
 //     the emulator throws;
@@ -59,8 +61,11 @@ float half_to_float(uint16_t bits);  // cuda_shim.h
 struct WgmmaOp {
   float* d;             // the issuing thread's N / 2 accumulators
   int n;
-  float a[2][16];       // this lane's A rows g and g + 8: captured at issue (A in registers) ...
-  bool a_in_smem;       // ... or read at the wait from desc_a's rows 16 · (warp % 4) + g, + 8
+  float a[2][16];          // this lane's A rows g and g + 8: captured at issue (A in registers),
+                           // or read at the wait (A in shared memory)
+  const uint32_t* a_regs;  // A in registers: this lane's registers, which must keep ...
+  uint32_t a_issued[4];    // ... their values at issue until the wait
+  bool a_in_smem;          // A in shared memory: desc_a's rows 16 · (warp % 4) + g, + 8
   uint64_t desc_a;
   uint64_t desc_b;
   bool trans_a, trans_b, accumulate;
@@ -119,7 +124,8 @@ inline void wgmma_rs(float* d, int n, const uint32_t (&a)[4], uint64_t desc_b, b
   uint64_t* mine = exchange_slots(lane_id());
   for (int i = 0; i < 4; ++i) mine[i] = a[i];
   warp_barrier();  // every lane's A registers are published
-  WgmmaOp op{d, n, {}, false, 0, desc_b, false, trans_b, accumulate, [](uint16_t b) { return half_to_float<T>(b); }};
+  WgmmaOp op{d, n, {}, a, {a[0], a[1], a[2], a[3]}, false, 0, desc_b, false, trans_b, accumulate,
+             [](uint16_t b) { return half_to_float<T>(b); }};
   const int g = lane_id() >> 2;
   for (int t = 0; t < 4; ++t) {  // the quad 4g .. 4g + 3 holds rows g and g + 8
     const uint64_t* r = exchange_slots(4 * g + t);
@@ -136,7 +142,7 @@ template <typename T>
 inline void wgmma_ss(float* d, int n, uint64_t desc_a, uint64_t desc_b, bool accumulate, bool trans_a, bool trans_b) {
   WgmmaQueue& q = wgmma_issue_checks(n);
   warp_barrier();  // every lane of the warp issues it (.sync.aligned)
-  q.open.push_back({d, n, {}, true, desc_a, desc_b, trans_a, trans_b, accumulate,
+  q.open.push_back({d, n, {}, nullptr, {}, true, desc_a, desc_b, trans_a, trans_b, accumulate,
                     [](uint16_t b) { return half_to_float<T>(b); }});
 }
 
@@ -156,6 +162,8 @@ inline uint16_t wgmma_operand_bits(uint64_t desc, int mn, int k, bool mn_major) 
 
 inline void wgmma_execute(WgmmaOp op) {
   const int g = lane_id() >> 2, t = lane_id() & 3;
+  if (op.a_regs && memcmp(op.a_regs, op.a_issued, sizeof op.a_issued) != 0)
+    throw std::logic_error("emu: the A registers of a wgmma were overwritten before its wait_group");
   if (op.a_in_smem) {
     const int row0 = 16 * (int(self().tid) / kWarpSize % 4) + g;
     for (int r = 0; r < 2; ++r)
