@@ -7,7 +7,8 @@ The kernel source is the real file, read at test time: C++ has no syntax for a k
 __shared__ array, so `_emulated_source` rewrites exactly those (launches, `extern __shared__`,
 static `__shared__`) into calls of the emulator, and nothing else; the inline-PTX helpers that
 the emulator replaces (csrc/cuda/tensor_core.cuh: mma_16816, ldmatrix_x4[_trans], cp_async16,
-cp_async_commit, cp_async_wait) call it under FUSEDFORMER_CUDA_EMULATION. ldmatrix reads the row
+cp_async_commit, cp_async_wait, and the sm_90a wgmma helpers) call it under
+FUSEDFORMER_CUDA_EMULATION. ldmatrix reads the row
 addresses that the other lanes publish, as the hardware does; cp.async copies
 are queued per thread and land only at that thread's wait_group (cp_async.h), so a missing or
 misplaced wait reads stale shared memory (NaN poison or the previous stage).
@@ -19,8 +20,10 @@ run once in a pseudo-random order. ffn covers forward and backward (y, pre, d_pr
 dw2, db2) for relu / gelu / gelu_tanh / swiglu in fp32 (SIMT GEMM) and bf16 / fp16 (mma.sync with
 the cp.async pipeline into row tiles and k tiles, and the scalar loads), with and without
 biases, dropout 0 and 0.2, shapes off the tile multiples.
-Measured on the 2-core CI machine: 19 s for the whole module (22 s wall with the interpreter's
-start), most of it the attention driver's two orders.
+The attention and ffn drivers run every 16-bit case twice, on an emulated sm_80 device (the
+mma.sync kernels) and an emulated sm_90a one (the wgmma kernels, tests/cuda_emu/wgmma.h).
+Measured on the 2-core CI machine (2026-12-03): 43 s for the whole module, most of it the
+attention driver's two orders.
 """
 import concurrent.futures
 import os

@@ -334,15 +334,14 @@ __device__ __forceinline__ void load_tile(T* dst, const T* src, int64_t ld, int6
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
 // The K, V tile loads of the forward and dQ loops: load(kb, stage) fills buffer `stage` of sK
-// and sV (kBN rows each, laid out by Layout) with key block kb, through cp.async where the rows
-// allow it.
-template <typename T, int kD, int kBN, int kThreads, typename Layout = RowLayout<T, kD>, typename P>
+// and sV (kBN rows each) with key block kb, through cp.async where the rows allow it.
+template <typename T, int kD, int kBN, int kThreads, typename P>
 __device__ __forceinline__ auto kv_tile_loader(const P& p, const T* k_head, const T* v_head, T* sK, T* sV) {
   constexpr int kS = Traits<T, kD>::kStride;
   const bool k_vec = rows_16b_aligned(k_head, p.k_row_stride), v_vec = rows_16b_aligned(v_head, p.v_row_stride);
   return [=, &p](int64_t kb, int stage) {
-    load_tile<T, kBN, kD, kThreads, Layout>(sK + stage * kBN * kS, k_head, p.k_row_stride, kb * kBN, p.lk, p.d, k_vec);
-    load_tile<T, kBN, kD, kThreads, Layout>(sV + stage * kBN * kS, v_head, p.v_row_stride, kb * kBN, p.lk, p.d, v_vec);
+    load_tile<T, kBN, kD, kThreads>(sK + stage * kBN * kS, k_head, p.k_row_stride, kb * kBN, p.lk, p.d, k_vec);
+    load_tile<T, kBN, kD, kThreads>(sV + stage * kBN * kS, v_head, p.v_row_stride, kb * kBN, p.lk, p.d, v_vec);
   };
 }
 
@@ -368,9 +367,14 @@ __device__ __forceinline__ int pipeline_step(int64_t n, int64_t count, Load&& lo
     load(n, 0);
     cp_async_commit();
   }
-  cp_async_wait<0>();  // this thread's copies of tile n have landed ...
-  if constexpr (kAsyncProxy) fence_proxy_async();
-  __syncthreads();     // ... and every thread's; two stages: every warp is done with tile n - 1
+  // This thread's copies of tile n have landed, and every thread's (two stages: every warp is
+  // done with tile n - 1).
+  if constexpr (kAsyncProxy) {
+    tiles_landed_for_wgmma();
+  } else {
+    cp_async_wait<0>();
+    __syncthreads();
+  }
   if (kStages == 2 && n + 1 < count) {  // its buffer takes tile n + 1, under this one's math
     load(n + 1, stage ^ 1);
     cp_async_commit();
@@ -712,13 +716,6 @@ __global__ void __launch_bounds__(WgmmaFwd<T, kD>::kThreads, 1)
   auto load_v = [&](int64_t kb) {
     load_tile<T, kBN, kD, C::kThreads, KVLayout>(v_tile(kb), v_head, p.v_row_stride, kb * kBN, p.lk, p.d, v_vec);
   };
-  // Every thread's copies so far have landed, are visible to the tensor cores, and every thread
-  // is past its previous waits (so the buffers their wgmma read may be refilled).
-  auto tiles_landed = [] {
-    cp_async_wait<0>();
-    fence_proxy_async();
-    __syncthreads();
-  };
 
   // This warp's query rows: row0 + g (+ 8); warpgroup w's wgmma rows 16v .. are warp 4w + v's.
   const int64_t row0 = i0 + 16 * warp;
@@ -727,7 +724,7 @@ __global__ void __launch_bounds__(WgmmaFwd<T, kD>::kThreads, 1)
                                               rows_16b_aligned(q_head, p.q_row_stride));
   if (n > 0) load_k(0);
   cp_async_commit();
-  tiles_landed();
+  tiles_landed_for_wgmma();
   if (n > 1) load_k(1);
   if (n > 0) load_v(0);
   cp_async_commit();
@@ -772,7 +769,7 @@ __global__ void __launch_bounds__(WgmmaFwd<T, kD>::kThreads, 1)
   }
   for (int64_t kb = 1; kb < n; ++kb) {
     const int64_t j0 = kb * kBN;
-    tiles_landed();  // K_kb and V_{kb-1}
+    tiles_landed_for_wgmma();  // K_kb and V_{kb-1}
     if (kb + 1 < n) load_k(kb + 1);
     load_v(kb);
     cp_async_commit();
@@ -794,7 +791,7 @@ __global__ void __launch_bounds__(WgmmaFwd<T, kD>::kThreads, 1)
     pack_a_fragments<T>(s[0], pa);
   }
   if (n > 0) {  // the last block's P V
-    tiles_landed();  // V_{n-1}
+    tiles_landed_for_wgmma();  // V_{n-1}
     wgmma_fence_operands(acc[0]);
     wgmma_fence();
     wgmma_acc_rs_mn<T, kBN, kD>(acc[0], pa, v_tile(n - 1));
@@ -1226,11 +1223,6 @@ __global__ void __launch_bounds__(WgmmaBwd<T, kD>::kThreads, 1)
     load_tile<T, kBN, kD, C::kThreads, KVLayout>(k_tile(kb), k_head, p.k_row_stride, kb * kBN, p.lk, p.d, k_vec);
     load_tile<T, kBN, kD, C::kThreads, KVLayout>(v_tile(kb), v_head, p.v_row_stride, kb * kBN, p.lk, p.d, v_vec);
   };
-  auto tiles_landed = [] {  // as in the forward
-    cp_async_wait<0>();
-    fence_proxy_async();
-    __syncthreads();
-  };
 
   const int64_t row0 = i0 + 16 * warp;  // this warp's query rows: row0 + g (+ 8)
   float dq[1][kD / 8][4] = {};
@@ -1251,7 +1243,7 @@ __global__ void __launch_bounds__(WgmmaBwd<T, kD>::kThreads, 1)
   // inside a batch made ptxas insert a warpgroup.arrive, C7519).
   uint32_t sa[kBN / 16][4];  // dS of the previous block as A fragments
   if (n > 0) {
-    tiles_landed();  // Q, dO, row stats, K_0, V_0
+    tiles_landed_for_wgmma();  // Q, dO, row stats, K_0, V_0
     if (n > 1) load_kv(1);
     cp_async_commit();
     float s[1][kBN / 8][4], dp[1][kBN / 8][4];
@@ -1261,7 +1253,7 @@ __global__ void __launch_bounds__(WgmmaBwd<T, kD>::kThreads, 1)
   }
   for (int64_t kb = 1; kb < n; ++kb) {
     const int64_t j0 = kb * kBN;
-    tiles_landed();  // K_kb and V_kb; every thread past step kb - 1's waits
+    tiles_landed_for_wgmma();  // K_kb and V_kb; every thread past step kb - 1's waits
     if (kb + 1 < n) load_kv(kb + 1);
     cp_async_commit();
 

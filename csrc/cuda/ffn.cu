@@ -388,9 +388,7 @@ __global__ void __launch_bounds__(kThreads, 2) gemm_wgmma(Operand a, Operand b, 
   // previous wait_group retired before this barrier) with tile kt + 1, and issues its own.
   for (int64_t kt = 0; kt < ktiles; ++kt) {
     const int s = int(kt % kWStages);
-    cp_async_wait<0>();   // tile kt has landed (this thread's copies) ...
-    fence_proxy_async();  // ... is visible to the tensor cores' reads ...
-    __syncthreads();      // ... for every thread
+    tiles_landed_for_wgmma();  // tile kt
     if (kt + 1 < ktiles) {
       const int next = int((kt + 1) % kWStages);
       load_tile<T, A_T, WgmmaTiles>(As + next * kWTile, a, amap, (kt + 1) * kWBK, K);

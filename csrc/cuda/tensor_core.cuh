@@ -163,6 +163,16 @@ __device__ __forceinline__ void fence_proxy_async() {
 #endif
 }
 
+// Every thread's cp.async copies issued so far have landed, are visible to the tensor cores
+// (async proxy) reads, and every thread of the block has reached this point: the step between
+// filling shared tiles and issuing the wgmma that read them (and, for the buffers an earlier
+// wgmma read, proof that every thread has waited for it).
+__device__ __forceinline__ void tiles_landed_for_wgmma() {
+  cp_async_wait<0>();
+  fence_proxy_async();
+  __syncthreads();
+}
+
 __device__ __forceinline__ void wgmma_fence() {
 #if defined(FUSEDFORMER_CUDA_EMULATION)
   emu::wgmma_fence();
