@@ -1,0 +1,90 @@
+"""bench/gpu_run.py, the one device call of a GPU session, and the streamed benchmark rows it
+brings back. Its stage plumbing is tested here with stand-in commands, on the CPU: a GPU session
+is too short to find out then that a cut-off stage loses its log."""
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+import sys
+import time
+
+from bench import gpu_run
+from bench.gpu_run import OUT_FILES, Result, Stage, run_stages
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def _sh(script: str) -> list[str]:
+    return ["sh", "-c", script]
+
+
+def test_stages_run_in_order_under_their_caps(tmp_path):
+    start = time.monotonic()
+    results = run_stages([
+        Stage("first", _sh("echo one; echo '2 passed'"), "a.log", 10),
+        Stage("fails", _sh("echo broken; exit 3"), "a.log", 10),
+        # A child that outlives its parent's kill would hold the run past its cap: the whole
+        # process group goes.
+        Stage("slow", _sh("sleep 30 & echo started; sleep 30"), "b.log", 1),
+        Stage("skipped", _sh("echo never"), "b.log", 10, when=lambda r: r["fails"].status == "ok"),
+        Stage("absent", ["/nonexistent/tool"], "b.log", 10),
+        Stage("pair", _sh("sleep 0.2; echo left"), "c.log", 10, parallel=Stage("other", _sh("echo right"), "d.log", 10)),
+    ], str(tmp_path), budget=20, header="run header")
+    assert time.monotonic() - start < 8
+    assert {name: r.status for name, r in results.items()} == {
+        "first": "ok", "fails": "failed (exit 3)", "slow": "timed out", "skipped": "skipped",
+        "absent": "failed (no start)", "pair": "ok", "other": "ok"}
+    assert results["first"].last_line == "2 passed"
+    log = (tmp_path / "a.log").read_text()  # stages sharing a file append, in order
+    assert log.index("one") < log.index("broken") and "[fails: failed (exit 3) after" in log
+    assert "started" in (tmp_path / "b.log").read_text() and "never" not in (tmp_path / "b.log").read_text()
+    assert "\nleft\n" in (tmp_path / "c.log").read_text() and "right" in (tmp_path / "d.log").read_text()
+    summary = (tmp_path / "summary.txt").read_text()
+    assert summary.startswith("run header")
+    for name, status in (("slow", "timed out"), ("fails", "failed (exit 3)"), ("other", "ok")):
+        assert any(line.split()[:1] == [name] and status in line for line in summary.splitlines()), summary
+
+
+def test_the_deadline_cuts_a_stage_short_and_later_stages_do_not_start(tmp_path):
+    start = time.monotonic()
+    results = run_stages([Stage("long", _sh("echo partial; sleep 30"), "a.log", 60),
+                          Stage("later", _sh("echo never"), "a.log", 60)],
+                         str(tmp_path), budget=2)
+    assert time.monotonic() - start < 6
+    assert results["long"].status == "timed out" and results["later"].status == "not run: no time"
+    assert "partial" in (tmp_path / "a.log").read_text()  # what it printed before the cut stays
+    assert "not run: no time" in (tmp_path / "summary.txt").read_text()
+
+
+def test_the_plan_writes_only_the_eight_files_the_device_brings_back(tmp_path):
+    plan = gpu_run.default_stages("python3", str(tmp_path), "90a", 16, 12, gpu_run.BENCH_PLAN)
+    stages = plan + [s.parallel for s in plan if s.parallel]
+    assert len(OUT_FILES) <= 8 and {s.log for s in stages} | {"summary.txt"} <= set(OUT_FILES)
+    for s in stages:  # every other file it writes is one of OUT_FILES in --out
+        for arg in s.argv:
+            if arg.startswith("--junitxml="):
+                assert arg == f"--junitxml={tmp_path / 'tests.xml'}"
+        if "FUSEDFORMER_BENCH_JSONL" in s.env:
+            assert s.env["FUSEDFORMER_BENCH_JSONL"] == str(tmp_path / "bench.jsonl")
+    # Every benchmark file is in the plan, so a new one is not silently left out of GPU runs.
+    planned = {path for path, _ in gpu_run.BENCH_PLAN}
+    assert planned == {os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "bench", "bench_*.py"))}
+    # The CPU-only build stands in only when the CUDA build failed, and the rest needs one of them.
+    by_name = {s.name: s for s in stages}
+    failed = {"build": Result("failed (exit 1)", 1), "build-cpu": Result("skipped", 0)}
+    assert by_name["build-cpu"].when(failed) and not by_name["tests"].when(failed)
+    assert by_name["tests"].when({**failed, "build-cpu": Result("ok", 1)})
+
+
+def test_benchmark_rows_stream_to_jsonl_and_report_divides_by_the_ceilings(tmp_path):
+    rows = tmp_path / "bench.jsonl"
+    env = {**os.environ, "FUSEDFORMER_BENCH_JSONL": str(rows)}
+    subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-only",
+                    "bench/bench_ceilings.py"], cwd=ROOT, env=env, check=True, capture_output=True)
+    lines = rows.read_text().splitlines()
+    assert len(lines) == 2  # one per benchmark, written as it finished
+    report = subprocess.run([sys.executable, "bench/report.py", str(rows)], cwd=ROOT, check=True,
+                            capture_output=True, text=True).stdout
+    assert "# ceilings: copy" in report and "matmul" in report
+    assert sum(" 100% " in line for line in report.splitlines()) == 2  # each ceiling is its own 100%
