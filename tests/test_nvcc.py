@@ -8,6 +8,12 @@ compiles at -O0 (measured on the 2-core CI machine: ffn.cu 121 s of CPU at -O3 v
 and runs all files at once, one process per core. setup.py builds with -O3. One check reads the
 machine code: the sm_90a attention and FFN kernels' products must be warpgroup MMA (HGMMA) in the
 sm_90a cubin and absent from the sm_80 one (cuobjdump, as shipped with CUDA or with the triton wheel).
+
+C++ standard: torch 2.13's cpp_extension builds extensions as C++20, but torch up to 2.12 builds
+them as C++17 (the GPU machine has torch 2.11), so every source must be valid C++17: the .cu
+files and bindings.cpp are checked as C++17 here, and so are the CPU kernels (with g++, for
+each vector ISA that setup.py may pick). A dependent `L::V` without `typename` (C++20 allows it)
+once built here and would have failed the GPU machine's build.
 """
 import concurrent.futures
 import os
@@ -57,7 +63,7 @@ def _check_bindings() -> subprocess.CompletedProcess:
     supplies the CUDA runtime headers that c10/cuda includes). The CPU wheel lacks the
     cmake-generated c10/cuda/impl/cuda_cmake_macros.h; C10_USING_CUSTOM_GENERATED_MACROS is
     c10's own switch for building without it."""
-    cmd = [NVCC, "-x", "c++", "-std=c++20", "-Xcompiler", "-fsyntax-only", "-c",
+    cmd = [NVCC, "-x", "c++", "-std=c++17", "-Xcompiler", "-fsyntax-only", "-c",
            str(ROOT / "csrc" / "bindings.cpp"), "-o", os.devnull,
            "-DFUSEDFORMER_WITH_CUDA=1", "-DC10_USING_CUSTOM_GENERATED_MACROS", "-DTORCH_API_INCLUDE_EXTENSION_H", "-DTORCH_EXTENSION_NAME=_C",
            f"-I{ROOT / 'csrc'}", f"-I{sysconfig.get_paths()['include']}",
@@ -89,6 +95,21 @@ def test_cuda_source_compiles(cu, compiled):
 def test_bindings_cuda_branches_compile(compiled):
     proc = compiled["bindings.cpp"]
     assert proc.returncode == 0, f"{proc.args}\n{proc.stdout}\n{proc.stderr}"
+
+
+CXX = shutil.which("g++") or shutil.which("c++")
+CPU_SOURCES = sorted((ROOT / "csrc" / "cpu").glob("*.cpp"))
+
+
+@pytest.mark.skipif(CXX is None, reason="no C++ compiler on PATH")
+@pytest.mark.parametrize("isa", [[], ["-mavx2", "-mfma", "-mf16c"], ["-mavx2", "-mfma", "-mf16c", "-mavx512f"]],
+                         ids=["no-isa", "avx2", "avx512"])
+def test_cpu_kernels_are_cxx17(isa):
+    """The CPU kernels are torch-free, so only csrc/ is on the include path."""
+    procs = [subprocess.run([CXX, "-std=c++17", "-fsyntax-only", "-fopenmp", *isa, f"-I{ROOT / 'csrc'}",
+                             str(src)], capture_output=True, text=True) for src in CPU_SOURCES]
+    errors = [f"{src.name}:\n{p.stderr}" for src, p in zip(CPU_SOURCES, procs) if p.returncode != 0]
+    assert not errors, "\n".join(errors)
 
 
 def _sass_instructions(obj: pathlib.Path, opcode: str, match: str) -> dict[tuple[str, str], int]:

@@ -36,7 +36,7 @@ void fwd_row(const T* x, const T* res, T* h, T* y, const float* w, const float* 
              float eps, float* row, float* mean_out, float* rstd_out) {
   constexpr bool kF32 = std::is_same_v<T, float>;
   using L = std::conditional_t<kF32, Lanes8, Wide>;
-  using V = L::V;
+  using V = typename L::V;
   // The fp32 row that passes 2 and 3 read: 16-bit storage converts it once into the scratch
   // row; fp32 reads back h (or x), exact already and still in L1/L2, which saves pass 1 a store
   // stream.
