@@ -86,6 +86,8 @@ def switches(provider: str) -> Iterator[None]:
 
 def measure(benchmark, fn: Callable[[], object], **extra) -> float:
     """Time fn; record extra info (units, shapes) and return the median seconds."""
+    if extra.get("provider", "").startswith("fusedformer-triton"):  # the one backend that autotunes
+        extra["autotune"] = "off" if os.environ.get("FUSEDFORMER_AUTOTUNE", "1") == "0" else "on"
     benchmark.extra_info.update(extra)
     if ON_GPU:
         import triton.testing

@@ -3,7 +3,8 @@ rows streamed by FUSEDFORMER_BENCH_JSONL (bench/gpu_run.py's bench.jsonl).
 
     python bench/report.py bench/results/cpu-latest.json
 
-Columns: "vs peer" is the speed ratio against torch eager (or SDPA-flash / SDPA for attention)
+Rows "<provider> (fixed)" are Triton kernels timed with FUSEDFORMER_AUTOTUNE=0 (one fixed tile per
+kernel). Columns: "vs peer" is the speed ratio against torch eager (or SDPA-flash / SDPA for attention)
 from the same run; "% ceil" is the row's TFLOP/s over the matmul ceiling, or its GB/s over the
 copy ceiling, both measured in the same run by bench/bench_ceilings.py (blank when the run has
 no ceilings).
@@ -54,7 +55,9 @@ def main(path: str) -> None:
         key = (bench["name"].split("[")[0] + (f"[{variant}]" if variant else ""), extra.get("mode"),
                extra.get("dtype"), str(extra.get("shape")))
         median = extra.get("median_s", bench.get("stats", {}).get("median"))
-        groups[key][extra["provider"]] = (median, extra.get("GB/s"), extra.get("TFLOP/s"))
+        # A GPU run times the Triton kernels twice: with their fixed tiles and autotuned.
+        provider = extra["provider"] + (" (fixed)" if extra.get("autotune") == "off" else "")
+        groups[key][provider] = (median, extra.get("GB/s"), extra.get("TFLOP/s"))
     print(f"{'benchmark':<28} {'mode':<8} {'dtype':<15} {'shape':<18} {'provider':<22} "
           f"{'median ms':>10} {'GB/s':>8} {'TFLOP/s':>8} {'% ceil':>7} {'vs peer':>9}")
     for key in sorted(groups):
