@@ -156,8 +156,9 @@ class LayerNorm(nn.Module):
                               backend=_backend_for("LayerNorm", self.backend, x))
 
     def extra_repr(self) -> str:
-        return (f"{self.normalized_shape}, eps={self.eps}, elementwise_affine={self.elementwise_affine}, "
-                f"bias={self.bias is not None}")
+        # torch's own, so the repr matches the installed torch's nn.LayerNorm (2.13 adds bias=,
+        # 2.11 has no such field).
+        return nn.LayerNorm.extra_repr(self)
 
     @classmethod
     def from_torch(cls, module: nn.LayerNorm, *, backend: Optional[str] = None) -> "LayerNorm":
