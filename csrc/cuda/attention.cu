@@ -50,8 +50,6 @@
 // kernels are HGMMA in the sm_90a SASS) and executed on the CPU by the emulator in
 // tests/cuda_emu (real barriers, ldmatrix, mma.sync, cp.async and wgmma semantics); never
 // run on a GPU yet. The gpu tier of tests/test_attention_cpp.py checks it against the oracle.
-// Known: the D = 256 dK/dV kernel spills about 1 KiB (two 16 x 256 fp32 accumulators per warp
-// are 256 registers a thread by themselves); splitting D over warps would fix it.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
@@ -122,6 +120,15 @@ struct Traits {
   static constexpr int kBwdMTiles = kTensorCores && kD <= 64 ? 2 : 1;
   static constexpr int kBwdBlockN = 16 * kBwdMTiles * kWarps;  // key rows of a dK/dV block
   static constexpr int kBwdBlockM = 32;                // queries per inner tile of dK/dV
+  // dK/dV at D = 256: two warps share each 16-key m-tile, one per 128-column half of dK and dV
+  // (two 16 x 256 fp32 accumulators are 256 registers a thread: the unsplit kernel spilled
+  // 1.3 KiB, sm_90a). Each computes its half's partial Sᵀ and dPᵀ, and the two add each
+  // other's through shared memory (kDkdvExchangeBytes), so the FLOPs stay those of one warp.
+  static constexpr int kDkdvSplit = kD == 256 ? 2 : 1;
+  static constexpr int kDkdvWarps = kWarps * kDkdvSplit;
+  static constexpr int kDkdvThreads = 32 * kDkdvWarps;
+  static constexpr int kDkdvExchangeBytes =
+      kDkdvSplit == 1 ? 0 : kDkdvWarps * 2 * (kBwdMTiles * kBwdBlockM / 8 * 4) * 32 * 4;
   // Elements per shared tile row (tile_offset): 16-bit rows are unpadded and swizzled, fp32
   // rows padded by 4 floats.
   static constexpr int kStride = kTensorCores ? kD : kD + 4;
@@ -134,8 +141,9 @@ struct Traits {
   static constexpr int kFwdSmem = (kFwdBlockM + 2 * kStages * kFwdBlockN) * kRowBytes + kScratchBytes;
   static constexpr int kDqSmem =
       (2 * kBlockM + 2 * kStages * kBlockN) * kRowBytes + 2 * kBlockM * 4 + kScratchBytes;
-  static constexpr int kDkdvSmem =
-      (2 * kBwdBlockN + 2 * kStages * kBwdBlockM) * kRowBytes + 2 * kStages * kBwdBlockM * 4 + kScratchBytes;
+  static constexpr int kDkdvSmem = (2 * kBwdBlockN + 2 * kStages * kBwdBlockM) * kRowBytes +
+                                   2 * kStages * kBwdBlockM * 4 + kScratchBytes * kDkdvSplit +
+                                   kDkdvExchangeBytes;
   static_assert(kD % 16 == 0 && kBlockN % 16 == 0 && kFwdBlockN % 16 == 0 && kBwdBlockM % 16 == 0,
                 "mma k-steps of 16");
   static_assert(kFwdBlockN <= kScratchCols, "the fp32 scratch holds a forward P slab");
@@ -185,26 +193,29 @@ struct PanelLayout {
 };
 
 // acc[mt](16 x kN) += A[mt](16 x kK) · Btᵀ for the warp's kMT m-tiles (A rows 16 · mt ..), A and
-// Bt (kN x kK) row-major in shared memory. Each B fragment pair is loaded once for all kMT
-// m-tiles: with two, the shared-memory bytes per mma drop from 320 to 192 (B 256 -> 128).
+// Bt (kN x kK) row-major in shared memory, in tiles whose rows are kStride elements (16-bit:
+// tile_offset's swizzled rows of kStride; fp32: padded rows). kK may be a part of a row that
+// starts at a multiple of 64 columns (the swizzle stays within aligned groups of 8 chunks, so
+// A and Bt may point into the row). Each B fragment pair is loaded once for all kMT m-tiles:
+// with two, the shared-memory bytes per mma drop from 320 to 192 (B 256 -> 128).
 template <typename T, int kK, int kN, int kStride, int kMT>
 __device__ __forceinline__ void gemm_nt(float (&acc)[kMT][kN / 8][4], const T* A, const T* Bt, int lane) {
   if constexpr (!std::is_same_v<T, float>) {
     static_assert(kN % 16 == 0, "one ldmatrix moves the B fragments of two n-tiles");
     // This lane's ldmatrix rows (tensor_core.cuh). A: row lane % 16 at k + 8 · (lane / 16)
     // gives a0..a3. Bt: row lane % 8 + 8 · (lane / 16) at k + 8 · (lane / 8 % 2) gives b0, b1
-    // of n-tiles 2np and 2np + 1. Rows are kK wide (tile_offset).
+    // of n-tiles 2np and 2np + 1. Rows are kStride wide (tile_offset).
     const int a_r = lane & 15, a_c = 8 * (lane >> 4);
     const int b_r = (lane & 7) + 8 * (lane >> 4), b_c = 8 * ((lane >> 3) & 1);
 #pragma unroll
     for (int kk = 0; kk < kK; kk += 16) {
       uint32_t a[kMT][4];
 #pragma unroll
-      for (int mt = 0; mt < kMT; ++mt) ldmatrix_x4(a[mt], A + tile_offset<T, kK>(mt * 16 + a_r, kk + a_c));
+      for (int mt = 0; mt < kMT; ++mt) ldmatrix_x4(a[mt], A + tile_offset<T, kStride>(mt * 16 + a_r, kk + a_c));
 #pragma unroll
       for (int np = 0; np < kN / 16; ++np) {
         uint32_t b[4];
-        ldmatrix_x4(b, Bt + tile_offset<T, kK>(np * 16 + b_r, kk + b_c));
+        ldmatrix_x4(b, Bt + tile_offset<T, kStride>(np * 16 + b_r, kk + b_c));
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt) {
           mma_16816<T>(acc[mt][2 * np], a[mt], b[0], b[1]);
@@ -232,8 +243,8 @@ __device__ __forceinline__ void gemm_nt(float (&acc)[kMT][kN / 8][4], const T* A
 }
 
 // acc[mt](16 x kN) += P[mt](16 x kK) · B for the warp's kMT m-tiles, P register slabs in the
-// accumulator layout, B (kK x kN) row-major in shared memory, each B fragment pair loaded once
-// for all m-tiles. fp32: P goes through the warp's scratch (16 x kK floats, row stride kK + 4:
+// accumulator layout, B (kK x kN) row-major in shared memory with rows of kStride (kN may be a
+// part of a row, as gemm_nt's kK), each B fragment pair loaded once for all m-tiles. fp32: P goes through the warp's scratch (16 x kK floats, row stride kK + 4:
 // the 8 rows a step reads start in distinct banks; unpadded, kK = 32 or 64 put them all in one,
 // an 8-way conflict), one m-tile at a time.
 template <typename T, int kK, int kN, int kStride, int kMT>
@@ -243,7 +254,7 @@ __device__ __forceinline__ void gemm_rs_nn(float (&acc)[kMT][kN / 8][4], const f
     static_assert(kN % 16 == 0, "one ldmatrix moves the B fragments of two n-tiles");
     // B is k-major, so its fragments come through ldmatrix.trans: this lane's row is
     // k = lane % 16 at columns n + 8 · (lane / 16), which gives b0, b1 of n-tiles 2np, 2np + 1.
-    // Rows are kN wide (tile_offset).
+    // Rows are kStride wide (tile_offset).
     const int b_r = lane & 15, b_c = 8 * (lane >> 4);
 #pragma unroll
     for (int kc = 0; kc < kK / 16; ++kc) {
@@ -260,7 +271,7 @@ __device__ __forceinline__ void gemm_rs_nn(float (&acc)[kMT][kN / 8][4], const f
 #pragma unroll
       for (int np = 0; np < kN / 16; ++np) {
         uint32_t b[4];
-        ldmatrix_x4_trans(b, B + tile_offset<T, kN>(kc * 16 + b_r, np * 16 + b_c));
+        ldmatrix_x4_trans(b, B + tile_offset<T, kStride>(kc * 16 + b_r, np * 16 + b_c));
 #pragma unroll
         for (int mt = 0; mt < kMT; ++mt) {
           mma_16816<T>(acc[mt][2 * np], a[mt], b[0], b[1]);
@@ -936,19 +947,38 @@ __device__ __forceinline__ auto query_tile_loader(const AttentionBwdParams& p, c
   };
 }
 
-// dK (· scale) and dV of a warp's kMT m-tiles of keys (rows row0 + 16 · mt + g, + 8).
+// dK (· scale) and dV of a warp's kMT m-tiles of keys (rows row0 + 16 · mt + g, + 8), columns
+// col0 .. col0 + 8 · kAN (the D-split kernel's warps each hold one part of the row).
 template <typename T, int kMT, int kAN>
 __device__ __forceinline__ void store_dkdv_rows(const AttentionBwdParams& p, const float (&dk)[kMT][kAN][4],
                                                 const float (&dv)[kMT][kAN][4], int64_t bi, int64_t hk, int64_t row0,
-                                                int lane) {
+                                                int lane, int col0 = 0) {
   const float mul_dk[2] = {p.scale, p.scale}, mul_dv[2] = {1.f, 1.f};
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt) {
-    store_slab<T, 8 * kAN>(dk[mt], mul_dk, static_cast<T*>(p.dk) + bi * p.dk_batch_stride + hk * p.dk_head_stride,
-                           p.dk_row_stride, row0 + 16 * mt, p.lk, p.d, lane);
-    store_slab<T, 8 * kAN>(dv[mt], mul_dv, static_cast<T*>(p.dv) + bi * p.dv_batch_stride + hk * p.dv_head_stride,
-                           p.dv_row_stride, row0 + 16 * mt, p.lk, p.d, lane);
+    store_slab<T, 8 * kAN>(dk[mt], mul_dk,
+                           static_cast<T*>(p.dk) + bi * p.dk_batch_stride + hk * p.dk_head_stride + col0,
+                           p.dk_row_stride, row0 + 16 * mt, p.lk, p.d - col0, lane);
+    store_slab<T, 8 * kAN>(dv[mt], mul_dv,
+                           static_cast<T*>(p.dv) + bi * p.dv_batch_stride + hk * p.dv_head_stride + col0,
+                           p.dv_row_stride, row0 + 16 * mt, p.lk, p.d - col0, lane);
   }
+}
+
+// The D-split dK/dV kernel's exchange: each warp of a pair holds a partial slab of Sᵀ (or dPᵀ),
+// summed over its columns of the head dim, and both leave with the whole sum. A warp's slot
+// holds one float per (element, lane), so its stores and its partner's loads are conflict-free.
+// Both add the same two partials (a + b == b + a in IEEE arithmetic), so the pair agrees on
+// every bit of P and dS. A barrier must separate the publishing from the adding.
+template <int kMT, int kSN>
+__device__ __forceinline__ void publish_partial(const float (&slab)[kMT][kSN][4], float* mine, int lane) {
+#pragma unroll
+  for (int i = 0; i < kMT * kSN * 4; ++i) mine[i * 32 + lane] = slab[i / (kSN * 4)][i / 4 % kSN][i % 4];
+}
+template <int kMT, int kSN>
+__device__ __forceinline__ void add_partner_partial(float (&slab)[kMT][kSN][4], const float* theirs, int lane) {
+#pragma unroll
+  for (int i = 0; i < kMT * kSN * 4; ++i) slab[i / (kSN * 4)][i / 4 % kSN][i % 4] += theirs[i * 32 + lane];
 }
 
 // dQ (· scale) of a warp's kMT m-tiles of queries (rows row0 + 16 · mt + g, + 8).
@@ -962,13 +992,18 @@ __device__ __forceinline__ void store_dq_rows(const AttentionBwdParams& p, const
                            p.dq_row_stride, row0 + 16 * mt, p.lq, p.d, lane);
 }
 
-// dK, dV of one key block: rows of the warp slabs are keys, columns queries (Sᵀ, dPᵀ).
+// dK, dV of one key block: rows of the warp slabs are keys, columns queries (Sᵀ, dPᵀ). With
+// kDkdvSplit = 2 (D = 256), warps 2w and 2w + 1 share key m-tile w, each with half of the
+// head dim's columns of dK and dV (Traits).
 template <typename T, int kD>
-__global__ void __launch_bounds__(Traits<T, kD>::kThreads)
+__global__ void __launch_bounds__(Traits<T, kD>::kDkdvThreads)
     attention_bwd_dkdv_kernel(const AttentionBwdParams p) {
   using Tr = Traits<T, kD>;
   constexpr int kBN = Tr::kBwdBlockN, kBM = Tr::kBwdBlockM, kS = Tr::kStride, kStages = Tr::kStages;
   constexpr int kMT = Tr::kBwdMTiles;  // 16-row m-tiles (of keys) per warp
+  constexpr int kSplit = Tr::kDkdvSplit, kDW = kD / kSplit;  // a warp's columns of dK and dV
+  constexpr int kThreads = Tr::kDkdvThreads;
+  constexpr int kSlab = kMT * (kBM / 8) * 4;  // floats of a warp's Sᵀ (and dPᵀ) slabs, per lane
   extern __shared__ __align__(16) unsigned char smem[];
   T* sK = reinterpret_cast<T*>(smem);
   T* sV = sK + kBN * kS;
@@ -978,41 +1013,53 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
   float* s_delta = s_lse + kStages * kBM;                              // kStages x kBM
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float* scratch = s_delta + kStages * kBM + warp * Tr::kScratchWarpFloats;
+  // kSplit = 2: two slots (Sᵀ, dPᵀ) of kSlab x 32 floats per warp, after the scratch.
+  float* exchange = s_delta + kStages * kBM + (Tr::kScratchBytes * kSplit) / 4;
+  const int part = warp % kSplit;  // which kDW columns of the head dim this warp holds
 
   const int64_t kb = blockIdx.x, hk = blockIdx.y, bi = blockIdx.z;
   const int64_t j0 = kb * kBN;
   const T* k_head = static_cast<const T*>(p.k) + bi * p.k_batch_stride + hk * p.k_head_stride;
   const T* v_head = static_cast<const T*>(p.v) + bi * p.v_batch_stride + hk * p.v_head_stride;
-  load_tile<T, kBN, kD, Tr::kThreads>(sK, k_head, p.k_row_stride, j0, p.lk, p.d,
-                                          rows_16b_aligned(k_head, p.k_row_stride));
-  load_tile<T, kBN, kD, Tr::kThreads>(sV, v_head, p.v_row_stride, j0, p.lk, p.d,
-                                          rows_16b_aligned(v_head, p.v_row_stride));
+  load_tile<T, kBN, kD, kThreads>(sK, k_head, p.k_row_stride, j0, p.lk, p.d,
+                                  rows_16b_aligned(k_head, p.k_row_stride));
+  load_tile<T, kBN, kD, kThreads>(sV, v_head, p.v_row_stride, j0, p.lk, p.d,
+                                  rows_16b_aligned(v_head, p.v_row_stride));
 
   const DkdvSchedule sched(p, hk, j0, kBM);
-  const auto load_q = query_tile_loader<T, kD, kBM, Tr::kThreads>(p, sched, bi, sQ, sdO, s_lse, s_delta);
+  const auto load_q = query_tile_loader<T, kD, kBM, kThreads>(p, sched, bi, sQ, sdO, s_lse, s_delta);
 
   // This warp's key rows: row0 + 16 · mt + g (+ 8), mt < kMT.
-  const int64_t row0 = j0 + warp * 16 * kMT;
-  float dk[kMT][kD / 8][4] = {}, dv[kMT][kD / 8][4] = {};
+  const int64_t row0 = j0 + (warp / kSplit) * 16 * kMT;
+  float dk[kMT][kDW / 8][4] = {}, dv[kMT][kDW / 8][4] = {};
   if (sched.steps > 0) load_q(0, 0);
   cp_async_commit();
   for (int64_t n = 0; n < sched.steps; ++n) {
     const int64_t h = sched.head(n), i0 = sched.row(n);
     const int stage = pipeline_step<kStages>(n, sched.steps, load_q);
-    const T* tQ = sQ + stage * kBM * kS;
-    const T* tdO = sdO + stage * kBM * kS;
+    const T* tQ = sQ + stage * kBM * kS + part * kDW;
+    const T* tdO = sdO + stage * kBM * kS + part * kDW;
     const float* t_lse = s_lse + stage * kBM;
     const float* t_delta = s_delta + stage * kBM;
 
     float st[kMT][kBM / 8][4] = {}, dpt[kMT][kBM / 8][4] = {};
-    gemm_nt<T, kD, kBM, kS, kMT>(st, sK + (row0 - j0) * kS, tQ, lane);    // Sᵀ = K Qᵀ
-    gemm_nt<T, kD, kBM, kS, kMT>(dpt, sV + (row0 - j0) * kS, tdO, lane);  // dPᵀ = V dOᵀ
+    gemm_nt<T, kDW, kBM, kS, kMT>(st, sK + (row0 - j0) * kS + part * kDW, tQ, lane);    // Sᵀ = K Qᵀ
+    gemm_nt<T, kDW, kBM, kS, kMT>(dpt, sV + (row0 - j0) * kS + part * kDW, tdO, lane);  // dPᵀ = V dOᵀ
+    if constexpr (kSplit == 2) {  // each of the pair has its half's partial sums: add the other's
+      float* mine = exchange + warp * 2 * kSlab * 32;
+      const float* theirs = exchange + (warp ^ 1) * 2 * kSlab * 32;
+      publish_partial(st, mine, lane);
+      publish_partial(dpt, mine + kSlab * 32, lane);
+      __syncthreads();  // the next step's publishing waits for its pipeline_step's barrier
+      add_partner_partial(st, theirs, lane);
+      add_partner_partial(dpt, theirs + kSlab * 32, lane);
+    }
     dkdv_tile_step<T>(st, dpt, p, tile_interior(p, i0, j0, kBN), t_lse, t_delta, bi, h, i0, row0, lane);
-    gemm_rs_nn<T, kBM, kD, kS, kMT>(dv, st, tdO, scratch, lane);  // dV += Pdᵀ dO
-    gemm_rs_nn<T, kBM, kD, kS, kMT>(dk, dpt, tQ, scratch, lane);  // dK += dSᵀ Q
+    gemm_rs_nn<T, kBM, kDW, kS, kMT>(dv, st, tdO, scratch, lane);  // dV += Pdᵀ dO
+    gemm_rs_nn<T, kBM, kDW, kS, kMT>(dk, dpt, tQ, scratch, lane);  // dK += dSᵀ Q
   }
   cp_async_wait<0>();  // none pending at exit (steps = 0 leaves K's and V's copies unwaited)
-  store_dkdv_rows<T>(p, dk, dv, bi, hk, row0, lane);
+  store_dkdv_rows<T>(p, dk, dv, bi, hk, row0, lane, part * kDW);
 }
 
 // dQ of one query block: loops over the key blocks it reads (as the forward).
@@ -1380,7 +1427,7 @@ void attention_bwd_cuda(const AttentionBwdParams& p, cudaStream_t stream) {
       }
     }
     const dim3 dkdv_grid(unsigned(ceil_div(p.lk, Tr::kBwdBlockN)), unsigned(p.hkv), unsigned(p.b));
-    launch(attention_bwd_dkdv_kernel<T, kD>, dkdv_grid, Tr::kThreads, Tr::kDkdvSmem, stream,
+    launch(attention_bwd_dkdv_kernel<T, kD>, dkdv_grid, Tr::kDkdvThreads, Tr::kDkdvSmem, stream,
            "attention_bwd_dkdv_kernel", p);
     const dim3 dq_grid(unsigned(ceil_div(p.lq, Tr::kBlockM)), unsigned(p.hq), unsigned(p.b));
     launch(attention_bwd_dq_kernel<T, kD>, dq_grid, Tr::kThreads, Tr::kDqSmem, stream,
