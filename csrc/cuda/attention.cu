@@ -149,8 +149,9 @@ struct Traits {
   static_assert(kFwdBlockN <= kScratchCols, "the fp32 scratch holds a forward P slab");
   static_assert(kRowBytes % 16 == 0, "16-byte cp.async chunks and ldmatrix rows");
   // Every tile must fit the smallest target's opt-in shared memory per block (sm_80: 163 KiB;
-  // sm_90: 227 KiB), or its launch would fail at run time. The largest: fp32 D = 128 dQ,
-  // 149.5 KiB; 16-bit (two stages) D = 128 dQ, 102 KiB.
+  // sm_90: 227 KiB), or its launch would fail at run time. The largest: fp32 D = 256
+  // dK/dV, 155.3 KiB (its exchange 16 KiB); fp32 D = 128 dQ, 149.5 KiB; 16-bit (two stages)
+  // D = 256 dK/dV, 112.5 KiB.
   static_assert(kFwdSmem <= 163 * 1024 && kDqSmem <= 163 * 1024 && kDkdvSmem <= 163 * 1024,
                 "a tile over sm_80's shared memory per block");
 };
