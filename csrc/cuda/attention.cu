@@ -1136,8 +1136,12 @@ struct WgmmaBwd {
   static constexpr int kTile = 64;      // queries (dK/dV) or keys (dQ) a loop step
   static constexpr int kStages = 2;
   static constexpr int kTileBytes = kD * int(sizeof(T));  // one tile row
-  // Two kRows tiles, kStages pairs of kTile tiles, the row stats, the alignment slack.
-  static constexpr int kDkdvSmem = (2 * kRows + 2 * kStages * kTile) * kTileBytes + 2 * kStages * kTile * 4 + 1024;
+  // dK/dV keeps three Q / dO tile pairs (the previous step's in its dV and dK products, the
+  // current one's in Sᵀ and dPᵀ, the next one loading: attention_bwd_dkdv_wgmma_kernel).
+  static constexpr int kDkdvStages = 3;
+  // Two kRows tiles, kDkdvStages pairs of kTile tiles, their row stats, the alignment slack.
+  static constexpr int kDkdvSmem =
+      (2 * kRows + 2 * kDkdvStages * kTile) * kTileBytes + 2 * kDkdvStages * kTile * 4 + 1024;
   // dQ keeps three K tiles (the previous block's in its dS K, the current one's in S, the next
   // one loading) and two V tiles (attention_bwd_dq_wgmma_kernel's pipeline).
   static constexpr int kDqKStages = 3;
@@ -1175,13 +1179,23 @@ __device__ __forceinline__ void wgmma_nt_pair(float (&x)[8][4], const T* A1, con
   wgmma_fence_operands(y);
 }
 
+// dV += Pdᵀ dO and dK += dSᵀ Q for a warpgroup, Pdᵀ and dSᵀ as A fragments, dO and Q the
+// step's MN-major tiles (issued: the caller fences, commits and waits).
+template <typename T, int kBM, int kD>
+__device__ __forceinline__ void issue_dkdv_products(float (&dv)[kD / 8][4], float (&dk)[kD / 8][4],
+                                                    const uint32_t (&pa)[kBM / 16][4],
+                                                    const uint32_t (&sa)[kBM / 16][4], const T* tdO, const T* tQ) {
+  wgmma_acc_rs_mn<T, kBM, kD>(dv, pa, tdO);
+  wgmma_acc_rs_mn<T, kBM, kD>(dk, sa, tQ);
+}
+
 template <typename T, int kD>
 __global__ void __launch_bounds__(WgmmaBwd<T, kD>::kThreads, 1)
     attention_bwd_dkdv_wgmma_kernel(const AttentionBwdParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL) || defined(FUSEDFORMER_CUDA_EMULATION)
   using C = WgmmaBwd<T, kD>;
   static_assert(C::kSupported, "16-bit, D = 64 or 128");
-  constexpr int kBN = C::kRows, kBM = C::kTile, kStages = C::kStages;
+  constexpr int kBN = C::kRows, kBM = C::kTile, kStages = C::kDkdvStages;
   using KLayout = PanelLayout<T, kBN>;
   using QLayout = PanelLayout<T, kBM>;
   extern __shared__ __align__(16) unsigned char smem[];
@@ -1203,33 +1217,74 @@ __global__ void __launch_bounds__(WgmmaBwd<T, kD>::kThreads, 1)
                                               rows_16b_aligned(v_head, p.v_row_stride));
   const DkdvSchedule sched(p, hk, j0, kBM);
   const auto load_q = query_tile_loader<T, kD, kBM, C::kThreads, QLayout>(p, sched, bi, sQ, sdO, s_lse, s_delta);
-
+  auto q_tile = [&](int64_t n) { return sQ + int(n % kStages) * kBM * kD; };
+  auto do_tile = [&](int64_t n) { return sdO + int(n % kStages) * kBM * kD; };
   const int64_t row0 = j0 + 16 * warp;  // this warp's key rows: row0 + g (+ 8)
+  // Step n's Sᵀ and dPᵀ become its Pdᵀ and dSᵀ.
+  auto elementwise = [&](int64_t n, float (&st)[1][kBM / 8][4], float (&dpt)[1][kBM / 8][4]) {
+    const int64_t i0 = sched.row(n);
+    const int stage = int(n % kStages);
+    dkdv_tile_step<T>(st, dpt, p, tile_interior(p, i0, j0, kBN), s_lse + stage * kBM, s_delta + stage * kBM, bi,
+                      sched.head(n), i0, row0, lane);
+  };
   float dk[1][kD / 8][4] = {}, dv[1][kD / 8][4] = {};
   if (sched.steps > 0) load_q(0, 0);
   cp_async_commit();  // with K's and V's copies: all land (and are fenced) at step 0
-  for (int64_t n = 0; n < sched.steps; ++n) {
-    const int64_t h = sched.head(n), i0 = sched.row(n);
-    const int stage = pipeline_step<kStages, true>(n, sched.steps, load_q);
-    const T* tQ = sQ + stage * kBM * kD;
-    const T* tdO = sdO + stage * kBM * kD;
 
+  // Pipelined as the dQ kernel: step n issues Sᵀ_n, dPᵀ_n (one group) and step n - 1's dV and
+  // dK products (another), waits for the first, and computes Pdᵀ_n and dSᵀ_n while the tensor
+  // cores add the previous products. So step n reads three tile pairs' worth of time: n - 1's
+  // (its products), n's and n + 1's (loading), one per stage; n + 1 refills the stage of
+  // n - 2, whose products retired at step n - 1. Step 0 has no predecessor and runs before the
+  // loop, so that every batch in it is the same (as in the dQ kernel). The previous step's A
+  // fragments stay live across this step's products: at D = 128, 255 registers and 44 bytes
+  // of spill stores (ptxas, sm_90a; the serial loop had 254 and none). Which is faster is a
+  // GPU question (bench/NOTES.md).
+  uint32_t pa[kBM / 16][4], sa[kBM / 16][4];  // the previous step's Pdᵀ and dSᵀ as A fragments
+  if (sched.steps > 0) {
+    tiles_landed_for_wgmma();  // K, V and step 0's tiles
+    if (sched.steps > 1) load_q(1, 1);
+    cp_async_commit();
     float st[1][kBM / 8][4], dpt[1][kBM / 8][4];
-    wgmma_nt_pair<T, kD, kBN, kBM>(st[0], sK, tQ, dpt[0], sV, tdO, wg_row);  // Sᵀ = K Qᵀ, dPᵀ = V dOᵀ
-
-    dkdv_tile_step<T>(st, dpt, p, tile_interior(p, i0, j0, kBN), s_lse + stage * kBM, s_delta + stage * kBM, bi,
-                      h, i0, row0, lane);
-
-    uint32_t pa[kBM / 16][4], sa[kBM / 16][4];
+    wgmma_nt_pair<T, kD, kBN, kBM>(st[0], sK, q_tile(0), dpt[0], sV, do_tile(0), wg_row);  // Sᵀ = K Qᵀ, dPᵀ = V dOᵀ
+    elementwise(0, st, dpt);
     pack_a_fragments<T>(st[0], pa);
     pack_a_fragments<T>(dpt[0], sa);
+  }
+  for (int64_t n = 1; n < sched.steps; ++n) {
+    tiles_landed_for_wgmma();  // step n's tiles; every thread past step n - 1's waits
+    if (n + 1 < sched.steps) load_q(n + 1, int((n + 1) % kStages));
+    cp_async_commit();
+
+    float st[1][kBM / 8][4], dpt[1][kBM / 8][4];
+    wgmma_fence_operands(st[0]);
+    wgmma_fence_operands(dpt[0]);
     wgmma_fence_operands(dv[0]);
     wgmma_fence_operands(dk[0]);
     wgmma_fence();
-    wgmma_acc_rs_mn<T, kBM, kD>(dv[0], pa, tdO);  // dV += Pdᵀ dO
-    wgmma_acc_rs_mn<T, kBM, kD>(dk[0], sa, tQ);   // dK += dSᵀ Q
+    issue_nt_pair<T, kD, kBN, kBM>(st[0], sK, q_tile(n), dpt[0], sV, do_tile(n), wg_row);
     wgmma_commit();
-    wgmma_wait<0>();  // before the next pipeline_step lets this stage be refilled
+    issue_dkdv_products<T, kBM, kD>(dv[0], dk[0], pa, sa, do_tile(n - 1), q_tile(n - 1));
+    wgmma_commit();
+    wgmma_wait<1>();  // Sᵀ_n, dPᵀ_n; step n - 1's products may still run
+    wgmma_fence_operands(st[0]);
+    wgmma_fence_operands(dpt[0]);
+
+    elementwise(n, st, dpt);
+
+    wgmma_wait<0>();  // step n - 1's products: their A fragments may be overwritten now
+    wgmma_fence_operands(dv[0]);
+    wgmma_fence_operands(dk[0]);
+    pack_a_fragments<T>(st[0], pa);
+    pack_a_fragments<T>(dpt[0], sa);
+  }
+  if (sched.steps > 0) {  // the last step's products
+    wgmma_fence_operands(dv[0]);
+    wgmma_fence_operands(dk[0]);
+    wgmma_fence();
+    issue_dkdv_products<T, kBM, kD>(dv[0], dk[0], pa, sa, do_tile(sched.steps - 1), q_tile(sched.steps - 1));
+    wgmma_commit();
+    wgmma_wait<0>();
     wgmma_fence_operands(dv[0]);
     wgmma_fence_operands(dk[0]);
   }
