@@ -154,17 +154,23 @@ def _has_module(python: str, name: str) -> bool:
 
 
 def default_stages(python: str, out: str, archs: str, jobs: int, test_workers: int,
-                   bench_plan: list[tuple[str, float]]) -> list[Stage]:
+                   bench_plan: list[tuple[str, float]], test_timeout: bool = False) -> list[Stage]:
     """The GPU session's plan. Caps are first guesses (no run has timed these stages yet):
-    summary.txt records what each took, to size the next run by."""
+    summary.txt records what each took, to size the next run by. test_workers > 1 needs
+    pytest-xdist, test_timeout pytest-timeout."""
     pip = [python, "-m", "pip", "install", "--no-deps", "--no-build-isolation", "-e", "."]
     build_env = {"MAX_JOBS": str(jobs), "FUSEDFORMER_CUDA_ARCHS": archs}
     built = lambda r: "ok" in (r["build"].status, r["build-cpu"].status)
     # Tests: autotuning off (one fixed tile per kernel, else each test shape would benchmark
     # every config); several processes, since each first use of a Triton specialization
-    # compiles on one core.
-    pytest = [python, "-m", "pytest", "-p", "no:cacheprovider", "-q", "-rfEs", "-m", "gpu"]
-    xdist = ["-n", str(test_workers)] if test_workers > 1 else []
+    # compiles on one core. -v streams each test's outcome into the log as it ends (the failure
+    # summary and the junit XML come only at the end, which a cut-off run never reaches). A
+    # kernel that hangs on the GPU cannot be interrupted from Python: pytest-timeout's thread
+    # method ends the whole process after 120 s, and xdist replaces the worker and goes on.
+    pytest = [python, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rfEs", "-m", "gpu"]
+    if test_timeout:
+        pytest += ["--timeout=120", "--timeout-method=thread"]
+    xdist = ["-n", str(test_workers), "--max-worker-restart=8"] if test_workers > 1 else []
     test_env = {"FUSEDFORMER_AUTOTUNE": "0", "PYTHONUNBUFFERED": "1"}
     # On an sm_90 the cuda backend's default is its wgmma kernels; its mma.sync ones must pass
     # there too, so its attention and FFN tests run again with them, alongside the main run.
@@ -218,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     archs = cuda_archs(args.python)
     cores = os.cpu_count() or 1
     workers = min(12, max(1, cores - 2)) if _has_module(args.python, "xdist") else 1
-    stages = default_stages(args.python, out, archs, cores, workers, [] if args.no_bench else BENCH_PLAN)
+    stages = default_stages(args.python, out, archs, cores, workers, [] if args.no_bench else BENCH_PLAN,
+                            test_timeout=_has_module(args.python, "pytest_timeout"))
     header = (f"fusedformer GPU run, {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}, "
               f"archs={archs or 'none'}, cores={cores}, test workers={workers}")
     results = run_stages(stages, out, args.budget, header)

@@ -57,8 +57,12 @@ def test_the_deadline_cuts_a_stage_short_and_later_stages_do_not_start(tmp_path)
     assert "not run: no time" in (tmp_path / "summary.txt").read_text()
 
 
+def by_name_of(stages: list[Stage]) -> dict[str, Stage]:
+    return {s.name: s for s in stages}
+
+
 def test_the_plan_writes_only_the_eight_files_the_device_brings_back(tmp_path):
-    plan = gpu_run.default_stages("python3", str(tmp_path), "90a", 16, 12, gpu_run.BENCH_PLAN)
+    plan = gpu_run.default_stages("python3", str(tmp_path), "90a", 16, 12, gpu_run.BENCH_PLAN, test_timeout=True)
     stages = plan + [s.parallel for s in plan if s.parallel]
     assert len(OUT_FILES) <= 8 and {s.log for s in stages} | {"summary.txt"} <= set(OUT_FILES)
     for s in stages:  # every other file it writes is one of OUT_FILES in --out
@@ -67,11 +71,14 @@ def test_the_plan_writes_only_the_eight_files_the_device_brings_back(tmp_path):
                 assert arg == f"--junitxml={tmp_path / 'tests.xml'}"
         if "FUSEDFORMER_BENCH_JSONL" in s.env:
             assert s.env["FUSEDFORMER_BENCH_JSONL"] == str(tmp_path / "bench.jsonl")
+    # The test tier streams each outcome and survives a hung kernel (a worker is replaced).
+    tests = by_name_of(stages)["tests"].argv
+    assert "-v" in tests and "--timeout-method=thread" in tests and "--max-worker-restart=8" in tests
     # Every benchmark file is in the plan, so a new one is not silently left out of GPU runs.
     planned = {arg for _, args, _, _ in gpu_run.BENCH_PLAN for arg in args if arg.endswith(".py")}
     assert planned == {os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "bench", "bench_*.py"))}
     # The CPU-only build stands in only when the CUDA build failed, and the rest needs one of them.
-    by_name = {s.name: s for s in stages}
+    by_name = by_name_of(stages)
     failed = {"build": Result("failed (exit 1)", 1), "build-cpu": Result("skipped", 0)}
     assert by_name["build-cpu"].when(failed) and not by_name["tests"].when(failed)
     assert by_name["tests"].when({**failed, "build-cpu": Result("ok", 1)})
