@@ -422,6 +422,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
     HQ, HKV, LQ, LK, D, GROUP, scale, qk_scale, seed, dropout_p,
+    LQ_BUCKET, LK_BUCKET,  # autotune key only: next_power_of_2 of the lengths
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
     DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, RNE_BF16: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -514,6 +515,7 @@ def _attn_bwd_dq_kernel(
     stride_mb, stride_mh, stride_mm, stride_mn,
     stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     HQ, LQ, LK, D, GROUP, scale, qk_scale, seed, dropout_p,
+    LQ_BUCKET, LK_BUCKET,  # autotune key only: next_power_of_2 of the lengths
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
     DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, RNE_BF16: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -594,8 +596,9 @@ def _attention_bwd_config(LQ: int, LK: int, D: int, dtype: torch.dtype) -> dict:
     GPU: the same with 4 warps for D <= 128 (the tutorial's are 32 x 128 / 128 x 32 for
     D = 64; halved here so D = 128 keeps its two fp32 accumulators in registers), 32 x 32 for
     D = 256 or fp32 inputs, 16 x 32 / 32 x 16 for both (144 KiB of shared memory compiled for
-    sm_90). A starting point, not a measurement: nothing here has run on a GPU yet;
-    bench/bench_attention.py is where the sweep belongs.
+    sm_90). A starting point, not a measurement: nothing here has run on a GPU yet. On a GPU,
+    16-bit inputs at D <= 128 go to the autotuner below instead (its first candidate is these
+    tiles).
     """
     if _interpreting():
         return dict(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32, num_warps=4,
@@ -607,6 +610,28 @@ def _attention_bwd_config(LQ: int, LK: int, D: int, dtype: torch.dtype) -> dict:
         return dict(BLOCK_M1=32, BLOCK_N1=32, BLOCK_M2=32, BLOCK_N2=32, num_warps=4,
                     num_stages=1)
     return dict(BLOCK_M1=32, BLOCK_N1=64, BLOCK_M2=64, BLOCK_N2=32, num_warps=4, num_stages=2)
+
+
+# The backward's autotuner candidates on GPUs, 16-bit at D <= 128 (fp32, D = 256 and
+# FUSEDFORMER_AUTOTUNE=0 take _attention_bwd_config's fixed tiles): the fixed tiles, the same
+# with 8 warps, and tutorial 06's tall-and-short shape (128 keys x 32 queries for dK/dV,
+# 128 queries x 32 keys for dQ) with 8 warps and two or three stages, which halves the
+# re-reads of Q, dO (dK/dV) and K, V (dQ). ptxas for sm_90 (tests/test_triton_aot.py, triton
+# 3.9; bf16 D = 128 causal and fp16 D = 128 with bool mask and dropout): dK/dV 255 registers
+# in every candidate, spilling 128-200 bytes with 4 warps and 40-196 with 8 (three stages the
+# most); dQ 164-206 registers, no spill. (64 keys x 64 queries or 128 x 64 spilled 380-680
+# bytes: left out.) dK/dV tiles keep BLOCK_N % BLOCK_M == 0 and dQ's BLOCK_M % BLOCK_N
+# == 0 (the causal stage boundary on a block edge); tests/test_attention_triton.py runs every
+# candidate's tiles against the oracle under the interpreter.
+_BWD_DKDV_TUNE_TILES = ((32, 64, 4, 2), (32, 64, 8, 2), (32, 128, 8, 2), (32, 128, 8, 3))
+_BWD_DQ_TUNE_TILES = ((64, 32, 4, 2), (64, 32, 8, 2), (128, 32, 8, 2), (128, 32, 8, 3))
+_BWD_TUNE_KEY = ["LQ_BUCKET", "LK_BUCKET", "BLOCK_D", "IS_CAUSAL", "HAS_MASK", "DROPOUT"]
+_bwd_dkdv_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+             for bm, bn, w, st in _BWD_DKDV_TUNE_TILES], key=_BWD_TUNE_KEY)(_attn_bwd_dkdv_kernel)
+_bwd_dq_tuned = triton.autotune(
+    configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=st)
+             for bm, bn, w, st in _BWD_DQ_TUNE_TILES], key=_BWD_TUNE_KEY)(_attn_bwd_dq_kernel)
 
 
 # ----------------------------------------------------------------------------------------
@@ -771,19 +796,27 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: T
     qk_scale = float(scale) * LOG2E
     delta = torch.empty((b, hq, lq), dtype=torch.float32, device=q.device)  # (B, HQ, LQ)
     bm1, bn1, bm2, bn2 = cfg["BLOCK_M1"], cfg["BLOCK_N1"], cfg["BLOCK_M2"], cfg["BLOCK_N2"]
+    tune = (not _interpreting() and q.dtype != torch.float32 and block_d <= 128
+            and os.environ.get("FUSEDFORMER_AUTOTUNE", "1") != "0")
+    buckets = (triton.next_power_of_2(lq), triton.next_power_of_2(lk))
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
         _attn_bwd_preprocess_kernel[(triton.cdiv(lq, bm2), b, hq)](
             o, do, delta, *o.stride(), *do.stride(), hq, lq, d,
             BLOCK_M=bm2, BLOCK_D=block_d, **launch)
         common = (*q.stride(), *k.stride(), *v.stride(), *do.stride(), *mask_strides)
-        _attn_bwd_dkdv_kernel[(triton.cdiv(lk, bn1), b, hkv)](
-            q, k, v, do, mask_t, lse, delta, dk, dv, *common, *dk.stride(), *dv.stride(),
-            hq, hkv, lq, lk, d, group, float(scale), qk_scale, int(seed), float(dropout_p),
-            BLOCK_M=bm1, BLOCK_N=bn1, **flags, **launch)
-        _attn_bwd_dq_kernel[(triton.cdiv(lq, bm2), b, hq)](
-            q, k, v, do, mask_t, lse, delta, dq, *common, *dq.stride(),
-            hq, lq, lk, d, group, float(scale), qk_scale, int(seed), float(dropout_p),
-            BLOCK_M=bm2, BLOCK_N=bn2, **flags, **launch)
+        dkdv_args = (q, k, v, do, mask_t, lse, delta, dk, dv, *common, *dk.stride(), *dv.stride(),
+                     hq, hkv, lq, lk, d, group, float(scale), qk_scale, int(seed), float(dropout_p),
+                     *buckets)
+        dq_args = (q, k, v, do, mask_t, lse, delta, dq, *common, *dq.stride(),
+                   hq, lq, lk, d, group, float(scale), qk_scale, int(seed), float(dropout_p), *buckets)
+        if tune:
+            _bwd_dkdv_tuned[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), b, hkv)](*dkdv_args, **flags)
+            _bwd_dq_tuned[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), b, hq)](*dq_args, **flags)
+        else:
+            _attn_bwd_dkdv_kernel[(triton.cdiv(lk, bn1), b, hkv)](*dkdv_args, BLOCK_M=bm1, BLOCK_N=bn1,
+                                                                  **flags, **launch)
+            _attn_bwd_dq_kernel[(triton.cdiv(lq, bm2), b, hq)](*dq_args, BLOCK_M=bm2, BLOCK_N=bn2,
+                                                               **flags, **launch)
     return dq, dk, dv
 
 

@@ -139,6 +139,29 @@ def test_rule_large_dims(backend, device, dtype, shape):
     _check_rule(backend, *_qkv(b, hq, hkv, lq, lk, d, dtype, device), causal=causal)
 
 
+def _bwd_tune_candidates() -> list:
+    att = _launchers()
+    return [pytest.param(dkdv, dq, id=f"dkdv{dkdv[:2]}-w{dkdv[2]}-dq{dq[:2]}")
+            for dkdv, dq in zip(att._BWD_DKDV_TUNE_TILES, att._BWD_DQ_TUNE_TILES)]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dkdv,dq", _bwd_tune_candidates())
+@pytest.mark.parametrize("shape", [(1, 2, 1, 150, 150, 64, True), (1, 2, 2, 70, 140, 40, False)], ids=str)
+def test_backward_autotune_candidates(backend, device, dkdv, dq, shape, monkeypatch):
+    """Every tile pair the backward's autotuner may pick on a GPU, forced as the fixed config
+    (here under the interpreter, in the gpu tier compiled): 150 keys span two of the tallest
+    dK/dV tiles (128 keys), and causal puts the stage boundary inside them."""
+    require_backend("attention", backend, device)
+    att = _launchers()
+    (bm1, bn1, w, st), (bm2, bn2, _, _) = dkdv, dq
+    monkeypatch.setattr(att, "_attention_bwd_config", lambda *a: dict(
+        BLOCK_M1=bm1, BLOCK_N1=bn1, BLOCK_M2=bm2, BLOCK_N2=bn2, num_warps=w, num_stages=st))
+    b, hq, hkv, lq, lk, d, causal = shape
+    torch.manual_seed(bn1 + bm2 + w + st)
+    _check_rule(backend, *_qkv(b, hq, hkv, lq, lk, d, torch.float16, device), causal=causal)
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_shared_check(backend, device, dtype):

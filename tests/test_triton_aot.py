@@ -76,7 +76,8 @@ class Case:
 BF16, FP16, FP32 = torch.bfloat16, torch.float16, torch.float32
 CASES = [
     # attention: forward (autotuned for 16-bit; fixed tf32x3 tiles for fp32), the three
-    # backward kernels (fixed tiles), the dropout keep-mask kernel; D = 80 runs padded to 128
+    # backward kernels (dK/dV and dQ autotuned for 16-bit at D <= 128, else fixed tiles), the
+    # dropout keep-mask kernel; D = 80 runs padded to 128
     Case("attn-fwd-bf16-d128-causal", "attention_fwd", dict(dtype=BF16, d=128, causal=True),
          configs="extremes"),
     Case("attn-fwd-fp16-d80-boolmask-dropout", "attention_fwd",
@@ -92,7 +93,7 @@ CASES = [
     Case("attn-fwd-fp32-d64-floatmask-causal-tma", "attention_fwd",
          dict(dtype=FP32, d=64, mask="float", causal=True, tma=True)),
     Case("attn-bwd-bf16-d128-causal", "attention_bwd", dict(dtype=BF16, d=128, causal=True),
-         archs=(90, 80)),
+         configs="extremes", archs=(90, 80)),
     Case("attn-bwd-fp16-d80-boolmask-dropout", "attention_bwd",
          dict(dtype=FP16, d=80, mask="bool", dropout_p=0.1)),
     Case("attn-bwd-fp32-d64-floatmask-causal", "attention_bwd",
@@ -151,6 +152,9 @@ CASES = [
          slow=True),
     Case("sweep-attn-fwd-fp32-d256-boolmask", "attention_fwd",
          dict(dtype=FP32, d=256, mask="bool"), archs=(90, 80), slow=True),
+    Case("sweep-attn-bwd-fp16-d128-boolmask-dropout", "attention_bwd",
+         dict(dtype=FP16, d=128, mask="bool", dropout_p=0.1), configs="all", archs=(90, 80),
+         slow=True),
     Case("sweep-attn-bwd-bf16-d256-causal", "attention_bwd", dict(dtype=BF16, d=256, causal=True),
          archs=(90, 80), slow=True),
     Case("sweep-attn-bwd-fp32-d256-boolmask-dropout", "attention_bwd",
