@@ -125,6 +125,23 @@ def run_stages(stages: list[Stage], out: str, budget: float, header: str = "",
     return results
 
 
+def failed_tests(path: str) -> list[str]:
+    """The ids of the tests a pytest -v log reports FAILED or ERROR, in the order they ended
+    (the -v lines come as tests end, the -r summary at the end repeats them)."""
+    found: dict[str, None] = {}
+    try:
+        with open(path, errors="replace") as f:
+            for line in f:
+                words = line.split()
+                if "FAILED" in words or "ERROR" in words:
+                    test = next((w for w in words if "::" in w), None)
+                    if test:
+                        found.setdefault(test, None)
+    except OSError:
+        pass
+    return list(found)
+
+
 def write_summary(out: str, header: str, results: dict[str, Result], budget: float) -> None:
     lines = [header.rstrip(), "", f"{'stage':<14} {'status':<18} {'seconds':>7}  last line of its log",
              f"{'-' * 14} {'-' * 18} {'-' * 7}  {'-' * 40}"]
@@ -132,6 +149,11 @@ def write_summary(out: str, header: str, results: dict[str, Result], budget: flo
         lines.append(f"{name:<14} {r.status:<18} {r.seconds:>7.0f}  {r.last_line}")
     total = sum(r.seconds for r in results.values())
     lines.append(f"\n{total:.0f} s of stage time (parallel stages counted each), budget {budget:.0f} s")
+    for log in ("tests.log", "tests-mma.log"):
+        failed = failed_tests(os.path.join(out, log))
+        if failed:
+            lines.append(f"\n{len(failed)} failed in {log} (the first 20):")
+            lines += [f"  {t}" for t in failed[:20]]
     with open(os.path.join(out, "summary.txt"), "w") as f:
         f.write("\n".join(lines).lstrip("\n") + "\n")
 

@@ -95,3 +95,16 @@ def test_benchmark_rows_stream_to_jsonl_and_report_divides_by_the_ceilings(tmp_p
                             capture_output=True, text=True).stdout
     assert "# ceilings: copy" in report and "matmul" in report
     assert sum(" 100% " in line for line in report.splitlines()) == 2  # each ceiling is its own 100%
+
+
+def test_the_summary_lists_failed_tests_from_the_verbose_log(tmp_path):
+    (tmp_path / "tests.log").write_text(
+        "[gw0] [  1%] PASSED tests/test_a.py::test_one[cuda] \n"
+        "[gw1] [  2%] FAILED tests/test_a.py::test_two[cuda-bf16] \n"
+        "tests/test_b.py::test_three ERROR\n"
+        "FAILED tests/test_a.py::test_two[cuda-bf16] - AssertionError: o: err 0.1\n")
+    assert gpu_run.failed_tests(str(tmp_path / "tests.log")) == [
+        "tests/test_a.py::test_two[cuda-bf16]", "tests/test_b.py::test_three"]
+    gpu_run.write_summary(str(tmp_path), "h", {"tests": Result("failed (exit 1)", 3.0)}, 10)
+    summary = (tmp_path / "summary.txt").read_text()
+    assert "2 failed in tests.log" in summary and "  tests/test_b.py::test_three" in summary
