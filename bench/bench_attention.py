@@ -1,4 +1,5 @@
-"""Attention benchmarks: fusedformer's backends vs torch's SDPA (each backend on a GPU).
+"""Attention benchmarks: fusedformer's backends vs torch's SDPA (each backend on a GPU) and
+FlexAttention (torch.compile'd, causal as a block mask).
 
 FLOPs (DESIGN.md section 6): forward 4 * B * H * LQ * LK * D, half when causal; backward 2.5x
 forward. Report TFLOP/s and, on a GPU, the ratio to SDPA-flash measured in the same run.
@@ -18,11 +19,35 @@ from bench.common import (DEVICE, ON_GPU, backend_of, fused_providers, grads, me
 if ON_GPU:  # the issue's target grid: bf16, D = 128, H * D = 2048, B * T = 16k
     SHAPES = [(4, 16, 4096, 128), (2, 16, 8192, 128), (1, 16, 16384, 128), (8, 32, 2048, 64)]
     DTYPES = [torch.bfloat16]
-    PEERS = ["sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math"]
+    PEERS = ["sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "flex"]
 else:
     SHAPES = [(1, 8, 512, 64), (2, 4, 1024, 64)]
     DTYPES = [torch.float32]
-    PEERS = ["sdpa"]
+    PEERS = ["sdpa", "flex"]
+
+
+_flex_compiled = None
+_block_masks: dict = {}
+
+
+def _flex(q, k, v, causal: bool):
+    """FlexAttention, compiled once; the causal mask as a block mask, built once per length
+    (outside the timing after the first call, as a user would keep it)."""
+    global _flex_compiled
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    if _flex_compiled is None:
+        _flex_compiled = torch.compile(flex_attention, dynamic=False)
+    block_mask = None
+    if causal:
+        t = q.shape[2]
+        if t not in _block_masks:
+            _block_masks[t] = create_block_mask(lambda b, h, i, j: i >= j, B=None, H=None, Q_LEN=t,
+                                                KV_LEN=t, device=q.device)
+        block_mask = _block_masks[t]
+    if not torch.is_grad_enabled():  # the forward rows: on the CPU flex refuses inputs that need grad
+        q, k, v = q.detach(), k.detach(), v.detach()
+    return _flex_compiled(q, k, v, block_mask=block_mask)
 
 
 def _sdpa_context(provider: str):
@@ -53,6 +78,8 @@ def test_attention(benchmark, provider, causal, dtype, shape, mode):
         if provider.startswith("fusedformer-"):
             with switches(provider):
                 return fusedformer.attention(q, k, v, is_causal=causal, backend=backend_of(provider))
+        if provider == "flex":
+            return _flex(q, k, v, causal)
         with _sdpa_context(provider):
             return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
 

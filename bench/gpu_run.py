@@ -220,13 +220,15 @@ def default_stages(python: str, out: str, archs: str, jobs: int, test_workers: i
 # attention and FFN again, autotuned, which compiles and times every config of each new key
 # (attention: up to 8 configs x 16 keys; tens of minutes of compiling are possible there, so
 # those passes come last and stream whatever rows they finish).
+# FlexAttention, a peer that compiles (torch.compile, per shape and mode), comes last of all.
 FIXED = {"FUSEDFORMER_AUTOTUNE": "0"}
 BENCH_PLAN = [
     ("ceilings", ["bench/bench_ceilings.py"], 40, {}),
     ("fixed", ["bench/bench_layer_norm.py", "bench/bench_softmax.py", "bench/bench_attention.py",
-               "bench/bench_ffn.py"], 240, FIXED),
+               "bench/bench_ffn.py", "-k", "not flex"], 240, FIXED),
     ("attn-tuned", ["bench/bench_attention.py", "-k", "fusedformer-triton"], 150, {}),
     ("ffn-tuned", ["bench/bench_ffn.py", "-k", "fusedformer-triton"], 90, {}),
+    ("flex", ["bench/bench_attention.py", "-k", "flex"], 90, {}),
 ]
 
 
