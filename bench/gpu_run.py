@@ -50,7 +50,7 @@ class Stage:
 
 @dataclasses.dataclass
 class Result:
-    status: str  # "ok", "failed (exit N)", "timed out", "skipped"
+    status: str  # "ok", "failed (exit N)", "failed (no start)", "timed out", "skipped", "not run: no time"
     seconds: float
     last_line: str = ""
 
@@ -101,16 +101,15 @@ def _finish(stage: Stage, proc: subprocess.Popen | None, log, out: str, started:
     return result
 
 
-def run_stages(stages: list[Stage], out: str, budget: float, header: str = "",
-               clock: Callable[[], float] = time.monotonic) -> dict[str, Result]:
+def run_stages(stages: list[Stage], out: str, budget: float, header: str = "") -> dict[str, Result]:
     """Run `stages` in order under one deadline; return {name: Result}. summary.txt is
     rewritten after every stage."""
     os.makedirs(out, exist_ok=True)
-    deadline = clock() + budget
+    deadline = time.monotonic() + budget
     results: dict[str, Result] = {}
     for stage in stages:
         group = [stage] + ([stage.parallel] if stage.parallel else [])
-        left = deadline - clock()
+        left = deadline - time.monotonic()
         if not stage.when(results) or left < 1:
             reason = "skipped" if left >= 1 else "not run: no time"
             for s in group:
@@ -175,8 +174,11 @@ def _has_module(python: str, name: str) -> bool:
     return subprocess.run([python, "-c", probe], capture_output=True).returncode == 0
 
 
+BenchPass = tuple[str, list[str], float, dict[str, str]]  # label, pytest arguments, cap, environment
+
+
 def default_stages(python: str, out: str, archs: str, jobs: int, test_workers: int,
-                   bench_plan: list[tuple[str, float]], test_timeout: bool = False) -> list[Stage]:
+                   bench_plan: list[BenchPass], test_timeout: bool = False) -> list[Stage]:
     """The GPU session's plan. Caps are first guesses (no run has timed these stages yet):
     summary.txt records what each took, to size the next run by. test_workers > 1 needs
     pytest-xdist, test_timeout pytest-timeout."""
@@ -218,11 +220,11 @@ def default_stages(python: str, out: str, archs: str, jobs: int, test_workers: i
 # them), then every op with the Triton kernels on their fixed tiles (FUSEDFORMER_AUTOTUNE=0:
 # the test stage has compiled most of them already), for a whole table soon; then the Triton
 # attention and FFN again, autotuned, which compiles and times every config of each new key
-# (attention: up to 8 configs x 16 keys; tens of minutes of compiling are possible there, so
-# those passes come last and stream whatever rows they finish).
-# FlexAttention, a peer that compiles (torch.compile, per shape and mode), comes last of all.
+# (the attention forward up to 8 configs x 16 keys, its dK/dV and dQ 4 each; minutes of
+# compiling are possible there, so those passes come late and stream whatever rows they
+# finish). FlexAttention, a peer that compiles per shape and mode, comes last of all.
 FIXED = {"FUSEDFORMER_AUTOTUNE": "0"}
-BENCH_PLAN = [
+BENCH_PLAN: list[BenchPass] = [
     ("ceilings", ["bench/bench_ceilings.py"], 40, {}),
     ("fixed", ["bench/bench_layer_norm.py", "bench/bench_softmax.py", "bench/bench_attention.py",
                "bench/bench_ffn.py", "-k", "not flex"], 240, FIXED),
