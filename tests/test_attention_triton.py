@@ -154,7 +154,8 @@ def test_backward_autotune_candidates(backend, device, dkdv, dq, shape, monkeypa
     dK/dV tiles (128 keys), and causal puts the stage boundary inside them."""
     require_backend("attention", backend, device)
     att = _launchers()
-    (bm1, bn1, w, st), (bm2, bn2, _, _) = dkdv, dq
+    (bm1, bn1, w, st), (bm2, bn2, *dq_launch) = dkdv, dq
+    assert dq_launch == [w, st], "a forced fixed config launches both kernels alike"
     monkeypatch.setattr(att, "_attention_bwd_config", lambda *a: dict(
         BLOCK_M1=bm1, BLOCK_N1=bn1, BLOCK_M2=bm2, BLOCK_N2=bn2, num_warps=w, num_stages=st))
     b, hq, hkv, lq, lk, d, causal = shape
