@@ -245,9 +245,10 @@ __device__ __forceinline__ void gemm_nt(float (&acc)[kMT][kN / 8][4], const T* A
 
 // acc[mt](16 x kN) += P[mt](16 x kK) · B for the warp's kMT m-tiles, P register slabs in the
 // accumulator layout, B (kK x kN) row-major in shared memory with rows of kStride (kN may be a
-// part of a row, as gemm_nt's kK), each B fragment pair loaded once for all m-tiles. fp32: P goes through the warp's scratch (16 x kK floats, row stride kK + 4:
-// the 8 rows a step reads start in distinct banks; unpadded, kK = 32 or 64 put them all in one,
-// an 8-way conflict), one m-tile at a time.
+// part of a row, as gemm_nt's kK), each B fragment pair loaded once for all m-tiles. fp32: P
+// goes through the warp's scratch (16 x kK floats, row stride kK + 4: the 8 rows a step reads
+// start in distinct banks; unpadded, kK = 32 or 64 put them all in one, an 8-way conflict), one
+// m-tile at a time.
 template <typename T, int kK, int kN, int kStride, int kMT>
 __device__ __forceinline__ void gemm_rs_nn(float (&acc)[kMT][kN / 8][4], const float (&P)[kMT][kK / 8][4],
                                            const T* B, float* scratch, int lane) {
