@@ -71,6 +71,9 @@ def test_the_plan_writes_only_the_eight_files_the_device_brings_back(tmp_path):
                 assert arg == f"--junitxml={tmp_path / 'tests.xml'}"
         if "FUSEDFORMER_BENCH_JSONL" in s.env:
             assert s.env["FUSEDFORMER_BENCH_JSONL"] == str(tmp_path / "bench.jsonl")
+    assert by_name_of(stages)["build"].env["FUSEDFORMER_CUDA_ARCHS"] == "90a"
+    no_gpu = gpu_run.default_stages("python3", str(tmp_path), "", 16, 1, [])
+    assert "FUSEDFORMER_CUDA_ARCHS" not in by_name_of(no_gpu)["build"].env  # setup.py's default
     # The test tier streams each outcome and survives a hung kernel (a worker is replaced).
     tests = by_name_of(stages)["tests"].argv
     assert "-v" in tests and "--timeout-method=thread" in tests and "--max-worker-restart=8" in tests
