@@ -3,12 +3,12 @@ rows streamed by FUSEDFORMER_BENCH_JSONL (bench/gpu_run.py's bench.jsonl).
 
     python bench/report.py bench/results/cpu-latest.json
 
-Rows "<provider> (fixed)" are Triton kernels timed with FUSEDFORMER_AUTOTUNE=0 (one fixed tile per
-kernel). Columns: "vs peer" is the speed ratio against torch eager (or SDPA-flash / SDPA for attention)
-from the same run; "% ceil" is the row's TFLOP/s over the matmul ceiling, or its GB/s over the
-copy ceiling, both measured in the same run by bench/bench_ceilings.py (blank when the run has
-no ceilings). Over 100% means the working set stayed in cache: the copy ceiling is a copy far
-larger than the caches.
+Rows "<provider> (fixed)" are Triton kernels timed with FUSEDFORMER_AUTOTUNE=0 (one fixed tile
+per kernel). Columns: "vs peer" is the speed ratio against torch eager (or SDPA-flash / SDPA for
+attention) from the same run; "% ceil" is the row's TFLOP/s over the matmul ceiling, or its GB/s
+over the copy ceiling, both measured in the same run by bench/bench_ceilings.py (blank when the
+run has no ceilings). Over 100% means the working set stayed in cache: the copy ceiling is a
+copy far larger than the caches.
 """
 from __future__ import annotations
 
