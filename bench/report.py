@@ -47,7 +47,7 @@ def main(path: str) -> None:
         print(f"# threads {info.get('threads')}; {info.get('cpu_isa', '?')}; malloc: {info.get('malloc', '?')}")
     ceil = ceilings(data["benchmarks"])
     if ceil:
-        print("# ceilings: " + ", ".join(f"{k} {v:.1f} {'GB/s' if k == 'copy' else 'TFLOP/s'}"
+        print("# ceilings: " + ", ".join(f"{k} {v:.3g} {'GB/s' if k == 'copy' else 'TFLOP/s'}"
                                          for k, v in sorted(ceil.items())))
     groups = defaultdict(dict)
     for bench in data["benchmarks"]:
