@@ -202,7 +202,15 @@ def default_stages(python: str, out: str, archs: str, jobs: int, test_workers: i
     mma = Stage("tests-mma", pytest + ["tests/test_attention_cpp.py", "tests/test_ffn.py", "-k", "cuda-cuda"],
                 "tests-mma.log", 240, {**test_env, "FUSEDFORMER_CUDA_WGMMA": "0"})
     bench_env = {"FUSEDFORMER_BENCH_JSONL": os.path.join(out, "bench.jsonl"), "PYTHONUNBUFFERED": "1"}
+    # What the build depends on, logged first: a failed build is read against it.
+    versions = ("import platform, shutil, subprocess, torch, triton; "
+                "from torch.utils.cpp_extension import CUDA_HOME; "
+                "print('python', platform.python_version(), '| torch', torch.__version__, 'cuda', torch.version.cuda, "
+                "'| triton', triton.__version__, '| CUDA_HOME', CUDA_HOME); "
+                "nvcc = shutil.which('nvcc') or (CUDA_HOME and CUDA_HOME + '/bin/nvcc'); "
+                "print(subprocess.run([nvcc, '--version'], capture_output=True, text=True).stdout if nvcc else 'no nvcc')")
     return [
+        Stage("versions", [python, "-c", versions], "build.log", 60),
         Stage("build", pip, "build.log", 240, build_env),
         Stage("build-cpu", pip, "build.log", 120, {**build_env, "FUSEDFORMER_SKIP_CUDA_BUILD": "1"},
               when=lambda r: r["build"].status != "ok"),
