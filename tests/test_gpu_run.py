@@ -29,12 +29,13 @@ def test_stages_run_in_order_under_their_caps(tmp_path):
         Stage("slow", _sh("sleep 30 & echo started; sleep 30"), "b.log", 1),
         Stage("skipped", _sh("echo never"), "b.log", 10, when=lambda r: r["fails"].status == "ok"),
         Stage("absent", ["/nonexistent/tool"], "b.log", 10),
+        Stage("nothing", _sh("exit 5"), "b.log", 10),  # pytest: no test selected
         Stage("pair", _sh("sleep 0.2; echo left"), "c.log", 10, parallel=Stage("other", _sh("echo right"), "d.log", 10)),
     ], str(tmp_path), budget=20, header="run header")
     assert time.monotonic() - start < 8
     assert {name: r.status for name, r in results.items()} == {
         "first": "ok", "fails": "failed (exit 3)", "slow": "timed out", "skipped": "skipped",
-        "absent": "failed (no start)", "pair": "ok", "other": "ok"}
+        "absent": "failed (no start)", "nothing": "skipped: no tests", "pair": "ok", "other": "ok"}
     assert results["first"].last_line == "2 passed"
     log = (tmp_path / "a.log").read_text()  # stages sharing a file append, in order
     assert log.index("one") < log.index("broken") and "[fails: failed (exit 3) after" in log
