@@ -771,12 +771,7 @@ __global__ void __launch_bounds__(WgmmaFwd<T, kD>::kThreads, 1)
   uint32_t pa[kBN / 16][4];  // P of the previous block as A fragments (packed before its batch)
   if (n > 0) {
     float s[1][kBN / 8][4];
-    wgmma_fence_operands(s[0]);
-    wgmma_fence();
-    issue_scores(s[0], 0);
-    wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_fence_operands(s[0]);
+    wgmma_sync_batch([&] { issue_scores(s[0], 0); }, s[0]);
     online_softmax_step<T>(s, alpha, m, l, p, tile_interior(p, i0, 0, kBN), bi, h, row0, 0, lane);
     pack_a_fragments<T>(s[0], pa);
   }
@@ -805,12 +800,7 @@ __global__ void __launch_bounds__(WgmmaFwd<T, kD>::kThreads, 1)
   }
   if (n > 0) {  // the last block's P V
     tiles_landed_for_wgmma();  // V_{n-1}
-    wgmma_fence_operands(acc[0]);
-    wgmma_fence();
-    wgmma_acc_rs_mn<T, kBN, kD>(acc[0], pa, v_tile(n - 1));
-    wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_fence_operands(acc[0]);
+    wgmma_sync_batch([&] { wgmma_acc_rs_mn<T, kBN, kD>(acc[0], pa, v_tile(n - 1)); }, acc[0]);
   }
   cp_async_wait<0>();  // none pending at exit
 
@@ -1170,14 +1160,7 @@ __device__ __forceinline__ void issue_nt_pair(float (&x)[8][4], const T* A1, con
 template <typename T, int kD, int kRowsA, int kRowsB>
 __device__ __forceinline__ void wgmma_nt_pair(float (&x)[8][4], const T* A1, const T* B1, float (&y)[8][4],
                                               const T* A2, const T* B2, int a_row) {
-  wgmma_fence_operands(x);
-  wgmma_fence_operands(y);
-  wgmma_fence();
-  issue_nt_pair<T, kD, kRowsA, kRowsB>(x, A1, B1, y, A2, B2, a_row);
-  wgmma_commit();
-  wgmma_wait<0>();
-  wgmma_fence_operands(x);
-  wgmma_fence_operands(y);
+  wgmma_sync_batch([&] { issue_nt_pair<T, kD, kRowsA, kRowsB>(x, A1, B1, y, A2, B2, a_row); }, x, y);
 }
 
 // dV += Pdᵀ dO and dK += dSᵀ Q for a warpgroup, Pdᵀ and dSᵀ as A fragments, dO and Q the
@@ -1280,14 +1263,9 @@ __global__ void __launch_bounds__(WgmmaBwd<T, kD>::kThreads, 1)
     pack_a_fragments<T>(dpt[0], sa);
   }
   if (sched.steps > 0) {  // the last step's products
-    wgmma_fence_operands(dv[0]);
-    wgmma_fence_operands(dk[0]);
-    wgmma_fence();
-    issue_dkdv_products<T, kBM, kD>(dv[0], dk[0], pa, sa, do_tile(sched.steps - 1), q_tile(sched.steps - 1));
-    wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_fence_operands(dv[0]);
-    wgmma_fence_operands(dk[0]);
+    const int64_t last = sched.steps - 1;
+    wgmma_sync_batch([&] { issue_dkdv_products<T, kBM, kD>(dv[0], dk[0], pa, sa, do_tile(last), q_tile(last)); },
+                     dv[0], dk[0]);
   }
   cp_async_wait<0>();  // none pending at exit (steps = 0 leaves K's and V's copies unwaited)
   store_dkdv_rows<T>(p, dk, dv, bi, hk, row0, lane);
@@ -1380,14 +1358,8 @@ __global__ void __launch_bounds__(WgmmaBwd<T, kD>::kThreads, 1)
     wgmma_fence_operands(dq[0]);
     pack_a_fragments<T>(s[0], sa);
   }
-  if (n > 0) {  // the last block's dS K
-    wgmma_fence_operands(dq[0]);
-    wgmma_fence();
-    wgmma_acc_rs_mn<T, kBN, kD>(dq[0], sa, k_tile(n - 1));
-    wgmma_commit();
-    wgmma_wait<0>();
-    wgmma_fence_operands(dq[0]);
-  }
+  if (n > 0)  // the last block's dS K
+    wgmma_sync_batch([&] { wgmma_acc_rs_mn<T, kBN, kD>(dq[0], sa, k_tile(n - 1)); }, dq[0]);
   cp_async_wait<0>();  // none pending at exit
   store_dq_rows<T>(p, dq, bi, h, row0, lane);
 #else

@@ -217,6 +217,19 @@ __device__ __forceinline__ void wgmma_fence_operands(float (&d)[kTiles][4]) {
 #endif
 }
 
+// One wgmma batch issued and waited for: issue() issues its wgmma; each accumulator in acc is
+// fenced on both sides (wgmma_fence_operands), so no read or write of it enters the window in
+// which the batch runs asynchronously.
+template <typename Issue, typename... Acc>
+__device__ __forceinline__ void wgmma_sync_batch(Issue&& issue, Acc&... acc) {
+  (wgmma_fence_operands(acc), ...);
+  wgmma_fence();
+  issue();
+  wgmma_commit();
+  wgmma_wait<0>();
+  (wgmma_fence_operands(acc), ...);
+}
+
 #define FUSEDFORMER_WGMMA_D8(j) "+f"(d[j][0]), "+f"(d[j][1]), "+f"(d[j][2]), "+f"(d[j][3])
 #define FUSEDFORMER_WGMMA_M64N64K16_RS(TYPE)                                                          \
   asm volatile(                                                                                     \
