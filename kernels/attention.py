@@ -76,6 +76,14 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def _autotuning(dtype: torch.dtype) -> bool:
+    """Whether a launch goes through triton.autotune: on a GPU, 16-bit inputs, unless
+    FUSEDFORMER_AUTOTUNE=0. The interpreter and fp32 (tf32x3, not the fast path) take the fixed
+    tiles."""
+    return (not _interpreting() and dtype != torch.float32
+            and os.environ.get("FUSEDFORMER_AUTOTUNE", "1") != "0")
+
+
 # ----------------------------------------------------------------------------------------
 # Device helpers
 
@@ -751,8 +759,7 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale
     flags = dict(HAS_MASK=has_mask, MASK_BOOL=mask_bool, IS_CAUSAL=bool(is_causal),
                  DROPOUT=dropout_p > 0.0, BLOCK_D=block_d, USE_TMA=descs is not None,
                  **_dot_flags(q.dtype))
-    tune = not _interpreting() and q.dtype != torch.float32 and os.environ.get(
-        "FUSEDFORMER_AUTOTUNE", "1") != "0"
+    tune = _autotuning(q.dtype)
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
         if not tune:
             cfg = _attention_fwd_config(lq, lk, d, q.dtype)
@@ -796,8 +803,7 @@ def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: T
     qk_scale = float(scale) * LOG2E
     delta = torch.empty((b, hq, lq), dtype=torch.float32, device=q.device)  # (B, HQ, LQ)
     bm1, bn1, bm2, bn2 = cfg["BLOCK_M1"], cfg["BLOCK_N1"], cfg["BLOCK_M2"], cfg["BLOCK_N2"]
-    tune = (not _interpreting() and q.dtype != torch.float32 and block_d <= 128
-            and os.environ.get("FUSEDFORMER_AUTOTUNE", "1") != "0")
+    tune = _autotuning(q.dtype) and block_d <= 128
     buckets = (triton.next_power_of_2(lq), triton.next_power_of_2(lk))
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
         _attn_bwd_preprocess_kernel[(triton.cdiv(lq, bm2), b, hq)](
