@@ -34,6 +34,7 @@ test: $(BUILT)
 
 bench: $(BUILT)
 	$(PY) -m pytest bench -q --benchmark-only --benchmark-json=bench/results/cpu-latest.json
+	$(PY) bench/report.py bench/results/cpu-latest.json --plot bench/results/plots/cpu-latest
 
 # Registers, spills and static shared memory of every CUDA kernel (ptxas, -O3); needs nvcc only.
 ptxas-report: $(STAMP)
