@@ -14,6 +14,9 @@
 // Dropout keep-masks come from csrc/philox.h, the same bits on the CPU and the GPU.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
+
 #include "common.h"
 
 #if defined(__CUDACC__) || defined(FUSEDFORMER_WITH_CUDA)
@@ -50,6 +53,14 @@ struct AttentionFwdParams {
   float dropout_p;  // in [0, 1)
   uint64_t seed;    // Philox key (csrc/philox.h)
   float* lse;       // (b, hq, lq) contiguous
+  // Split-KV (FlashDecoding): num_splits > 1 cuts the key blocks each query block visits into
+  // that many consecutive ranges, each run by its own thread block (CPU task), which writes
+  // its range's normalized output and lse to o_accum / lse_accum; a second pass merges them,
+  // lse = log Σ_s exp(lse_s) and o = Σ_s exp(lse_s - lse) o_s. For grids too small to fill the
+  // machine, above all decoding (LQ = 1 against a long KV cache). 1: one pass, no workspace.
+  int64_t num_splits = 1;
+  float* o_accum = nullptr;    // (num_splits, b, hq, lq, d) contiguous
+  float* lse_accum = nullptr;  // (num_splits, b, hq, lq) contiguous
 };
 
 struct AttentionBwdParams {
@@ -82,12 +93,42 @@ struct AttentionBwdParams {
 
 // Largest head dim any backend of this op accepts.
 constexpr int64_t kAttentionMaxHeadDim = 256;
+// Most key ranges one query block may be split into.
+constexpr int64_t kAttentionMaxSplits = 128;
+
+// How many key ranges make `blocks` query blocks, each visiting `key_blocks` key blocks, fill
+// `workers` (SMs or threads). 1 when the blocks alone give most workers a block. Otherwise
+// the count whose last wave is fullest, as FlashAttention-2 chooses: splits of s ranges run
+// blocks · s units in waves of `workers`, a wave efficiency (blocks · s / workers) / ceil(...),
+// and the smallest s within 85% of the best wins (fewer partial outputs to merge). A count that
+// leaves a range's length as it was for s - 1 buys nothing and is skipped; each range keeps at
+// least two key blocks, so that the merge never costs more than a range.
+inline int64_t attention_num_splits(int64_t blocks, int64_t key_blocks, int64_t workers) {
+  if (blocks <= 0 || key_blocks < 4 || workers <= 0 || 5 * blocks >= 4 * workers) return 1;
+  const int64_t most = std::min({kAttentionMaxSplits, workers, key_blocks / 2});
+  auto ceil_div = [](int64_t a, int64_t b) { return (a + b - 1) / b; };
+  auto efficiency = [&](int64_t s) {
+    const double waves = double(blocks * s) / double(workers);
+    return waves / std::ceil(waves);
+  };
+  auto useful = [&](int64_t s) { return s == 1 || ceil_div(key_blocks, s) != ceil_div(key_blocks, s - 1); };
+  double best = 0.0;
+  for (int64_t s = 1; s <= most; ++s)
+    if (useful(s)) best = std::max(best, efficiency(s));
+  for (int64_t s = 1; s <= most; ++s)
+    if (useful(s) && efficiency(s) >= 0.85 * best) return s;
+  return 1;
+}
 
 void attention_fwd_cpu(const AttentionFwdParams& p);
+// The num_splits that attention_fwd_cpu would run p's sizes with on this many OpenMP threads.
+int64_t attention_fwd_num_splits_cpu(const AttentionFwdParams& p);
 void attention_bwd_cpu(const AttentionBwdParams& p);
 
 #if defined(__CUDACC__) || defined(FUSEDFORMER_WITH_CUDA)
 void attention_fwd_cuda(const AttentionFwdParams& p, cudaStream_t stream);
+// The num_splits for p's sizes on the current device (its SM count and the kernel's tiles).
+int64_t attention_fwd_num_splits_cuda(const AttentionFwdParams& p);
 void attention_bwd_cuda(const AttentionBwdParams& p, cudaStream_t stream);
 // Whether the CUDA attention and FFN launch their sm_90a warpgroup-MMA (wgmma) kernels on the
 // current device: the binary that runs there is sm_90a code and FUSEDFORMER_CUDA_WGMMA is not 0.

@@ -257,10 +257,14 @@ std::array<int64_t, 6> check_attention_qkv(const Tensor& q, const Tensor& k, con
   return {b, hq, hkv, lq, lk, d};
 }
 
+// num_splits: 0 lets the backend choose (split-KV where the grid alone would leave most SMs or
+// threads idle, as when decoding); n >= 1 forces n key ranges.
 std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q_, const Tensor& k_, const Tensor& v_,
                                          const OptTensor& mask, double scale, bool is_causal,
-                                         double dropout_p, int64_t seed) {
+                                         double dropout_p, int64_t seed, int64_t num_splits) {
   const auto [b, hq, hkv, lq, lk, d] = check_attention_qkv(q_, k_, v_, dropout_p, "attention_fwd");
+  TORCH_CHECK(num_splits >= 0 && num_splits <= ff::kAttentionMaxSplits, "attention_fwd: num_splits must be in [0, ",
+              ff::kAttentionMaxSplits, "] (0: the backend chooses), got ", num_splits);
   const c10::OptionalDeviceGuard guard(q_.device());
   Tensor q = unit_last_stride(q_), k = unit_last_stride(k_), v = unit_last_stride(v_);
   Tensor o = new_output({b, hq, lq, d}, q.options());
@@ -281,10 +285,22 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q_, const Tensor& k_, con
   p.dropout_p = static_cast<float>(dropout_p);
   p.seed = static_cast<uint64_t>(seed);
   p.lse = lse.data_ptr<float>();
+  Tensor o_accum, lse_accum;  // split-KV's partial results, fp32
+  const auto use_splits = [&](int64_t chosen) {
+    p.num_splits = num_splits > 0 ? num_splits : chosen;
+    if (p.num_splits == 1) return;
+    const auto f32 = q.options().dtype(at::kFloat);
+    o_accum = at::empty({p.num_splits, b, hq, lq, d}, f32);
+    lse_accum = at::empty({p.num_splits, b, hq, lq}, f32);
+    p.o_accum = o_accum.data_ptr<float>();
+    p.lse_accum = lse_accum.data_ptr<float>();
+  };
   if (q.is_cpu()) {
+    use_splits(num_splits > 0 ? 1 : ff::attention_fwd_num_splits_cpu(p));
     ff::attention_fwd_cpu(p);
   } else {
 #ifdef FUSEDFORMER_WITH_CUDA
+    use_splits(num_splits > 0 ? 1 : ff::attention_fwd_num_splits_cuda(p));
     ff::attention_fwd_cuda(p, c10::cuda::getCurrentCUDAStream());
 #else
     no_cuda("attention_fwd");
@@ -748,9 +764,13 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("mean"), pybind11::arg("rstd"), pybind11::arg("need_dweight"),
         pybind11::arg("need_dbias"));
   // Attention
-  m.def("attention_fwd", &attention_fwd, "Attention forward -> (o, lse)", pybind11::arg("q"),
+  m.def("attention_fwd", &attention_fwd, "Attention forward -> (o, lse); num_splits: split-KV key ranges, 0 = the backend chooses", pybind11::arg("q"),
         pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("mask"), pybind11::arg("scale"),
-        pybind11::arg("is_causal"), pybind11::arg("dropout_p"), pybind11::arg("seed"));
+        pybind11::arg("is_causal"), pybind11::arg("dropout_p"), pybind11::arg("seed"),
+        pybind11::arg("num_splits") = 0);
+  m.def("attention_num_splits", &ff::attention_num_splits,
+        "Split-KV's choice: key ranges for `blocks` query blocks of `key_blocks` key blocks on `workers`",
+        pybind11::arg("blocks"), pybind11::arg("key_blocks"), pybind11::arg("workers"));
   m.def("attention_bwd", &attention_bwd, "Attention backward -> (dq, dk, dv)", pybind11::arg("do"),
         pybind11::arg("q"), pybind11::arg("k"), pybind11::arg("v"), pybind11::arg("o"),
         pybind11::arg("lse"), pybind11::arg("mask"), pybind11::arg("scale"),

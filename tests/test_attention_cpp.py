@@ -87,6 +87,109 @@ def test_rule(backend, device, dtype, case):
     assert_rule([testing.compare(*z) for z in zip(("o", "dq", "dk", "dv"), got, ours, truth)])
 
 
+# Split-KV cases (B, HQ, HKV, LQ, LK, D, causal, mask kind): decoding (one query row against a
+# long cache) with GQA and key padding; causal with LQ = LK, where the ranges past a query
+# block's diagonal are empty; more ranges than key blocks; an additive mask.
+SPLIT_CASES = [
+    (2, 4, 2, 1, 517, 64, False, "key_padding"),
+    (1, 2, 2, 150, 150, 40, True, "none"),
+    (1, 1, 1, 5, 70, 128, False, "float"),
+    (1, 2, 1, 3, 300, 80, False, "bool_2d"),
+]
+
+
+def _ext():
+    from fusedformer.kernels.dispatch import extension
+
+    return extension()[0]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("splits", [2, 3, 7])
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_split_kv_forward(backend, device, dtype, splits, case):
+    """The forward split into key ranges (each its own o and lse, merged by lse) vs PyTorch's
+    same-dtype SDPA against the float64 oracle: o under the rule, lse to fp32 rounding."""
+    require_backend("attention", backend, device)
+    b, hq, hkv, lq, lk, d, causal, kind = case
+    q = torch.randn(b, hq, lq, d, dtype=dtype, device=device)
+    k, v = (torch.randn(b, hkv, lk, d, dtype=dtype, device=device) for _ in range(2))
+    mask = _mask(kind, b, hq, lq, lk, dtype, device)
+    wide = reference.attention_ref(q.double(), k.double(), v.double(), mask, is_causal=causal, enable_gqa=True,
+                                   return_lse=True)
+    kv = [t.repeat_interleave(hq // hkv, dim=1) for t in (k, v)]
+    tril = torch.ones(lq, lk, dtype=torch.bool, device=device).tril()
+    sdpa_mask = tril if causal else mask
+    ours = F.scaled_dot_product_attention(q, *kv, sdpa_mask)
+    ext_mask = mask if mask is None or mask.dim() == 4 else mask[None, None]  # the binding takes 4-D masks
+    o, lse = _ext().attention_fwd(q, k, v, ext_mask, d ** -0.5, causal, 0.0, 0, splits)
+    assert_rule([testing.compare("o", o, ours, wide[0])])
+    assert_close("lse", lse, wide[1].float(), atol=2e-5)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_split_kv_keeps_dropout_bits_and_dead_rows(backend, device):
+    """Each key's Philox keep bit is the same in every split (so split and unsplit outputs agree
+    to rounding), and a row with every key masked is o = 0, lse = -inf after the merge, its
+    ranges all empty."""
+    require_backend("attention", backend, device)
+    ext = _ext()
+    q, k, v = (torch.randn(1, 2, 40, 64, device=device) for _ in range(3))
+    k, v = (torch.randn(1, 2, 600, 64, device=device) for _ in range(2))
+    mask = torch.rand(1, 1, 40, 600, device=device) > 0.3
+    mask[..., [0, 17, 39], :] = False
+    whole = ext.attention_fwd(q, k, v, mask, 0.125, False, 0.3, 1234, 1)
+    for splits in (2, 5, 9):
+        o, lse = ext.attention_fwd(q, k, v, mask, 0.125, False, 0.3, 1234, splits)
+        assert_close(f"o ({splits} splits)", o, whole[0], atol=1e-5)
+        assert torch.equal(torch.isneginf(lse), torch.isneginf(whole[1]))
+        assert torch.isneginf(lse[:, :, [0, 17, 39]]).all()
+        assert torch.equal(o[:, :, [0, 17, 39]], torch.zeros_like(o[:, :, [0, 17, 39]]))
+        live = torch.isfinite(lse)
+        assert_close(f"lse ({splits} splits)", lse[live], whole[1][live], atol=1e-5)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_decoding_through_the_public_api_matches_the_oracle(backend, device):
+    """One head's query row against a long cache, num_splits left to the backend (split-KV on a
+    CPU with two or more threads, and on any GPU): o, lse and every gradient."""
+    require_backend("attention", backend, device)
+    if device == "cpu" and torch.get_num_threads() >= 2:  # the CPU kernel's 64-key blocks
+        assert _ext().attention_num_splits(1, 16, torch.get_num_threads()) >= 2
+    q = torch.randn(1, 1, 1, 64, device=device, requires_grad=True)
+    k, v = (torch.randn(1, 1, 1000, 64, device=device, requires_grad=True) for _ in range(2))
+    mask = torch.rand(1, 1, 1, 1000, device=device) > 0.2
+    o, lse = fusedformer.attention(q, k, v, mask, return_lse=True, backend=backend)
+    wide = [t.detach().double().requires_grad_() for t in (q, k, v)]
+    o_ref, lse_ref = reference.attention_ref(*wide, mask, return_lse=True)
+    do = torch.randn_like(o)
+    grads = torch.autograd.grad(o, (q, k, v), do)
+    refs = torch.autograd.grad(o_ref, wide, do.double())
+    assert_close("o", o, o_ref, atol=2e-5)
+    assert_close("lse", lse, lse_ref, atol=2e-5)
+    for name, g, r in zip(("dq", "dk", "dv"), grads, refs):
+        assert_close(name, g, r, atol=5e-5)
+
+
+@pytest.mark.parametrize("blocks,key_blocks,workers,expected", [
+    (132, 64, 132, 1),    # the grid fills the GPU: no split
+    (106, 64, 132, 1),    # four fifths of it does too
+    (16, 3, 132, 1),      # too few key blocks to share out
+    (1, 1000, 2, 2),      # decoding one head on two CPU threads
+    # 16 decoding heads on an H100: 7 ranges keep 112 of 132 SMs busy, within 85% of the best
+    # (8: 128 busy), and leave less to merge
+    (16, 64, 132, 7),
+    (4, 11, 108, 4),      # 11 key blocks: 5 ranges would be as long as 4 (3 blocks), so 4
+    (1, 4096, 132, 111),  # the smallest count within 85% of 128 ranges (the cap) that shortens a range
+])
+def test_split_heuristic(blocks, key_blocks, workers, expected):
+    require_backend("attention", "cpu", "cpu")
+    splits = _ext().attention_num_splits(blocks, key_blocks, workers)
+    assert splits == expected
+    assert splits == 1 or -(-key_blocks // splits) >= 2  # every range at least two key blocks
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_lse_and_fully_masked_rows(backend, device):
     """A row with every key masked (by a bool row, an all -inf float row, or causal with a
@@ -305,6 +408,9 @@ def test_cpp_checks_have_clear_messages():
         fwd(*_qkv(d=300))
     with pytest.raises(RuntimeError, match=r"dropout_p must be in \[0, 1\), got 1.5"):
         fwd(q, k, v, p=1.5)
+    for splits in (-1, 129):
+        with pytest.raises(RuntimeError, match=rf"num_splits must be in \[0, 128\] \(0: the backend chooses\), got {splits}"):
+            ext.attention_fwd(q, k, v, None, 0.25, False, 0.0, 0, splits)
     with pytest.raises(RuntimeError, match=r"mask must be bool \(True = attend\) or Float"):
         fwd(q, k, v, mask=torch.ones(1, 1, 8, 8, dtype=torch.half))
     with pytest.raises(RuntimeError, match=r"mask must be 4-D"):

@@ -12,7 +12,10 @@
 // [one OpenMP task each]: stream over blocks of kBlockN keys with the online softmax
 // (running max m, running sum l, fp32 accumulator acc), so memory is O(L · D) and no
 // (LQ, LK) tensor ever exists. Causal: key blocks entirely above the top-left diagonal are
-// skipped. Saves lse = m + log l.
+// skipped. Saves lse = m + log l. Split-KV (AttentionFwdParams::num_splits, chosen by
+// attention_fwd_num_splits_cpu when the query blocks alone leave threads idle, as in decoding):
+// each task takes one range of its query block's key blocks, writes that range's o and lse in
+// fp32, and combine_splits merges them by their lse, as the CUDA kernels do.
 // Backward (FA2), per (batch, kv head) [one task each]: K, V and the dK, dV accumulators of
 // the head stay in the task; for each query head of the group, Q, dO, Delta = rowsum(dO ∘ O)
 // and a dQ accumulator are loaded once, then every (key block, query block) tile recomputes
@@ -31,6 +34,9 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <stdexcept>
+#include <string>
+#include <utility>
 #include <vector>
 
 #if defined(__F16C__)
@@ -141,6 +147,46 @@ int64_t key_blocks_end(bool is_causal, int64_t i0, int64_t m, int64_t lk) {
   return is_causal ? std::min(nkb, ceil_div(i0 + m, kBlockN)) : nkb;
 }
 
+// Split-KV: the key blocks [begin, end) of range `split` of `splits` (the CUDA kernels'
+// split_key_blocks): the query block's blocks cut into equal consecutive ranges, the last
+// shorter; a range may be empty.
+std::pair<int64_t, int64_t> split_range(int64_t kb_end, int64_t split, int64_t splits) {
+  const int64_t per = ceil_div(kb_end, splits);
+  return {std::min(kb_end, split * per), std::min(kb_end, (split + 1) * per)};
+}
+
+// Split-KV's merge (the CUDA attention_fwd_combine_kernel): each query row's lse =
+// log Σ_s exp(lse_s) and o = Σ_s exp(lse_s - lse) o_s over its num_splits partial results;
+// ranges with no key (lse_s = -inf) weigh 0, a row with none keeps o = 0 and lse = -inf.
+template <typename T>
+void combine_splits(const AttentionFwdParams& p) {
+  const int64_t rows = p.b * p.hq * p.lq, splits = p.num_splits;
+#pragma omp parallel
+  {
+    std::vector<float> w(splits), o(p.d);
+#pragma omp for schedule(static)
+    for (int64_t row = 0; row < rows; ++row) {
+      float mx = kNegInf;
+      for (int64_t s = 0; s < splits; ++s) mx = std::max(mx, p.lse_accum[s * rows + row]);
+      const bool empty = mx == kNegInf;
+      float sum = 0.f;
+      for (int64_t s = 0; s < splits; ++s) sum += w[s] = empty ? 0.f : std::exp(p.lse_accum[s * rows + row] - mx);
+      const float lse = empty ? kNegInf : mx + std::log(sum);
+      std::fill(o.begin(), o.end(), 0.f);
+      for (int64_t s = 0; s < splits; ++s) {
+        if (w[s] == 0.f) continue;
+        const float ws = w[s] / sum;  // exp(lse_s - lse)
+        const float* os = p.o_accum + (s * rows + row) * p.d;
+        for (int64_t c = 0; c < p.d; ++c) o[c] += ws * os[c];
+      }
+      p.lse[row] = lse;
+      const int64_t i = row % p.lq, h = row / p.lq % p.hq, bi = row / (p.lq * p.hq);
+      store_rows(o.data(), p.d, 1.f, 1, p.d, i, static_cast<T*>(p.o) + bi * p.o_batch_stride + h * p.o_head_stride,
+                 p.o_row_stride);
+    }
+  }
+}
+
 // Zeroes the probabilities st[c][r] of the tile that dropout drops (the forward's P ∘ keep).
 void drop_probs(const AttentionFwdParams& p, const TilePos& t, float* st) {
   for (int64_t c = 0; c < t.n; ++c)
@@ -177,6 +223,7 @@ void online_softmax(const TilePos& t, float* st, float* m, float* l, float* alph
 template <typename T>
 void fwd(const AttentionFwdParams& p) {
   const int64_t d = p.d, dp = round_up_lanes(d), group = p.hq / p.hkv, nqb = ceil_div(p.lq, kBlockM);
+  const int64_t splits = p.num_splits;
   const bool dropout = p.dropout_p > 0.f;
   const float rp = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;  // kept values scale up
   const T* Q = static_cast<const T*>(p.q);
@@ -199,8 +246,9 @@ void fwd(const AttentionFwdParams& p) {
     std::vector<float> qt(d * kBlockM), acc(kBlockM * dp);
     std::vector<float> st(kBlockN * kBlockM), m(kBlockM), l(kBlockM), alpha(kBlockM);
 #pragma omp for schedule(dynamic)
-    for (int64_t task = 0; task < p.b * p.hq * nqb; ++task) {
-      const int64_t bi = task / (p.hq * nqb), h = task / nqb % p.hq, qb = task % nqb;
+    for (int64_t task = 0; task < p.b * p.hq * nqb * splits; ++task) {
+      const int64_t split = task % splits, block = task / splits;
+      const int64_t bi = block / (p.hq * nqb), h = block / nqb % p.hq, qb = block % nqb;
       const int64_t hk = h / group;
       TilePos t{bi, h, qb * kBlockM, std::min(kBlockM, p.lq - qb * kBlockM), 0, 0};
       const T* q_head = Q + bi * p.q_batch_stride + h * p.q_head_stride;
@@ -212,8 +260,8 @@ void fwd(const AttentionFwdParams& p) {
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.f);
 
-      const int64_t kb_end = key_blocks_end(p.is_causal, t.i0, t.m, p.lk);
-      for (int64_t kb = 0; kb < kb_end; ++kb) {
+      const auto [kb_begin, kb_end] = split_range(key_blocks_end(p.is_causal, t.i0, t.m, p.lk), split, splits);
+      for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
         t.j0 = kb * kBlockN;
         t.n = std::min(kBlockN, p.lk - t.j0);
         const float* k_tile = k_head + t.j0 * dp;
@@ -225,16 +273,22 @@ void fwd(const AttentionFwdParams& p) {
         gemm_tile<true>(t.m, dp, t.n, st.data(), 1, kBlockM, v_tile, dp, acc.data(), dp, 1.f, alpha.data());
       }
 
+      // The range's o and lse: the output's, or with split-KV fp32 partials for combine_splits.
+      const int64_t head_row = ((split * p.b + bi) * p.hq + h) * p.lq;  // row 0 of (split, bi, h) in o_accum
       T* o_head = O + bi * p.o_batch_stride + h * p.o_head_stride;
-      float* lse = p.lse + (bi * p.hq + h) * p.lq + t.i0;
+      float* lse = (splits > 1 ? p.lse_accum + head_row : p.lse + (bi * p.hq + h) * p.lq) + t.i0;
       for (int64_t r = 0; r < t.m; ++r) {
         const bool empty = m[r] == kNegInf;  // every key masked: o = 0, lse = -inf
         const float mul = empty ? 0.f : rp / l[r];
-        store_rows(acc.data() + r * dp, dp, mul, 1, d, t.i0 + r, o_head, p.o_row_stride);
+        if (splits > 1)
+          store_rows(acc.data() + r * dp, dp, mul, 1, d, t.i0 + r, p.o_accum + head_row * d, d);
+        else
+          store_rows(acc.data() + r * dp, dp, mul, 1, d, t.i0 + r, o_head, p.o_row_stride);
         lse[r] = empty ? kNegInf : m[r] + std::log(l[r]);
       }
     }
   }
+  if (splits > 1) combine_splits<T>(p);
 }
 
 // The backward's per-tile math. From the scores st and dpt = V dOᵀ (both (n, kBlockM), keys
@@ -352,7 +406,15 @@ void bwd(const AttentionBwdParams& p) {
 }  // namespace
 
 void attention_fwd_cpu(const AttentionFwdParams& p) {
+  if (p.num_splits < 1 || p.num_splits > kAttentionMaxSplits || (p.num_splits > 1 && (!p.o_accum || !p.lse_accum)))
+    throw std::invalid_argument("attention_fwd (cpu): num_splits must be in [1, " +
+                                std::to_string(kAttentionMaxSplits) +
+                                "] with o_accum and lse_accum given when > 1, got " + std::to_string(p.num_splits));
   dispatch_dtype(p.dtype, [&](auto tag) { fwd<decltype(tag)>(p); });
+}
+
+int64_t attention_fwd_num_splits_cpu(const AttentionFwdParams& p) {
+  return attention_num_splits(p.b * p.hq * ceil_div(p.lq, kBlockM), ceil_div(p.lk, kBlockN), omp_get_max_threads());
 }
 void attention_bwd_cpu(const AttentionBwdParams& p) {
   dispatch_dtype(p.dtype, [&](auto tag) { bwd<decltype(tag)>(p); });

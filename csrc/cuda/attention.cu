@@ -366,6 +366,18 @@ __device__ __forceinline__ int64_t key_blocks_end(const P& p, int64_t i0, int ro
   return p.is_causal ? min(nkb, ceil_div(min(i0 + rows, p.lq), kBN)) : nkb;
 }
 
+// Key blocks [begin, end) of split `split` (split-KV, AttentionFwdParams::num_splits): the
+// blocks key_blocks_end gives the query block, cut into num_splits consecutive ranges of equal
+// length but the last (the CPU twin's split_range). A range may be empty.
+struct KeyRange {
+  int64_t begin, end;
+};
+__device__ __forceinline__ KeyRange split_key_blocks(const AttentionFwdParams& p, int64_t i0, int rows, int kBN,
+                                                     int64_t split) {
+  const int64_t n = key_blocks_end(p, i0, rows, kBN), per = ceil_div(n, p.num_splits);
+  return {min(n, split * per), min(n, (split + 1) * per)};
+}
+
 // One step of a loop over tiles n = 0 .. count - 1 that load(n, stage) fills (cp.async
 // copies or plain stores), with tile 0 issued and committed before the loop. On return, tile n
 // is in buffer n % kStages for every thread, and with two stages tile n + 1's copies are in
@@ -552,14 +564,18 @@ __device__ __forceinline__ void rescale_rows(float (&acc)[kMT][kAN][4], const fl
 }
 
 // The forward's epilogue for a warp's kMT m-tiles: o = acc / l (· 1 / (1 - p) with dropout) and
-// lse = m + log l in nats; a row whose every key was masked gets o = 0 and lse = -inf.
+// lse = m + log l in nats; a row whose every key was masked gets o = 0 and lse = -inf. With
+// split-KV, split's o (fp32) and lse go to o_accum and lse_accum for attention_fwd_combine_kernel.
 template <typename T, int kMT, int kAN>
 __device__ __forceinline__ void store_fwd_rows(const AttentionFwdParams& p, const float (&acc)[kMT][kAN][4],
                                                const float (&m)[kMT][2], const float (&l)[kMT][2], int64_t bi,
-                                               int64_t h, int64_t row0, int lane) {
+                                               int64_t h, int64_t row0, int64_t split, int lane) {
   const int g = lane >> 2, t = lane & 3;
   const float rp = p.dropout_p > 0.f ? 1.f / (1.f - p.dropout_p) : 1.f;
+  const bool partial = p.num_splits > 1;
+  const int64_t head_row = ((split * p.b + bi) * p.hq + h) * p.lq;  // o_accum / lse_accum row 0 of (split, bi, h)
   T* o_head = static_cast<T*>(p.o) + bi * p.o_batch_stride + h * p.o_head_stride;
+  float* lse_head = partial ? p.lse_accum + head_row : p.lse + (bi * p.hq + h) * p.lq;
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt) {
     float mul[2];
@@ -569,10 +585,38 @@ __device__ __forceinline__ void store_fwd_rows(const AttentionFwdParams& p, cons
       const bool empty = m[mt][r] == -kInf;
       mul[r] = empty ? 0.f : rp / sum;
       const int64_t i = row0 + 16 * mt + g + 8 * r;
-      if (t == 0 && i < p.lq)
-        p.lse[(bi * p.hq + h) * p.lq + i] = empty ? -kInf : m[mt][r] * ExpUnits<T>::kNatPer + __logf(sum);
+      if (t == 0 && i < p.lq) lse_head[i] = empty ? -kInf : m[mt][r] * ExpUnits<T>::kNatPer + __logf(sum);
     }
-    store_slab<T, 8 * kAN>(acc[mt], mul, o_head, p.o_row_stride, row0 + 16 * mt, p.lq, p.d, lane);
+    if (partial)
+      store_slab<float, 8 * kAN>(acc[mt], mul, p.o_accum + head_row * p.d, p.d, row0 + 16 * mt, p.lq, p.d, lane);
+    else
+      store_slab<T, 8 * kAN>(acc[mt], mul, o_head, p.o_row_stride, row0 + 16 * mt, p.lq, p.d, lane);
+  }
+}
+
+// Split-KV's merge: one warp a query row (b, h, i) reads the row's num_splits partial lse and
+// o (store_fwd_rows) and writes lse = log Σ_s exp(lse_s) and o = Σ_s exp(lse_s - lse) o_s.
+// Splits with no key (lse_s = -inf) weigh 0; a row with none at all keeps o = 0, lse = -inf.
+template <typename T>
+__global__ void attention_fwd_combine_kernel(const AttentionFwdParams p) {
+  constexpr int kWarps = 8;
+  const int64_t rows = p.b * p.hq * p.lq, row = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
+  const int lane = threadIdx.x % 32;
+  if (row >= rows) return;
+  float mx = -kInf;
+  for (int64_t s = 0; s < p.num_splits; ++s) mx = fmaxf(mx, p.lse_accum[s * rows + row]);
+  const bool empty = mx == -kInf;
+  float sum = 0.f;
+  for (int64_t s = 0; s < p.num_splits && !empty; ++s) sum += __expf(p.lse_accum[s * rows + row] - mx);
+  const float lse = empty ? -kInf : mx + __logf(sum);
+  if (lane == 0) p.lse[row] = lse;
+  const int64_t i = row % p.lq, h = row / p.lq % p.hq, bi = row / (p.lq * p.hq);
+  T* o_row = static_cast<T*>(p.o) + bi * p.o_batch_stride + h * p.o_head_stride + i * p.o_row_stride;
+  for (int64_t c = lane; c < p.d; c += 32) {
+    float o = 0.f;
+    for (int64_t s = 0; s < p.num_splits && !empty; ++s)
+      o += __expf(p.lse_accum[s * rows + row] - lse) * p.o_accum[(s * rows + row) * p.d + c];
+    o_row[c] = from_f<T>(o);
   }
 }
 
@@ -592,12 +636,16 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   float* scratch = reinterpret_cast<float*>(sV + kStages * kBN * kS) + warp * Tr::kScratchWarpFloats;
 
-  const int64_t qb = blockIdx.x, h = blockIdx.y, bi = blockIdx.z, hk = h / (p.hq / p.hkv);
+  const int64_t qb = blockIdx.x / p.num_splits, split = blockIdx.x % p.num_splits;
+  const int64_t h = blockIdx.y, bi = blockIdx.z, hk = h / (p.hq / p.hkv);
   const int64_t i0 = qb * kBM;
   const T* q_head = static_cast<const T*>(p.q) + bi * p.q_batch_stride + h * p.q_head_stride;
   const T* k_head = static_cast<const T*>(p.k) + bi * p.k_batch_stride + hk * p.k_head_stride;
   const T* v_head = static_cast<const T*>(p.v) + bi * p.v_batch_stride + hk * p.v_head_stride;
-  const auto load_kv = kv_tile_loader<T, kD, kBN, Tr::kThreads>(p, k_head, v_head, sK, sV);
+  const auto load_block = kv_tile_loader<T, kD, kBN, Tr::kThreads>(p, k_head, v_head, sK, sV);
+  const KeyRange keys = split_key_blocks(p, i0, kBM, kBN, split);
+  const int64_t steps = keys.end - keys.begin;
+  auto load_kv = [&](int64_t n, int stage) { load_block(keys.begin + n, stage); };  // step n's key block
 
   // This warp's query rows: row0 + 16 · mt + g (+ 8), mt < kMT.
   const int64_t row0 = i0 + warp * 16 * kMT;
@@ -605,14 +653,13 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
   float m[kMT][2], l[kMT][2];  // rows g and g + 8 of each m-tile
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt) m[mt][0] = m[mt][1] = -kInf, l[mt][0] = l[mt][1] = 0.f;
-  const int64_t kb_end = key_blocks_end(p, i0, kBM, kBN);
   load_tile<T, kBM, kD, Tr::kThreads>(sQ, q_head, p.q_row_stride, i0, p.lq, p.d,
                                           rows_16b_aligned(q_head, p.q_row_stride));
-  if (kb_end > 0) load_kv(0, 0);
+  if (steps > 0) load_kv(0, 0);
   cp_async_commit();
-  for (int64_t kb = 0; kb < kb_end; ++kb) {
-    const int64_t j0 = kb * kBN;
-    const int stage = pipeline_step<kStages>(kb, kb_end, load_kv);
+  for (int64_t n = 0; n < steps; ++n) {
+    const int64_t j0 = (keys.begin + n) * kBN;
+    const int stage = pipeline_step<kStages>(n, steps, load_kv);
     const T* tK = sK + stage * kBN * kS;
     const T* tV = sV + stage * kBN * kS;
 
@@ -623,9 +670,9 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
     rescale_rows(acc, alpha);
     gemm_rs_nn<T, kBN, kD, kS, kMT>(acc, s, tV, scratch, lane);
   }
-  cp_async_wait<0>();  // none pending at exit (kb_end = 0 leaves Q's copies unwaited)
+  cp_async_wait<0>();  // none pending at exit (no step leaves Q's copies unwaited)
 
-  store_fwd_rows<T>(p, acc, m, l, bi, h, row0, lane);
+  store_fwd_rows<T>(p, acc, m, l, bi, h, row0, split, lane);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -715,7 +762,8 @@ __global__ void __launch_bounds__(WgmmaFwd<T, kD>::kThreads, 1)
   T* sV = sK + kStages * kBN * kD;   // the same
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
 
-  const int64_t qb = blockIdx.x, h = blockIdx.y, bi = blockIdx.z, hk = h / (p.hq / p.hkv);
+  const int64_t qb = blockIdx.x / p.num_splits, split = blockIdx.x % p.num_splits;
+  const int64_t h = blockIdx.y, bi = blockIdx.z, hk = h / (p.hq / p.hkv);
   const int64_t i0 = qb * kBM;
   const T* q_head = static_cast<const T*>(p.q) + bi * p.q_batch_stride + h * p.q_head_stride;
   const T* k_head = static_cast<const T*>(p.k) + bi * p.k_batch_stride + hk * p.k_head_stride;
@@ -731,15 +779,18 @@ __global__ void __launch_bounds__(WgmmaFwd<T, kD>::kThreads, 1)
   };
 
   // This warp's query rows: row0 + g (+ 8); warpgroup w's wgmma rows 16v .. are warp 4w + v's.
+  // Key blocks kb0 .. kb1 - 1 (all of the query block's, or split's range); the K and V buffers
+  // of block kb are kb % kStages.
   const int64_t row0 = i0 + 16 * warp;
-  const int64_t n = key_blocks_end(p, i0, kBM, kBN);
+  const KeyRange keys = split_key_blocks(p, i0, kBM, kBN, split);
+  const int64_t kb0 = keys.begin, kb1 = keys.end;
   load_tile<T, kBM, kD, C::kThreads, QLayout>(sQ, q_head, p.q_row_stride, i0, p.lq, p.d,
                                               rows_16b_aligned(q_head, p.q_row_stride));
-  if (n > 0) load_k(0);
+  if (kb1 > kb0) load_k(kb0);
   cp_async_commit();
   tiles_landed_for_wgmma();
-  if (n > 1) load_k(1);
-  if (n > 0) load_v(0);
+  if (kb1 > kb0 + 1) load_k(kb0 + 1);
+  if (kb1 > kb0) load_v(kb0);
   cp_async_commit();
   // The warp's Q rows as A fragments, one per 16 of D (gemm_nt's rows), when they fit.
   uint32_t q[C::kQInRegisters ? kD / 16 : 1][4];
@@ -769,16 +820,16 @@ __global__ void __launch_bounds__(WgmmaFwd<T, kD>::kThreads, 1)
   float acc[1][kD / 8][4] = {};
   float m[1][2] = {{-kInf, -kInf}}, l[1][2] = {{0.f, 0.f}}, alpha[1][2];
   uint32_t pa[kBN / 16][4];  // P of the previous block as A fragments (packed before its batch)
-  if (n > 0) {
+  if (kb1 > kb0) {
     float s[1][kBN / 8][4];
-    wgmma_sync_batch([&] { issue_scores(s[0], 0); }, s[0]);
-    online_softmax_step<T>(s, alpha, m, l, p, tile_interior(p, i0, 0, kBN), bi, h, row0, 0, lane);
+    wgmma_sync_batch([&] { issue_scores(s[0], kb0); }, s[0]);
+    online_softmax_step<T>(s, alpha, m, l, p, tile_interior(p, i0, kb0 * kBN, kBN), bi, h, row0, kb0 * kBN, lane);
     pack_a_fragments<T>(s[0], pa);
   }
-  for (int64_t kb = 1; kb < n; ++kb) {
+  for (int64_t kb = kb0 + 1; kb < kb1; ++kb) {
     const int64_t j0 = kb * kBN;
     tiles_landed_for_wgmma();  // K_kb and V_{kb-1}
-    if (kb + 1 < n) load_k(kb + 1);
+    if (kb + 1 < kb1) load_k(kb + 1);
     load_v(kb);
     cp_async_commit();
 
@@ -798,13 +849,13 @@ __global__ void __launch_bounds__(WgmmaFwd<T, kD>::kThreads, 1)
     rescale_rows(acc, alpha);
     pack_a_fragments<T>(s[0], pa);
   }
-  if (n > 0) {  // the last block's P V
-    tiles_landed_for_wgmma();  // V_{n-1}
-    wgmma_sync_batch([&] { wgmma_acc_rs_mn<T, kBN, kD>(acc[0], pa, v_tile(n - 1)); }, acc[0]);
+  if (kb1 > kb0) {  // the last block's P V
+    tiles_landed_for_wgmma();  // V_{kb1-1}
+    wgmma_sync_batch([&] { wgmma_acc_rs_mn<T, kBN, kD>(acc[0], pa, v_tile(kb1 - 1)); }, acc[0]);
   }
   cp_async_wait<0>();  // none pending at exit
 
-  store_fwd_rows<T>(p, acc, m, l, bi, h, row0, lane);
+  store_fwd_rows<T>(p, acc, m, l, bi, h, row0, split, lane);
 #else
   __trap();  // launched only where the binary is sm_90a code
 #endif
@@ -1406,27 +1457,57 @@ void dispatch(const P& p, F&& f) {
   dispatch_cuda_dtype(p.dtype, by_dim);
 }
 
-}  // namespace
-
-void attention_fwd_cuda(const AttentionFwdParams& p, cudaStream_t stream) {
-  check_grid(p, "attention_fwd");
+// Calls f(T{}, kernel, tiles) with the forward kernel p runs on the current device (the wgmma one
+// where the binary is sm_90a code), its launch shape and its tile.
+struct FwdLaunch {
+  int threads, smem, block_m, block_n;
+  const char* name;
+};
+template <typename F>
+void dispatch_fwd(const AttentionFwdParams& p, F&& f) {
   dispatch(p, [&](auto tag, auto dim) {
     using T = decltype(tag);
     constexpr int kD = decltype(dim)::value;
     if constexpr (WgmmaFwd<T, kD>::kSupported) {
       using C = WgmmaFwd<T, kD>;
-      if (wgmma_allowed() && binary_is_sm90(attention_fwd_wgmma_kernel<T, kD>)) {
-        const dim3 grid(unsigned(ceil_div(p.lq, C::kBM)), unsigned(p.hq), unsigned(p.b));
-        launch(attention_fwd_wgmma_kernel<T, kD>, grid, C::kThreads, C::kSmem, stream,
-               "attention_fwd_wgmma_kernel", p);
-        return;
-      }
+      if (wgmma_allowed() && binary_is_sm90(attention_fwd_wgmma_kernel<T, kD>))
+        return f(T{}, attention_fwd_wgmma_kernel<T, kD>,
+                 FwdLaunch{C::kThreads, int(C::kSmem), C::kBM, C::kBN, "attention_fwd_wgmma_kernel"});
     }
     using Tr = Traits<T, kD>;
-    const dim3 grid(unsigned(ceil_div(p.lq, Tr::kFwdBlockM)), unsigned(p.hq), unsigned(p.b));
-    launch(attention_fwd_kernel<T, kD>, grid, Tr::kThreads, Tr::kFwdSmem, stream,
-           "attention_fwd_kernel", p);
+    f(T{}, attention_fwd_kernel<T, kD>,
+      FwdLaunch{Tr::kThreads, int(Tr::kFwdSmem), Tr::kFwdBlockM, Tr::kFwdBlockN, "attention_fwd_kernel"});
   });
+}
+
+}  // namespace
+
+void attention_fwd_cuda(const AttentionFwdParams& p, cudaStream_t stream) {
+  check_grid(p, "attention_fwd");
+  if (p.num_splits < 1 || p.num_splits > kAttentionMaxSplits || (p.num_splits > 1 && (!p.o_accum || !p.lse_accum)))
+    throw std::runtime_error("attention_fwd (cuda): num_splits must be in [1, " + std::to_string(kAttentionMaxSplits) +
+                             "] with o_accum and lse_accum given when > 1, got " + std::to_string(p.num_splits));
+  dispatch_fwd(p, [&](auto tag, auto kernel, const FwdLaunch& k) {
+    using T = decltype(tag);
+    const dim3 grid(unsigned(ceil_div(p.lq, k.block_m) * p.num_splits), unsigned(p.hq), unsigned(p.b));
+    launch(kernel, grid, k.threads, k.smem, stream, k.name, p);
+    if (p.num_splits > 1) {
+      constexpr int kCombineWarps = 8;
+      launch(attention_fwd_combine_kernel<T>, dim3(unsigned(ceil_div(p.b * p.hq * p.lq, kCombineWarps))),
+             32 * kCombineWarps, 0, stream, "attention_fwd_combine_kernel", p);
+    }
+  });
+}
+
+int64_t attention_fwd_num_splits_cuda(const AttentionFwdParams& p) {
+  int device = 0, sms = 0;
+  check_cuda(cudaGetDevice(&device), "cudaGetDevice");
+  check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+  int64_t splits = 1;
+  dispatch_fwd(p, [&](auto, auto, const FwdLaunch& k) {
+    splits = attention_num_splits(p.b * p.hq * ceil_div(p.lq, k.block_m), ceil_div(p.lk, k.block_n), sms);
+  });
+  return splits;
 }
 
 bool wgmma_kernels_active_cuda() {

@@ -23,6 +23,7 @@ struct Case {
   float dropout;
   int64_t kv_pad = 0;  // K and V rows padded to d + kv_pad elements (a strided view)
   int device = 0;      // the emulator's device: 0 runs sm_80 code, 1 sm_90a (the wgmma forward)
+  int64_t splits = 1;  // the forward's split-KV ranges; 0: attention_fwd_num_splits_cuda's choice
 };
 
 // Worst errors measured over these cases on both emulated devices (2026-12-03, with the wgmma
@@ -78,6 +79,12 @@ void run(const Case& c) {
   p.o_batch_stride = hq * lq * d, p.o_head_stride = lq * d, p.o_row_stride = d;
   p.mask = mk, p.scale = scale, p.is_causal = c.causal, p.dropout_p = c.dropout, p.seed = seed;
   p.lse = lse.data();
+  p.num_splits = c.splits > 0 ? c.splits : attention_fwd_num_splits_cuda(p);
+  std::vector<float> o_accum(p.num_splits > 1 ? p.num_splits * b * hq * lq * d : 0, NAN),
+      lse_accum(p.num_splits > 1 ? p.num_splits * b * hq * lq : 0, NAN);
+  p.o_accum = p.num_splits > 1 ? o_accum.data() : nullptr;
+  p.lse_accum = p.num_splits > 1 ? lse_accum.data() : nullptr;
+  if (c.splits == 0 && p.num_splits < 2) throw std::logic_error("a case for the split heuristic ran unsplit");
   attention_fwd_cuda(p, nullptr);
 
   AttentionBwdParams bp{};
@@ -154,10 +161,10 @@ void run(const Case& c) {
         }
       }
 
-  char config[176];
-  snprintf(config, sizeof config, "%-4s sm%d b=%ld hq=%ld hkv=%ld lq=%ld lk=%ld d=%ld ldk=%ld causal=%d mask=%d p=%.1f",
+  char config[192];
+  snprintf(config, sizeof config, "%-4s sm%d b=%ld hq=%ld hkv=%ld lq=%ld lk=%ld d=%ld ldk=%ld causal=%d mask=%d p=%.1f splits=%ld",
            driver::dtype_name<T>(), c.device == 1 ? 90 : 80, long(b), long(hq), long(hkv), long(lq), long(lk), long(d), long(ldk),
-           int(c.causal), int(c.mask), c.dropout);
+           int(c.causal), int(c.mask), c.dropout, long(p.num_splits));
   const double tol = driver::pick<T>(kFwd), tol_bwd = driver::pick<T>(kBwd);
   driver::report("o", config, driver::rel_error(o, ro), tol);
   double lse_err = 0.0;
@@ -217,6 +224,17 @@ const bool registered = [] {
   add(f16, {2, 2, 1, 90, 66, 36, true, M::kNone, 0.f, 4});
   add(bf, {1, 2, 1, 65, 0, 64, false, M::kNone, 0.f});  // LK = 0: no key block in any loop
   add(bf, {1, 2, 1, 150, 140, 256, true, M::kKeyPadding, 0.1f});  // D = 256: two query blocks
+  // Split-KV: decoding against a long cache as the heuristic splits it (0), explicit splits
+  // with a causal diagonal that leaves some ranges empty, masks with fully masked rows (every
+  // split of such a row is empty: -inf lse), dropout (the keep bits of a key do not depend on
+  // its range), and more splits than key blocks.
+  add(0.f, {1, 2, 1, 1, 700, 64, false, M::kKeyPadding, 0.f, 0, 0, 0});
+  add(bf, {2, 2, 2, 1, 700, 128, false, M::kKeyPadding, 0.f, 0, 0, 0});
+  add(f16, {1, 2, 1, 3, 530, 64, false, M::kNone, 0.f, 0, 0, 0});
+  add(bf, {1, 2, 1, 150, 300, 64, true, M::kNone, 0.f, 0, 0, 3});
+  add(0.f, {1, 2, 2, 40, 260, 40, false, M::kBoolRows, 0.2f, 0, 0, 4});
+  add(f16, {1, 2, 1, 33, 200, 128, false, M::kAdditive, 0.f, 0, 0, 2});
+  add(bf, {1, 1, 1, 5, 70, 256, false, M::kNone, 0.f, 0, 0, 5});
   return true;
 }();
 

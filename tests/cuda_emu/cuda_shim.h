@@ -26,7 +26,8 @@
 //     swizzle-pattern boundary, so a kernel must align its swizzled tiles itself;
 //   - two devices (cudaSetDevice / cudaGetDevice): 0 runs every kernel as sm_80 code, 1 as
 //     sm_90a code (cudaFuncGetAttributes' binaryVersion), which is how a host picks between the
-//     sm_80 and sm_90a kernels, and the device's shared memory a block (163 or 227 KiB).
+//     sm_80 and sm_90a kernels, and the device's shared memory a block (163 or 227 KiB), and
+//     its SM count (cudaDeviceGetAttribute: 108 or 132).
 // Not emulated: timing, occupancy, register limits (__launch_bounds__ is ignored), bank
 // conflicts of plain shared loads and stores, the fast-math intrinsics' approximation errors
 // (__expf, __logf, rsqrtf are the libm functions here), concurrency between blocks (they run
@@ -167,6 +168,7 @@ inline float half_to_float<__half>(uint16_t bits) { return __half2float({bits});
 using cudaStream_t = struct emu_stream*;
 enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidValue = 1, cudaErrorInvalidConfiguration = 9 };
 enum cudaFuncAttribute { cudaFuncAttributeMaxDynamicSharedMemorySize = 8 };
+enum cudaDeviceAttr { cudaDevAttrMultiProcessorCount = 16 };
 
 namespace emu {
 
@@ -318,6 +320,13 @@ inline cudaError_t cudaSetDevice(int device) {
 }
 inline cudaError_t cudaGetDevice(int* device) {
   *device = emu::current_device;
+  return cudaSuccess;
+}
+// The SM count of the emulated parts: an A100's 108 (device 0), an H100 SXM's 132 (device 1).
+inline cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
+  if (attr != cudaDevAttrMultiProcessorCount || (device != 0 && device != 1))
+    return emu::fail(cudaErrorInvalidValue, "cudaDeviceGetAttribute(" + std::to_string(int(attr)) + ")");
+  *value = device == 1 ? 132 : 108;
   return cudaSuccess;
 }
 inline cudaError_t cudaGetLastError() { return std::exchange(emu::last_error, cudaSuccess); }
