@@ -95,3 +95,38 @@ def test_attention(benchmark, provider, causal, dtype, shape, mode):
         pytest.skip(f"{provider}: {e}")
     measure(benchmark, run, provider=provider, dtype=str(dtype), shape=shape, mode=mode,
             causal=causal, flops=flops)
+
+
+# Decoding: one query row a head against a KV cache. Memory-bound: the floor is reading K and V
+# once (the bytes below), so "% ceil" is against the copy rate; the fused forwards split the
+# keys across SMs or threads (split-KV) when B * H alone would leave them idle.
+if ON_GPU:
+    DECODE_SHAPES = [(1, 16, 32768, 128), (8, 32, 8192, 128)]
+    DECODE_DTYPES = [torch.bfloat16]
+else:
+    DECODE_SHAPES = [(1, 1, 32768, 128), (4, 16, 2048, 128)]
+    DECODE_DTYPES = [torch.float32, torch.bfloat16]
+
+
+@pytest.mark.parametrize("provider", fused_providers("attention") + variant_providers("attention")
+                         + [p for p in PEERS if p not in ("flex", "sdpa-math")])
+@pytest.mark.parametrize("dtype", DECODE_DTYPES, ids=str)
+@pytest.mark.parametrize("shape", DECODE_SHAPES, ids=str)
+def test_attention_decode(benchmark, provider, dtype, shape):
+    b, h, lk, d = shape
+    q = torch.randn(b, h, 1, d, device=DEVICE, dtype=dtype)
+    k, v = (torch.randn(b, h, lk, d, device=DEVICE, dtype=dtype) for _ in range(2))
+
+    def run():
+        if provider.startswith("fusedformer-"):
+            with switches(provider):
+                return fusedformer.attention(q, k, v, backend=backend_of(provider))
+        with _sdpa_context(provider):
+            return F.scaled_dot_product_attention(q, k, v)
+
+    try:
+        run()
+    except RuntimeError as e:
+        pytest.skip(f"{provider}: {e}")
+    measure(benchmark, run, provider=provider, dtype=str(dtype), shape=shape, mode="decode",
+            bytes=2 * k.numel() * k.element_size())

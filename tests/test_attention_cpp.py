@@ -172,6 +172,24 @@ def test_decoding_through_the_public_api_matches_the_oracle(backend, device):
         assert_close(name, g, r, atol=5e-5)
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("lq,d", [(1, 7), (1, 40), (3, 80), (2, 128), (1, 256)])
+def test_few_query_rows(backend, device, dtype, lq, d):
+    """Decoding shapes, one query head a kv head: the CPU kernel's few-rows path (scores as dot
+    products, P V by rows, reading 16-bit keys in place; head dims off its 8- and 32-wide
+    strips), forward and every gradient under the rule."""
+    require_backend("attention", backend, device)
+    q = torch.randn(2, 3, lq, d, dtype=dtype, device=device)
+    k, v = (torch.randn(2, 3, 301, d, dtype=dtype, device=device) for _ in range(2))
+    do = torch.randn(2, 3, lq, d, dtype=dtype, device=device)
+    mask = _mask("key_padding", 2, 3, lq, 301, dtype, device)
+    got = _run(lambda q, k, v: fusedformer.attention(q, k, v, mask, backend=backend), (q, k, v), do)
+    ours = _run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, mask), (q, k, v), do)
+    truth = _run(lambda q, k, v: reference.attention_ref(q, k, v, mask), [t.double() for t in (q, k, v)], do.double())
+    assert_rule([testing.compare(*z) for z in zip(("o", "dq", "dk", "dv"), got, ours, truth)])
+
+
 @pytest.mark.parametrize("blocks,key_blocks,workers,expected", [
     (132, 64, 132, 1),    # the grid fills the GPU: no split
     (106, 64, 132, 1),    # four fifths of it does too

@@ -35,13 +35,10 @@
 #include <cmath>
 #include <limits>
 #include <stdexcept>
+#include <type_traits>
 #include <string>
 #include <utility>
 #include <vector>
-
-#if defined(__F16C__)
-#include <immintrin.h>
-#endif
 
 #include "../philox.h"
 #include "attention_tiles.h"
@@ -58,20 +55,13 @@ constexpr float kPosInf = std::numeric_limits<float>::infinity();
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 
-// dst[0, d) = src[0, d) in fp32.
+// dst[0, d) = src[0, d) in fp32, exactly: 8 at a time (numeric.h's vector conversions), then the tail.
 template <typename T>
 void convert_row(const T* src, int64_t d, float* dst) {
-  for (int64_t c = 0; c < d; ++c) dst[c] = to_float(src[c]);
-}
-#if defined(__F16C__)
-// fp16 by the F16C instruction, 8 at a time (exact, like to_float, which is scalar and slow).
-void convert_row(const fp16* src, int64_t d, float* dst) {
   int64_t c = 0;
-  for (; c + kLanes <= d; c += kLanes)
-    _mm256_storeu_ps(dst + c, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + c))));
+  for (; c + kLanes <= d; c += kLanes) store8(dst + c, load8(src + c));
   for (; c < d; ++c) dst[c] = to_float(src[c]);
 }
-#endif
 
 // Loads rows [r0, r0 + n) of one head, base + r · row_stride, into dst (n, ld) fp32; the
 // columns [d, ld) are zeroed, so vectors over a padded row read zeros.
@@ -110,15 +100,67 @@ struct TilePos {
   int64_t bi, h, i0, m, j0, n;
 };
 
+// Whether a tile of m query rows takes its scores as dot products (score_tile's q_rows):
+// the GEMM computes whole Wide vectors of queries, so for a few rows (decoding) most of its
+// work would be on zero columns.
+bool few_queries(int64_t m) { return 4 * m <= Wide::kWidth; }
+
+// acc (m, dp) = diag(alpha) acc + P V for few_queries tiles, P = st (n, kBlockM) transposed and
+// v rows of d elements in any storage type, ld apart, converted in registers: for a few query
+// rows the GEMM would be all loads of V, so V is read once per row here, in 32-column strips
+// (four independent FMA chains).
+template <typename VT>
+void pv_rows(const TilePos& t, const float* st, const float* alpha, const VT* v, int64_t ld, int64_t d,
+             float* acc, int64_t dp) {
+  constexpr int kStrip = 4;
+  for (int64_t r = 0; r < t.m; ++r)
+    for (int64_t e0 = 0; e0 < dp; e0 += kStrip * kLanes) {
+      const int nv = int(std::min<int64_t>(kStrip, (dp - e0) / kLanes));
+      float* a_row = acc + r * dp + e0;
+      f32x8 a[kStrip];
+      for (int x = 0; x < nv; ++x) a[x] = load8(a_row + x * kLanes) * splat8(alpha[r]);
+      const bool whole = e0 + nv * kLanes <= d;  // no column of the strip past d
+      for (int64_t c = 0; c < t.n; ++c) {
+        const f32x8 pc = splat8(st[c * kBlockM + r]);
+        const VT* vr = v + c * ld + e0;
+        for (int x = 0; x < nv; ++x)
+          a[x] = fma8(pc, whole ? load8(vr + x * kLanes) : load8(vr + x * kLanes, int(std::clamp<int64_t>(d - e0 - x * kLanes, 0, kLanes))), a[x]);
+      }
+      for (int x = 0; x < nv; ++x) store8(a_row + x * kLanes, a[x]);
+    }
+}
+
 // st (n, kBlockM) = k qᵀ · scale, then the mask and the causal diagonal: the one definition
 // of a score, shared by the forward and the backward so they see the same numbers. k is the
 // key tile (n, ld); qt holds the tile's queries as columns, qt[c · ldq + r] = q[r][c], with
 // zero columns up to whole Wide vectors (those st columns are 0: the softmax steps read them,
-// nothing uses them).
-template <typename T>
-void score_tile(const float* k, int64_t ld, const float* qt, int64_t ldq, int64_t d, float scale,
-                const AttentionMask& mask, bool is_causal, const TilePos& t, float* st) {
-  gemm_tile<false>(t.n, round_up_wide(t.m), d, k, ld, 1, qt, ldq, st, kBlockM, scale);
+// nothing uses them). With q_rows (the queries as rows of round_up_lanes(d) floats, zero past
+// d; few_queries), each score is one dot product instead and qt is not read.
+template <typename T, typename KT = float>
+void score_tile(const KT* k, int64_t ld, const float* qt, int64_t ldq, int64_t d, float scale,
+                const AttentionMask& mask, bool is_causal, const TilePos& t, float* st,
+                const float* q_rows = nullptr) {
+  if (q_rows) {  // k: rows of d elements in any storage type, converted in registers
+    const int64_t dp = round_up_lanes(d), wide_m = round_up_wide(t.m);
+    for (int64_t c = 0; c < t.n; ++c) {
+      float* srow = st + c * kBlockM;
+      for (int64_t r = 0; r < t.m; ++r) {
+        f32x8 acc0{}, acc1{};
+        int64_t e = 0;
+        for (; e + 2 * kLanes <= d; e += 2 * kLanes) {
+          acc0 = fma8(load8(k + c * ld + e), load8(q_rows + r * dp + e), acc0);
+          acc1 = fma8(load8(k + c * ld + e + kLanes), load8(q_rows + r * dp + e + kLanes), acc1);
+        }
+        for (; e < d; e += kLanes) acc0 = fma8(load8(k + c * ld + e, int(d - e)), load8(q_rows + r * dp + e), acc0);
+        srow[r] = hsum8(acc0 + acc1) * scale;
+      }
+      std::fill(srow + t.m, srow + wide_m, 0.f);
+    }
+  } else if constexpr (std::is_same_v<KT, float>) {
+    gemm_tile<false>(t.n, round_up_wide(t.m), d, k, ld, 1, qt, ldq, st, kBlockM, scale);
+  } else {
+    throw std::logic_error("score_tile: the GEMM path reads fp32 key tiles");
+  }
   if (mask.kind != MaskKind::kNone) {
     const int64_t off = t.bi * mask.batch_stride + t.h * mask.head_stride +
                         t.i0 * mask.row_stride + t.j0 * mask.col_stride;
@@ -231,20 +273,33 @@ void fwd(const AttentionFwdParams& p) {
   const T* V = static_cast<const T*>(p.v);
   T* O = static_cast<T*>(p.o);
 
-  // K and V of every (batch, kv head) in fp32, (lk, dp) each: O(L · D) scratch.
-  std::vector<float> kf(p.b * p.hkv * p.lk * dp), vf(p.b * p.hkv * p.lk * dp);
+  // Where the key tiles come from, as fp32 rows of dp floats (zero past d):
+  //  - in place: fp32 rows with d a multiple of 8 need no copy;
+  //  - staged: K and V of every (batch, kv head) converted once up front ((lk, dp) each, O(L · D)
+  //    scratch), when more than one task reads each key tile (several query blocks or GQA heads);
+  //  - else each task converts its own tiles as it goes (decoding: one query block, one head a
+  //    kv head), so that no key is converted that a task does not read, nor converted twice.
+  const bool in_place = std::is_same_v<T, float> && dp == d;
+  const bool staged = !in_place && nqb * group > 1;
+  std::vector<float> kf(staged ? p.b * p.hkv * p.lk * dp : 0), vf(staged ? p.b * p.hkv * p.lk * dp : 0);
+  if (staged) {
+    constexpr int64_t kChunk = 256;  // rows a conversion task: shares out few heads too
+    const int64_t chunks = ceil_div(p.lk, kChunk);
 #pragma omp parallel for schedule(static)
-  for (int64_t bh = 0; bh < p.b * p.hkv; ++bh) {
-    const int64_t bi = bh / p.hkv, hk = bh % p.hkv;
-    load_rows(K + bi * p.k_batch_stride + hk * p.k_head_stride, p.k_row_stride, 0, p.lk, d, dp,
-              kf.data() + bh * p.lk * dp);
-    load_rows(V + bi * p.v_batch_stride + hk * p.v_head_stride, p.v_row_stride, 0, p.lk, d, dp,
-              vf.data() + bh * p.lk * dp);
+    for (int64_t task = 0; task < p.b * p.hkv * chunks; ++task) {
+      const int64_t bh = task / chunks, r0 = task % chunks * kChunk, n = std::min(kChunk, p.lk - r0);
+      const int64_t bi = bh / p.hkv, hk = bh % p.hkv;
+      load_rows(K + bi * p.k_batch_stride + hk * p.k_head_stride, p.k_row_stride, r0, n, d, dp,
+                kf.data() + (bh * p.lk + r0) * dp);
+      load_rows(V + bi * p.v_batch_stride + hk * p.v_head_stride, p.v_row_stride, r0, n, d, dp,
+                vf.data() + (bh * p.lk + r0) * dp);
+    }
   }
 #pragma omp parallel
   {
-    std::vector<float> qt(d * kBlockM), acc(kBlockM * dp);
+    std::vector<float> qt(d * kBlockM), q_rows(kBlockM * dp), acc(kBlockM * dp);
     std::vector<float> st(kBlockN * kBlockM), m(kBlockM), l(kBlockM), alpha(kBlockM);
+    std::vector<float> k_buf(in_place || staged ? 0 : kBlockN * dp), v_buf(k_buf.size());
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < p.b * p.hq * nqb * splits; ++task) {
       const int64_t split = task % splits, block = task / splits;
@@ -252,10 +307,30 @@ void fwd(const AttentionFwdParams& p) {
       const int64_t hk = h / group;
       TilePos t{bi, h, qb * kBlockM, std::min(kBlockM, p.lq - qb * kBlockM), 0, 0};
       const T* q_head = Q + bi * p.q_batch_stride + h * p.q_head_stride;
-      const float* k_head = kf.data() + (bi * p.hkv + hk) * p.lk * dp;
-      const float* v_head = vf.data() + (bi * p.hkv + hk) * p.lk * dp;
-      std::fill(qt.begin(), qt.end(), 0.f);
-      load_rows_transposed(q_head, p.q_row_stride, t.i0, t.m, d, kBlockM, qt.data());
+      const T* k_src = K + bi * p.k_batch_stride + hk * p.k_head_stride;
+      const T* v_src = V + bi * p.v_batch_stride + hk * p.v_head_stride;
+      // Key tile rows j0 .. j0 + n - 1 as fp32 (k_ld, v_ld apart).
+      const int64_t k_ld = in_place ? p.k_row_stride : dp, v_ld = in_place ? p.v_row_stride : dp;
+      auto key_tiles = [&](const TilePos& t) -> std::pair<const float*, const float*> {
+        if (in_place)
+          return {reinterpret_cast<const float*>(k_src) + t.j0 * k_ld, reinterpret_cast<const float*>(v_src) + t.j0 * v_ld};
+        if (staged)
+          return {kf.data() + ((bi * p.hkv + hk) * p.lk + t.j0) * dp, vf.data() + ((bi * p.hkv + hk) * p.lk + t.j0) * dp};
+        load_rows(k_src, p.k_row_stride, t.j0, t.n, d, dp, k_buf.data());
+        load_rows(v_src, p.v_row_stride, t.j0, t.n, d, dp, v_buf.data());
+        return {k_buf.data(), v_buf.data()};
+      };
+      // Few query rows (decoding): scores as dot products (score_tile's q_rows); unless staged,
+      // they read the key tiles where they lie, in their storage type, and so does P V for
+      // 16-bit tiles (pv_rows; fp32 tiles in place keep the GEMM, measured faster on the dev
+      // machine at (4, 16, 1, 128) x 2048 keys: 4.9 against 5.8 ms).
+      const bool dots = few_queries(t.m), direct = dots && !staged;
+      if (dots) {
+        load_rows(q_head, p.q_row_stride, t.i0, t.m, d, dp, q_rows.data());
+      } else {
+        std::fill(qt.begin(), qt.end(), 0.f);
+        load_rows_transposed(q_head, p.q_row_stride, t.i0, t.m, d, kBlockM, qt.data());
+      }
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.f);
@@ -264,13 +339,20 @@ void fwd(const AttentionFwdParams& p) {
       for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
         t.j0 = kb * kBlockN;
         t.n = std::min(kBlockN, p.lk - t.j0);
-        const float* k_tile = k_head + t.j0 * dp;
-        const float* v_tile = v_head + t.j0 * dp;
-        score_tile<T>(k_tile, dp, qt.data(), kBlockM, d, p.scale, p.mask, p.is_causal, t, st.data());
+        const auto [k_tile, v_tile] = direct && !in_place ? std::pair<const float*, const float*>{} : key_tiles(t);
+        if (direct)
+          score_tile<T>(k_src + t.j0 * p.k_row_stride, p.k_row_stride, qt.data(), kBlockM, d, p.scale, p.mask,
+                        p.is_causal, t, st.data(), q_rows.data());
+        else
+          score_tile<T>(k_tile, k_ld, qt.data(), kBlockM, d, p.scale, p.mask, p.is_causal, t, st.data(),
+                        dots ? q_rows.data() : nullptr);
         online_softmax(t, st.data(), m.data(), l.data(), alpha.data());
         if (dropout) drop_probs(p, t, st.data());
         // acc = diag(alpha) acc + P V: the online softmax's rescale rides in the GEMM's store.
-        gemm_tile<true>(t.m, dp, t.n, st.data(), 1, kBlockM, v_tile, dp, acc.data(), dp, 1.f, alpha.data());
+        if (direct && !in_place)
+          pv_rows(t, st.data(), alpha.data(), v_src + t.j0 * p.v_row_stride, p.v_row_stride, d, acc.data(), dp);
+        else
+          gemm_tile<true>(t.m, dp, t.n, st.data(), 1, kBlockM, v_tile, v_ld, acc.data(), dp, 1.f, alpha.data());
       }
 
       // The range's o and lse: the output's, or with split-KV fp32 partials for combine_splits.
