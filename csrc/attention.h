@@ -16,6 +16,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <stdexcept>
+#include <string>
 
 #include "common.h"
 
@@ -103,6 +105,14 @@ constexpr int64_t kAttentionMaxSplits = 128;
 // and the smallest s within 85% of the best wins (fewer partial outputs to merge). A count that
 // leaves a range's length as it was for s - 1 buys nothing and is skipped; each range keeps at
 // least two key blocks, so that the merge never costs more than a range.
+// The kernels' own check of a split request (the binding validates the user's first): a count
+// in [1, kAttentionMaxSplits], with its workspace when above 1.
+inline void check_num_splits(const AttentionFwdParams& p, const char* op) {
+  if (p.num_splits < 1 || p.num_splits > kAttentionMaxSplits || (p.num_splits > 1 && (!p.o_accum || !p.lse_accum)))
+    throw std::invalid_argument(std::string(op) + ": num_splits must be in [1, " + std::to_string(kAttentionMaxSplits) +
+                                "] with o_accum and lse_accum given when > 1, got " + std::to_string(p.num_splits));
+}
+
 inline int64_t attention_num_splits(int64_t blocks, int64_t key_blocks, int64_t workers) {
   if (blocks <= 0 || key_blocks < 4 || workers <= 0 || 5 * blocks >= 4 * workers) return 1;
   const int64_t most = std::min({kAttentionMaxSplits, workers, key_blocks / 2});

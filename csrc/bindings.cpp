@@ -286,21 +286,21 @@ std::tuple<Tensor, Tensor> attention_fwd(const Tensor& q_, const Tensor& k_, con
   p.seed = static_cast<uint64_t>(seed);
   p.lse = lse.data_ptr<float>();
   Tensor o_accum, lse_accum;  // split-KV's partial results, fp32
-  const auto use_splits = [&](int64_t chosen) {
-    p.num_splits = num_splits > 0 ? num_splits : chosen;
-    if (p.num_splits == 1) return;
+  const auto split = [&](int64_t splits) {
+    p.num_splits = splits;
+    if (splits == 1) return;
     const auto f32 = q.options().dtype(at::kFloat);
-    o_accum = at::empty({p.num_splits, b, hq, lq, d}, f32);
-    lse_accum = at::empty({p.num_splits, b, hq, lq}, f32);
+    o_accum = at::empty({splits, b, hq, lq, d}, f32);
+    lse_accum = at::empty({splits, b, hq, lq}, f32);
     p.o_accum = o_accum.data_ptr<float>();
     p.lse_accum = lse_accum.data_ptr<float>();
   };
   if (q.is_cpu()) {
-    use_splits(num_splits > 0 ? 1 : ff::attention_fwd_num_splits_cpu(p));
+    split(num_splits > 0 ? num_splits : ff::attention_fwd_num_splits_cpu(p));
     ff::attention_fwd_cpu(p);
   } else {
 #ifdef FUSEDFORMER_WITH_CUDA
-    use_splits(num_splits > 0 ? 1 : ff::attention_fwd_num_splits_cuda(p));
+    split(num_splits > 0 ? num_splits : ff::attention_fwd_num_splits_cuda(p));
     ff::attention_fwd_cuda(p, c10::cuda::getCurrentCUDAStream());
 #else
     no_cuda("attention_fwd");

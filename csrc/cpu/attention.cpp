@@ -34,9 +34,9 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <tuple>
 #include <stdexcept>
 #include <type_traits>
-#include <string>
 #include <utility>
 #include <vector>
 
@@ -320,11 +320,12 @@ void fwd(const AttentionFwdParams& p) {
         load_rows(v_src, p.v_row_stride, t.j0, t.n, d, dp, v_buf.data());
         return {k_buf.data(), v_buf.data()};
       };
-      // Few query rows (decoding): scores as dot products (score_tile's q_rows); unless staged,
-      // they read the key tiles where they lie, in their storage type, and so does P V for
-      // 16-bit tiles (pv_rows; fp32 tiles in place keep the GEMM, measured faster on the dev
-      // machine at (4, 16, 1, 128) x 2048 keys: 4.9 against 5.8 ms).
-      const bool dots = few_queries(t.m), direct = dots && !staged;
+      // Few query rows (decoding): scores as dot products (score_tile's q_rows). Unstaged
+      // 16-bit tiles (or fp32 rows off whole vectors) are then read where they lie, converted
+      // in registers, by the dot products and by P V (pv_rows): `raw`, no tile copied. fp32
+      // tiles in place keep the GEMM for P V, measured faster on the dev machine at
+      // (4, 16, 1, 128) x 2048 keys: 4.9 against 5.8 ms.
+      const bool dots = few_queries(t.m), raw = dots && !staged && !in_place;
       if (dots) {
         load_rows(q_head, p.q_row_stride, t.i0, t.m, d, dp, q_rows.data());
       } else {
@@ -339,17 +340,20 @@ void fwd(const AttentionFwdParams& p) {
       for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
         t.j0 = kb * kBlockN;
         t.n = std::min(kBlockN, p.lk - t.j0);
-        const auto [k_tile, v_tile] = direct && !in_place ? std::pair<const float*, const float*>{} : key_tiles(t);
-        if (direct)
+        const float* k_tile = nullptr;
+        const float* v_tile = nullptr;
+        if (raw) {
           score_tile<T>(k_src + t.j0 * p.k_row_stride, p.k_row_stride, qt.data(), kBlockM, d, p.scale, p.mask,
                         p.is_causal, t, st.data(), q_rows.data());
-        else
+        } else {
+          std::tie(k_tile, v_tile) = key_tiles(t);
           score_tile<T>(k_tile, k_ld, qt.data(), kBlockM, d, p.scale, p.mask, p.is_causal, t, st.data(),
                         dots ? q_rows.data() : nullptr);
+        }
         online_softmax(t, st.data(), m.data(), l.data(), alpha.data());
         if (dropout) drop_probs(p, t, st.data());
         // acc = diag(alpha) acc + P V: the online softmax's rescale rides in the GEMM's store.
-        if (direct && !in_place)
+        if (raw)
           pv_rows(t, st.data(), alpha.data(), v_src + t.j0 * p.v_row_stride, p.v_row_stride, d, acc.data(), dp);
         else
           gemm_tile<true>(t.m, dp, t.n, st.data(), 1, kBlockM, v_tile, v_ld, acc.data(), dp, 1.f, alpha.data());
@@ -488,10 +492,7 @@ void bwd(const AttentionBwdParams& p) {
 }  // namespace
 
 void attention_fwd_cpu(const AttentionFwdParams& p) {
-  if (p.num_splits < 1 || p.num_splits > kAttentionMaxSplits || (p.num_splits > 1 && (!p.o_accum || !p.lse_accum)))
-    throw std::invalid_argument("attention_fwd (cpu): num_splits must be in [1, " +
-                                std::to_string(kAttentionMaxSplits) +
-                                "] with o_accum and lse_accum given when > 1, got " + std::to_string(p.num_splits));
+  check_num_splits(p, "attention_fwd (cpu)");
   dispatch_dtype(p.dtype, [&](auto tag) { fwd<decltype(tag)>(p); });
 }
 

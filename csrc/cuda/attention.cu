@@ -1484,9 +1484,7 @@ void dispatch_fwd(const AttentionFwdParams& p, F&& f) {
 
 void attention_fwd_cuda(const AttentionFwdParams& p, cudaStream_t stream) {
   check_grid(p, "attention_fwd");
-  if (p.num_splits < 1 || p.num_splits > kAttentionMaxSplits || (p.num_splits > 1 && (!p.o_accum || !p.lse_accum)))
-    throw std::runtime_error("attention_fwd (cuda): num_splits must be in [1, " + std::to_string(kAttentionMaxSplits) +
-                             "] with o_accum and lse_accum given when > 1, got " + std::to_string(p.num_splits));
+  check_num_splits(p, "attention_fwd (cuda)");
   dispatch_fwd(p, [&](auto tag, auto kernel, const FwdLaunch& k) {
     using T = decltype(tag);
     const dim3 grid(unsigned(ceil_div(p.lq, k.block_m) * p.num_splits), unsigned(p.hq), unsigned(p.b));
