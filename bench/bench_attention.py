@@ -50,6 +50,18 @@ def _flex(q, k, v, causal: bool):
     return _flex_compiled(q, k, v, block_mask=block_mask)
 
 
+def _attend(provider: str, q, k, v, causal: bool = False):
+    """Attention of q, k, v by `provider`: a fusedformer backend, FlexAttention, or SDPA
+    (pinned to one of its backends on a GPU)."""
+    if provider.startswith("fusedformer-"):
+        with switches(provider):
+            return fusedformer.attention(q, k, v, is_causal=causal, backend=backend_of(provider))
+    if provider == "flex":
+        return _flex(q, k, v, causal)
+    with _sdpa_context(provider):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+
 def _sdpa_context(provider: str):
     if provider == "sdpa":
         return contextlib.nullcontext()
@@ -74,20 +86,11 @@ def test_attention(benchmark, provider, causal, dtype, shape, mode):
     do = torch.randn_like(q)
     flops = 4 * b * h * t * t * d * (0.5 if causal else 1.0) * (3.5 if mode == "fwd+bwd" else 1.0)
 
-    def attend():
-        if provider.startswith("fusedformer-"):
-            with switches(provider):
-                return fusedformer.attention(q, k, v, is_causal=causal, backend=backend_of(provider))
-        if provider == "flex":
-            return _flex(q, k, v, causal)
-        with _sdpa_context(provider):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
-
     def run():
         if mode == "fwd":
             with torch.no_grad():
-                return attend()
-        grads(attend(), (q, k, v), do)
+                return _attend(provider, q, k, v, causal)
+        grads(_attend(provider, q, k, v, causal), (q, k, v), do)
 
     try:
         run()
@@ -118,11 +121,7 @@ def test_attention_decode(benchmark, provider, dtype, shape):
     k, v = (torch.randn(b, h, lk, d, device=DEVICE, dtype=dtype) for _ in range(2))
 
     def run():
-        if provider.startswith("fusedformer-"):
-            with switches(provider):
-                return fusedformer.attention(q, k, v, backend=backend_of(provider))
-        with _sdpa_context(provider):
-            return F.scaled_dot_product_attention(q, k, v)
+        return _attend(provider, q, k, v)
 
     try:
         run()

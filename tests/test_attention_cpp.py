@@ -104,6 +104,16 @@ def _ext():
     return extension()[0]
 
 
+def _fp32_atol(device: str, cpu: float, cuda: float) -> float:
+    """The split-KV and decoding tests' fp32 tolerances. Worst errors of the CPU kernel measured
+    on 5-20 seeds (2026-12-03): lse against fp64 7.3e-7 (fp32 rounding near 8); split against
+    unsplit, o 1.8e-7 and lse 9.5e-7 (one ulp near 8); decoding o 5.7e-8, lse 3.7e-7, gradients
+    8.6e-8. The CUDA kernels take exp and log through __expf / __logf, a few ulp more and
+    growing with |x|, and have never run on a GPU: they keep the 2e-5 (5e-5 for gradients) this
+    file uses for fp32 elsewhere until a GPU run measures them."""
+    return cpu if device == "cpu" else cuda
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("splits", [2, 3, 7])
@@ -125,7 +135,7 @@ def test_split_kv_forward(backend, device, dtype, splits, case):
     ext_mask = mask if mask is None or mask.dim() == 4 else mask[None, None]  # the binding takes 4-D masks
     o, lse = _ext().attention_fwd(q, k, v, ext_mask, d ** -0.5, causal, 0.0, 0, splits)
     assert_rule([testing.compare("o", o, ours, wide[0])])
-    assert_close("lse", lse, wide[1].float(), atol=2e-5)
+    assert_close("lse", lse, wide[1].float(), atol=_fp32_atol(device, 2e-6, 2e-5))
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -135,19 +145,19 @@ def test_split_kv_keeps_dropout_bits_and_dead_rows(backend, device):
     ranges all empty."""
     require_backend("attention", backend, device)
     ext = _ext()
-    q, k, v = (torch.randn(1, 2, 40, 64, device=device) for _ in range(3))
+    q = torch.randn(1, 2, 40, 64, device=device)
     k, v = (torch.randn(1, 2, 600, 64, device=device) for _ in range(2))
     mask = torch.rand(1, 1, 40, 600, device=device) > 0.3
     mask[..., [0, 17, 39], :] = False
     whole = ext.attention_fwd(q, k, v, mask, 0.125, False, 0.3, 1234, 1)
     for splits in (2, 5, 9):
         o, lse = ext.attention_fwd(q, k, v, mask, 0.125, False, 0.3, 1234, splits)
-        assert_close(f"o ({splits} splits)", o, whole[0], atol=1e-5)
+        assert_close(f"o ({splits} splits)", o, whole[0], atol=_fp32_atol(device, 5e-7, 2e-5))
         assert torch.equal(torch.isneginf(lse), torch.isneginf(whole[1]))
         assert torch.isneginf(lse[:, :, [0, 17, 39]]).all()
         assert torch.equal(o[:, :, [0, 17, 39]], torch.zeros_like(o[:, :, [0, 17, 39]]))
         live = torch.isfinite(lse)
-        assert_close(f"lse ({splits} splits)", lse[live], whole[1][live], atol=1e-5)
+        assert_close(f"lse ({splits} splits)", lse[live], whole[1][live], atol=_fp32_atol(device, 2e-6, 2e-5))
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
@@ -166,10 +176,10 @@ def test_decoding_through_the_public_api_matches_the_oracle(backend, device):
     do = torch.randn_like(o)
     grads = torch.autograd.grad(o, (q, k, v), do)
     refs = torch.autograd.grad(o_ref, wide, do.double())
-    assert_close("o", o, o_ref, atol=2e-5)
-    assert_close("lse", lse, lse_ref, atol=2e-5)
+    assert_close("o", o, o_ref, atol=_fp32_atol(device, 3e-7, 2e-5))
+    assert_close("lse", lse, lse_ref, atol=_fp32_atol(device, 2e-6, 2e-5))
     for name, g, r in zip(("dq", "dk", "dv"), grads, refs):
-        assert_close(name, g, r, atol=5e-5)
+        assert_close(name, g, r, atol=_fp32_atol(device, 5e-7, 5e-5))
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

@@ -27,7 +27,8 @@ def _run(tmp_path) -> str:
     rows = [_row("test_matmul_rate", "torch", [8192] * 3, 1.0, ceiling="matmul", **{"TFLOP/s": 4.0}),
             _row("test_copy_bandwidth", "torch", [1 << 28], 1.0, ceiling="copy", **{"GB/s": 3000.0}),
             _row("test_softmax", "torch", [4, 1024], 0.5, **{"GB/s": 1000.0}),
-            _row("test_softmax", "fusedformer-triton", [4, 1024], 0.25, **{"GB/s": 2000.0})]
+            _row("test_softmax", "fusedformer-triton", [4, 1024], 0.25, **{"GB/s": 2000.0}),
+            _row("test_softmax", "fusedformer-cuda", [4, 1024], 0.2, **{"GB/s": 2500.0})]
     for shape, medians in (([1, 2, 4096, 128], {"sdpa-flash": 1.0, "fusedformer-cuda": 0.8, "flex": 2.0}),
                            ([1, 2, 8192, 128], {"sdpa-flash": 2.0, "fusedformer-cuda": 1.0})):
         rows += [_row("test_attention[causal=True]", p, shape, m, causal=True, **{"TFLOP/s": flops / m / 1e12})
@@ -74,10 +75,13 @@ def test_bars_scale_with_the_rates_and_the_ceiling_sits_at_its_value(tmp_path):
 def test_a_provider_keeps_its_colour_in_every_chart(tmp_path):
     report.plot(_run(tmp_path), str(tmp_path / "plots"))
     colours: dict[str, set[str]] = {}
+    seen: dict[str, set[str]] = {}  # provider -> the charts it has bars in
     for path in glob.glob(str(tmp_path / "plots" / "*.svg")):
         for bar in ET.parse(path).getroot().iter(f"{SVG}rect"):
             if bar.get("class") == "bar":
                 colours.setdefault(bar.get("data-provider"), set()).add(bar.get("fill"))
+                seen.setdefault(bar.get("data-provider"), set()).add(path)
+    assert any(len(charts) > 1 for charts in seen.values())  # fusedformer-cuda is in both charts
     assert all(len(c) == 1 for c in colours.values())
     assert len({c.pop() for c in colours.values()}) == len(colours)
 

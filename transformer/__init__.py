@@ -74,6 +74,7 @@ def info() -> dict[str, Any]:
     """What this installation can do: versions, the device, and for every backend whether it
     is available (and why not) and which ops it implements."""
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu only"
+    backends = backend_status()
     return {
         "fusedformer": __version__,
         "python": platform.python_version(),
@@ -82,15 +83,15 @@ def info() -> dict[str, Any]:
         "triton": _version("triton"),
         "device": device,
         "backend": get_backend(),
-        "backends": backend_status(),
-        "cuda_matmul": _cuda_matmul(),
+        "backends": backends,
+        "cuda_matmul": _cuda_matmul(backends["cuda"]),
     }
 
 
-def _cuda_matmul() -> str:
+def _cuda_matmul(status: dict[str, Any]) -> str:
     """The tensor-core instructions of the cuda backend's attention and FFN on the current
-    device (their sm_90a warpgroup-MMA kernels, or the mma.sync ones), or why there are none."""
-    status = backend_status()["cuda"]
+    device (their sm_90a warpgroup-MMA kernels, or the mma.sync ones), or why there are none;
+    status: backend_status()'s entry for cuda."""
     if not status["available"]:
         return f"n/a: {status['reason']}"
     from .kernels.dispatch import extension
