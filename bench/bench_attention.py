@@ -52,14 +52,15 @@ def _flex(q, k, v, causal: bool):
 
 def _attend(provider: str, q, k, v, causal: bool = False):
     """Attention of q, k, v by `provider`: a fusedformer backend, FlexAttention, or SDPA
-    (pinned to one of its backends on a GPU)."""
+    (pinned to one of its backends on a GPU). GQA when k and v have fewer heads than q."""
+    gqa = k.shape[1] != q.shape[1]
     if provider.startswith("fusedformer-"):
         with switches(provider):
-            return fusedformer.attention(q, k, v, is_causal=causal, backend=backend_of(provider))
+            return fusedformer.attention(q, k, v, is_causal=causal, enable_gqa=gqa, backend=backend_of(provider))
     if provider == "flex":
         return _flex(q, k, v, causal)
     with _sdpa_context(provider):
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
 
 
 def _sdpa_context(provider: str):
@@ -100,14 +101,15 @@ def test_attention(benchmark, provider, causal, dtype, shape, mode):
             causal=causal, flops=flops)
 
 
-# Decoding: one query row a head against a KV cache. Memory-bound: the floor is reading K and V
+# Decoding: one query row a head against a KV cache, shapes (B, HQ, HKV, LK, D), GQA where
+# HKV < HQ (Llama's 32 query heads on 8 kv heads). Memory-bound: the floor is reading K and V
 # once (the bytes below), so "% ceil" is against the copy rate; the fused forwards split the
-# keys across SMs or threads (split-KV) when B * H alone would leave them idle.
+# keys across SMs or threads (split-KV) when the heads alone would leave them idle.
 if ON_GPU:
-    DECODE_SHAPES = [(1, 16, 32768, 128), (8, 32, 8192, 128)]
+    DECODE_SHAPES = [(1, 16, 16, 32768, 128), (8, 32, 32, 8192, 128), (8, 32, 8, 8192, 128)]
     DECODE_DTYPES = [torch.bfloat16]
 else:
-    DECODE_SHAPES = [(1, 1, 32768, 128), (4, 16, 2048, 128)]
+    DECODE_SHAPES = [(1, 1, 1, 32768, 128), (4, 16, 16, 2048, 128), (4, 32, 8, 2048, 128)]
     DECODE_DTYPES = [torch.float32, torch.bfloat16]
 
 
@@ -116,9 +118,9 @@ else:
 @pytest.mark.parametrize("dtype", DECODE_DTYPES, ids=str)
 @pytest.mark.parametrize("shape", DECODE_SHAPES, ids=str)
 def test_attention_decode(benchmark, provider, dtype, shape):
-    b, h, lk, d = shape
-    q = torch.randn(b, h, 1, d, device=DEVICE, dtype=dtype)
-    k, v = (torch.randn(b, h, lk, d, device=DEVICE, dtype=dtype) for _ in range(2))
+    b, hq, hkv, lk, d = shape
+    q = torch.randn(b, hq, 1, d, device=DEVICE, dtype=dtype)
+    k, v = (torch.randn(b, hkv, lk, d, device=DEVICE, dtype=dtype) for _ in range(2))
 
     def run():
         return _attend(provider, q, k, v)

@@ -182,21 +182,43 @@ def test_decoding_through_the_public_api_matches_the_oracle(backend, device):
         assert_close(name, g, r, atol=_fp32_atol(device, 5e-7, 5e-5))
 
 
+# (LQ, D, HQ, HKV, causal, mask kind), LK = 301. The CPU kernel's decoding forward packs the query
+# heads of a kv head into one task, at most 64 rows: HQ = 20 on one kv head with LQ = 4 makes
+# packs of 16 and 4 heads; 16-bit keys are converted in registers below 8 rows a task and
+# into an fp32 tile from 8 on. Top-left causal with LQ < LK leaves query row 0 one key.
+FEW_ROWS = [
+    (1, 7, 3, 3, False, "key_padding"),
+    (1, 40, 3, 1, False, "float"),
+    (3, 80, 3, 3, True, "bool_2d"),
+    (2, 128, 3, 3, False, "float"),
+    (4, 64, 3, 1, False, "key_padding"),
+    (1, 256, 3, 3, True, "key_padding"),
+    (4, 32, 20, 1, True, "float"),
+]
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("lq,d", [(1, 7), (1, 40), (3, 80), (2, 128), (1, 256)])
-def test_few_query_rows(backend, device, dtype, lq, d):
-    """Decoding shapes, one query head a kv head: the CPU kernel's few-rows path (scores as dot
-    products, P V by rows, reading 16-bit keys in place; head dims off its 8- and 32-wide
-    strips), forward and every gradient under the rule."""
+@pytest.mark.parametrize("case", FEW_ROWS, ids=lambda c: "-".join(map(str, c)))
+def test_few_query_rows(backend, device, dtype, case):
+    """Decoding shapes, through the CPU kernel's decoding forward (scores as dot products laid
+    out a row per query, the softmax along the keys, P V by rows, GQA heads packed; head dims
+    off its 16-wide vectors and 8-vector strips), forward and every gradient under the rule."""
     require_backend("attention", backend, device)
-    q = torch.randn(2, 3, lq, d, dtype=dtype, device=device)
-    k, v = (torch.randn(2, 3, 301, d, dtype=dtype, device=device) for _ in range(2))
-    do = torch.randn(2, 3, lq, d, dtype=dtype, device=device)
-    mask = _mask("key_padding", 2, 3, lq, 301, dtype, device)
-    got = _run(lambda q, k, v: fusedformer.attention(q, k, v, mask, backend=backend), (q, k, v), do)
-    ours = _run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, mask), (q, k, v), do)
-    truth = _run(lambda q, k, v: reference.attention_ref(q, k, v, mask), [t.double() for t in (q, k, v)], do.double())
+    lq, d, hq, hkv, causal, kind = case
+    q = torch.randn(2, hq, lq, d, dtype=dtype, device=device)
+    k, v = (torch.randn(2, hkv, 301, d, dtype=dtype, device=device) for _ in range(2))
+    do = torch.randn(2, hq, lq, d, dtype=dtype, device=device)
+    mask = _mask(kind, 2, hq, lq, 301, dtype, device)
+    sdpa_mask = mask
+    if causal:
+        tril = torch.ones(lq, 301, dtype=torch.bool, device=device).tril()
+        sdpa_mask = mask & tril if mask.dtype == torch.bool else mask.masked_fill(~tril, float("-inf"))
+    got = _run(lambda q, k, v: fusedformer.attention(q, k, v, mask, is_causal=causal, enable_gqa=True, backend=backend),
+               (q, k, v), do)
+    ours = _run(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, sdpa_mask, enable_gqa=True), (q, k, v), do)
+    truth = _run(lambda q, k, v: reference.attention_ref(q, k, v, mask, is_causal=causal, enable_gqa=True),
+                 [t.double() for t in (q, k, v)], do.double())
     assert_rule([testing.compare(*z) for z in zip(("o", "dq", "dk", "dv"), got, ours, truth)])
 
 
@@ -283,11 +305,12 @@ def test_strided_inputs_and_expanded_grads(backend, device):
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("causal", [False, True])
-def test_dropout_matches_oracle_with_its_mask(backend, device, causal):
+@pytest.mark.parametrize("lq,hkv", [(77, 2), (3, 2), (1, 4), (4, 1)])  # and the decoding forward's packs
+def test_dropout_matches_oracle_with_its_mask(backend, device, causal, lq, hkv):
     """The kernels draw Philox keep-masks: output and grads equal the oracle fed the mask from
     attention_dropout_mask(seed, ...); the same seed gives the same result."""
     require_backend("attention", backend, device)
-    b, hq, hkv, lq, lk, d, p, seed = 2, 4, 2, 77, 70, 40, 0.3, 20261123
+    b, hq, lk, d, p, seed = 2, 4, 70, 40, 0.3, 20261123
     q = torch.randn(b, hq, lq, d, device=device)
     k, v = torch.randn(b, hkv, lk, d, device=device), torch.randn(b, hkv, lk, d, device=device)
     do = torch.randn(b, hq, lq, d, device=device)

@@ -7,15 +7,17 @@
 // the key tiles are read row-major, and the softmax runs down the key axis with a vector of
 // eight query columns at a time (running max, sums and lse as vectors).
 //
-// Forward: K and V are first converted once to fp32 rows padded to a multiple of 8 (so no
-// task converts a key tile again); then per (batch, query head, block of kBlockM query rows)
+// Forward: K and V as fp32 rows padded to a multiple of 8 (in place, or converted once: see
+// fwd); then per (batch, query head, block of kBlockM query rows)
 // [one OpenMP task each]: stream over blocks of kBlockN keys with the online softmax
 // (running max m, running sum l, fp32 accumulator acc), so memory is O(L · D) and no
 // (LQ, LK) tensor ever exists. Causal: key blocks entirely above the top-left diagonal are
 // skipped. Saves lse = m + log l. Split-KV (AttentionFwdParams::num_splits, chosen by
 // attention_fwd_num_splits_cpu when the query blocks alone leave threads idle, as in decoding):
 // each task takes one range of its query block's key blocks, writes that range's o and lse in
-// fp32, and combine_splits merges them by their lse, as the CUDA kernels do.
+// fp32, and combine_splits merges them by their lse, as the CUDA kernels do. Decoding (a few
+// query rows a head) has its own forward, fwd_decode: the same online softmax over the same
+// key blocks, by dot products, one task for the query heads that share a kv head.
 // Backward (FA2), per (batch, kv head) [one task each]: K, V and the dK, dV accumulators of
 // the head stay in the task; for each query head of the group, Q, dO, Delta = rowsum(dO ∘ O)
 // and a dQ accumulator are loaded once, then every (key block, query block) tile recomputes
@@ -100,87 +102,50 @@ struct TilePos {
   int64_t bi, h, i0, m, j0, n;
 };
 
-// Whether a tile of m query rows takes its scores as dot products (score_tile's q_rows):
-// the GEMM computes whole Wide vectors of queries, so for a few rows (decoding) most of its
-// work would be on zero columns.
-bool few_queries(int64_t m) { return 4 * m <= Wide::kWidth; }
+// Where the score of key c and query r sits in a tile's st buffer: c · key + r · query. The
+// GEMM writes keys by queries (its softmax takes a vector of query columns at a time); the
+// decoding forward's dot products write queries by keys, each query's scores one contiguous
+// row, so that their softmax runs along the keys instead of on vectors of mostly absent queries.
+struct Layout {
+  int64_t key, query;
+};
+constexpr Layout kKeysByQueries{kBlockM, 1}, kQueriesByKeys{1, kBlockN};
 
-// acc (m, dp) = diag(alpha) acc + P V for few_queries tiles, P = st (n, kBlockM) transposed and
-// v rows of d elements in any storage type, ld apart, converted in registers: for a few query
-// rows the GEMM would be all loads of V, so V is read once per row here, in 32-column strips
-// (four independent FMA chains).
-template <typename VT>
-void pv_rows(const TilePos& t, const float* st, const float* alpha, const VT* v, int64_t ld, int64_t d,
-             float* acc, int64_t dp) {
-  constexpr int kStrip = 4;
-  for (int64_t r = 0; r < t.m; ++r)
-    for (int64_t e0 = 0; e0 < dp; e0 += kStrip * kLanes) {
-      const int nv = int(std::min<int64_t>(kStrip, (dp - e0) / kLanes));
-      float* a_row = acc + r * dp + e0;
-      f32x8 a[kStrip];
-      for (int x = 0; x < nv; ++x) a[x] = load8(a_row + x * kLanes) * splat8(alpha[r]);
-      const bool whole = e0 + nv * kLanes <= d;  // no column of the strip past d
-      for (int64_t c = 0; c < t.n; ++c) {
-        const f32x8 pc = splat8(st[c * kBlockM + r]);
-        const VT* vr = v + c * ld + e0;
-        for (int x = 0; x < nv; ++x)
-          a[x] = fma8(pc, whole ? load8(vr + x * kLanes) : load8(vr + x * kLanes, int(std::clamp<int64_t>(d - e0 - x * kLanes, 0, kLanes))), a[x]);
-      }
-      for (int x = 0; x < nv; ++x) store8(a_row + x * kLanes, a[x]);
-    }
-}
-
-// st (n, kBlockM) = k qᵀ · scale, then the mask and the causal diagonal: the one definition
-// of a score, shared by the forward and the backward so they see the same numbers. k is the
-// key tile (n, ld); qt holds the tile's queries as columns, qt[c · ldq + r] = q[r][c], with
-// zero columns up to whole Wide vectors (those st columns are 0: the softmax steps read them,
-// nothing uses them). With q_rows (the queries as rows of round_up_lanes(d) floats, zero past
-// d; few_queries), each score is one dot product instead and qt is not read.
-template <typename T, typename KT = float>
-void score_tile(const KT* k, int64_t ld, const float* qt, int64_t ldq, int64_t d, float scale,
-                const AttentionMask& mask, bool is_causal, const TilePos& t, float* st,
-                const float* q_rows = nullptr) {
-  if (q_rows) {  // k: rows of d elements in any storage type, converted in registers
-    const int64_t dp = round_up_lanes(d), wide_m = round_up_wide(t.m);
-    for (int64_t c = 0; c < t.n; ++c) {
-      float* srow = st + c * kBlockM;
-      for (int64_t r = 0; r < t.m; ++r) {
-        f32x8 acc0{}, acc1{};
-        int64_t e = 0;
-        for (; e + 2 * kLanes <= d; e += 2 * kLanes) {
-          acc0 = fma8(load8(k + c * ld + e), load8(q_rows + r * dp + e), acc0);
-          acc1 = fma8(load8(k + c * ld + e + kLanes), load8(q_rows + r * dp + e + kLanes), acc1);
-        }
-        for (; e < d; e += kLanes) acc0 = fma8(load8(k + c * ld + e, int(d - e)), load8(q_rows + r * dp + e), acc0);
-        srow[r] = hsum8(acc0 + acc1) * scale;
-      }
-      std::fill(srow + t.m, srow + wide_m, 0.f);
-    }
-  } else if constexpr (std::is_same_v<KT, float>) {
-    gemm_tile<false>(t.n, round_up_wide(t.m), d, k, ld, 1, qt, ldq, st, kBlockM, scale);
-  } else {
-    throw std::logic_error("score_tile: the GEMM path reads fp32 key tiles");
-  }
+// Adds the mask to the tile's scores and hides the keys past the causal diagonal: with the
+// products, the one definition of a score, shared by every forward and the backward so they
+// see the same numbers.
+template <typename T>
+void mask_scores(const AttentionMask& mask, bool is_causal, const TilePos& t, float* st, Layout at) {
   if (mask.kind != MaskKind::kNone) {
     const int64_t off = t.bi * mask.batch_stride + t.h * mask.head_stride +
                         t.i0 * mask.row_stride + t.j0 * mask.col_stride;
     for (int64_t c = 0; c < t.n; ++c) {
-      float* srow = st + c * kBlockM;
+      float* sc = st + c * at.key;
       const int64_t col = off + c * mask.col_stride;
       if (mask.kind == MaskKind::kBool) {
         const bool* keep = static_cast<const bool*>(mask.ptr) + col;
         for (int64_t r = 0; r < t.m; ++r)
-          if (!keep[r * mask.row_stride]) srow[r] = kNegInf;
+          if (!keep[r * mask.row_stride]) sc[r * at.query] = kNegInf;
       } else {
         const T* add = static_cast<const T*>(mask.ptr) + col;
-        for (int64_t r = 0; r < t.m; ++r) srow[r] += to_float(add[r * mask.row_stride]);
+        for (int64_t r = 0; r < t.m; ++r) sc[r * at.query] += to_float(add[r * mask.row_stride]);
       }
     }
   }
   if (is_causal)  // key j0 + c is hidden from the query rows i0 + r < j0 + c
     for (int64_t c = 0; c < t.n; ++c)
-      std::fill(st + c * kBlockM, st + c * kBlockM + std::clamp<int64_t>(t.j0 + c - t.i0, 0, t.m),
-                kNegInf);
+      for (int64_t r = 0; r < std::clamp<int64_t>(t.j0 + c - t.i0, 0, t.m); ++r) st[c * at.key + r * at.query] = kNegInf;
+}
+
+// st (n, kBlockM) = k qᵀ · scale (kKeysByQueries), then the mask and the causal diagonal. k is
+// the key tile (n, ld); qt holds the tile's queries as columns, qt[c · ldq + r] = q[r][c], with
+// zero columns up to whole Wide vectors (those st columns are 0: the softmax steps read them,
+// nothing uses them).
+template <typename T>
+void score_tile(const float* k, int64_t ld, const float* qt, int64_t ldq, int64_t d, float scale,
+                const AttentionMask& mask, bool is_causal, const TilePos& t, float* st) {
+  gemm_tile<false>(t.n, round_up_wide(t.m), d, k, ld, 1, qt, ldq, st, kBlockM, scale);
+  mask_scores<T>(mask, is_causal, t, st, kKeysByQueries);
 }
 
 // Key blocks a query block [i0, i0 + m) reads: all, or (causal) those with a key j <= i.
@@ -229,12 +194,33 @@ void combine_splits(const AttentionFwdParams& p) {
   }
 }
 
+// Writes rows [i0, i0 + n) of head h, finished over one key range: o = acc / l (with dropout's
+// 1 / (1 - p) on the kept values) and lse = m + log l, into the output, or with split-KV as fp32
+// partials for combine_splits. A row with every key masked gives o = 0, lse = -inf.
+template <typename T>
+void store_range(const AttentionFwdParams& p, int64_t split, int64_t bi, int64_t h, int64_t i0, int64_t n,
+                 const float* acc, int64_t ld, const float* m, const float* l) {
+  const float rp = p.dropout_p > 0.f ? 1.f / (1.f - p.dropout_p) : 1.f;
+  const int64_t head_row = ((split * p.b + bi) * p.hq + h) * p.lq;  // row 0 of (split, bi, h) in o_accum
+  T* o_head = static_cast<T*>(p.o) + bi * p.o_batch_stride + h * p.o_head_stride;
+  float* lse = (p.num_splits > 1 ? p.lse_accum + head_row : p.lse + (bi * p.hq + h) * p.lq) + i0;
+  for (int64_t r = 0; r < n; ++r) {
+    const bool empty = m[r] == kNegInf;
+    const float mul = empty ? 0.f : rp / l[r];
+    if (p.num_splits > 1)
+      store_rows(acc + r * ld, ld, mul, 1, p.d, i0 + r, p.o_accum + head_row * p.d, p.d);
+    else
+      store_rows(acc + r * ld, ld, mul, 1, p.d, i0 + r, o_head, p.o_row_stride);
+    lse[r] = empty ? kNegInf : m[r] + std::log(l[r]);
+  }
+}
+
 // Zeroes the probabilities st[c][r] of the tile that dropout drops (the forward's P ∘ keep).
-void drop_probs(const AttentionFwdParams& p, const TilePos& t, float* st) {
+void drop_probs(const AttentionFwdParams& p, const TilePos& t, float* st, Layout at) {
   for (int64_t c = 0; c < t.n; ++c)
     for (int64_t r = 0; r < t.m; ++r)
       if (!dropout_keep(p.seed, t.bi, t.h, t.i0 + r, t.j0 + c, p.hq, p.lq, p.lk, p.dropout_p))
-        st[c * kBlockM + r] = 0.f;
+        st[c * at.key + r * at.query] = 0.f;
 }
 
 // One key tile of the online softmax over the scores st (n, kBlockM), a vector of query
@@ -262,23 +248,22 @@ void online_softmax(const TilePos& t, float* st, float* m, float* l, float* alph
   }
 }
 
+
 template <typename T>
 void fwd(const AttentionFwdParams& p) {
   const int64_t d = p.d, dp = round_up_lanes(d), group = p.hq / p.hkv, nqb = ceil_div(p.lq, kBlockM);
   const int64_t splits = p.num_splits;
   const bool dropout = p.dropout_p > 0.f;
-  const float rp = dropout ? 1.f / (1.f - p.dropout_p) : 1.f;  // kept values scale up
   const T* Q = static_cast<const T*>(p.q);
   const T* K = static_cast<const T*>(p.k);
   const T* V = static_cast<const T*>(p.v);
-  T* O = static_cast<T*>(p.o);
 
   // Where the key tiles come from, as fp32 rows of dp floats (zero past d):
   //  - in place: fp32 rows with d a multiple of 8 need no copy;
   //  - staged: K and V of every (batch, kv head) converted once up front ((lk, dp) each, O(L · D)
   //    scratch), when more than one task reads each key tile (several query blocks or GQA heads);
-  //  - else each task converts its own tiles as it goes (decoding: one query block, one head a
-  //    kv head), so that no key is converted that a task does not read, nor converted twice.
+  //  - else each task converts its own tiles as it goes (one query block, one head a kv head),
+  //    so that no key is converted that a task does not read, nor converted twice.
   const bool in_place = std::is_same_v<T, float> && dp == d;
   const bool staged = !in_place && nqb * group > 1;
   std::vector<float> kf(staged ? p.b * p.hkv * p.lk * dp : 0), vf(staged ? p.b * p.hkv * p.lk * dp : 0);
@@ -297,7 +282,7 @@ void fwd(const AttentionFwdParams& p) {
   }
 #pragma omp parallel
   {
-    std::vector<float> qt(d * kBlockM), q_rows(kBlockM * dp), acc(kBlockM * dp);
+    std::vector<float> qt(d * kBlockM), acc(kBlockM * dp);
     std::vector<float> st(kBlockN * kBlockM), m(kBlockM), l(kBlockM), alpha(kBlockM);
     std::vector<float> k_buf(in_place || staged ? 0 : kBlockN * dp), v_buf(k_buf.size());
 #pragma omp for schedule(dynamic)
@@ -320,18 +305,8 @@ void fwd(const AttentionFwdParams& p) {
         load_rows(v_src, p.v_row_stride, t.j0, t.n, d, dp, v_buf.data());
         return {k_buf.data(), v_buf.data()};
       };
-      // Few query rows (decoding): scores as dot products (score_tile's q_rows). Unstaged
-      // 16-bit tiles (or fp32 rows off whole vectors) are then read where they lie, converted
-      // in registers, by the dot products and by P V (pv_rows): `raw`, no tile copied. fp32
-      // tiles in place keep the GEMM for P V, measured faster on the dev machine at
-      // (4, 16, 1, 128) x 2048 keys: 4.9 against 5.8 ms.
-      const bool dots = few_queries(t.m), raw = dots && !staged && !in_place;
-      if (dots) {
-        load_rows(q_head, p.q_row_stride, t.i0, t.m, d, dp, q_rows.data());
-      } else {
-        std::fill(qt.begin(), qt.end(), 0.f);
-        load_rows_transposed(q_head, p.q_row_stride, t.i0, t.m, d, kBlockM, qt.data());
-      }
+      std::fill(qt.begin(), qt.end(), 0.f);
+      load_rows_transposed(q_head, p.q_row_stride, t.i0, t.m, d, kBlockM, qt.data());
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.f);
@@ -340,38 +315,195 @@ void fwd(const AttentionFwdParams& p) {
       for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
         t.j0 = kb * kBlockN;
         t.n = std::min(kBlockN, p.lk - t.j0);
-        const float* k_tile = nullptr;
-        const float* v_tile = nullptr;
-        if (raw) {
-          score_tile<T>(k_src + t.j0 * p.k_row_stride, p.k_row_stride, qt.data(), kBlockM, d, p.scale, p.mask,
-                        p.is_causal, t, st.data(), q_rows.data());
-        } else {
-          std::tie(k_tile, v_tile) = key_tiles(t);
-          score_tile<T>(k_tile, k_ld, qt.data(), kBlockM, d, p.scale, p.mask, p.is_causal, t, st.data(),
-                        dots ? q_rows.data() : nullptr);
-        }
+        const auto [k_tile, v_tile] = key_tiles(t);
+        score_tile<T>(k_tile, k_ld, qt.data(), kBlockM, d, p.scale, p.mask, p.is_causal, t, st.data());
         online_softmax(t, st.data(), m.data(), l.data(), alpha.data());
-        if (dropout) drop_probs(p, t, st.data());
+        if (dropout) drop_probs(p, t, st.data(), kKeysByQueries);
         // acc = diag(alpha) acc + P V: the online softmax's rescale rides in the GEMM's store.
-        if (raw)
-          pv_rows(t, st.data(), alpha.data(), v_src + t.j0 * p.v_row_stride, p.v_row_stride, d, acc.data(), dp);
-        else
-          gemm_tile<true>(t.m, dp, t.n, st.data(), 1, kBlockM, v_tile, v_ld, acc.data(), dp, 1.f, alpha.data());
+        gemm_tile<true>(t.m, dp, t.n, st.data(), 1, kBlockM, v_tile, v_ld, acc.data(), dp, 1.f, alpha.data());
       }
+      store_range<T>(p, split, bi, h, t.i0, t.m, acc.data(), dp, m.data(), l.data());
+    }
+  }
+  if (splits > 1) combine_splits<T>(p);
+}
 
-      // The range's o and lse: the output's, or with split-KV fp32 partials for combine_splits.
-      const int64_t head_row = ((split * p.b + bi) * p.hq + h) * p.lq;  // row 0 of (split, bi, h) in o_accum
-      T* o_head = O + bi * p.o_batch_stride + h * p.o_head_stride;
-      float* lse = (splits > 1 ? p.lse_accum + head_row : p.lse + (bi * p.hq + h) * p.lq) + t.i0;
-      for (int64_t r = 0; r < t.m; ++r) {
-        const bool empty = m[r] == kNegInf;  // every key masked: o = 0, lse = -inf
-        const float mul = empty ? 0.f : rp / l[r];
-        if (splits > 1)
-          store_rows(acc.data() + r * dp, dp, mul, 1, d, t.i0 + r, p.o_accum + head_row * d, d);
-        else
-          store_rows(acc.data() + r * dp, dp, mul, 1, d, t.i0 + r, o_head, p.o_row_stride);
-        lse[r] = empty ? kNegInf : m[r] + std::log(l[r]);
+// ---- the decoding forward: a few query rows a head -----------------------------------------
+//
+// One task per (batch, kv head, pack of query heads, split): the pack's heads share their kv
+// head's K and V (GQA/MQA: up to kBlockM query rows, every head of the group when it fits), so
+// each key tile is read from memory once for all of them and never staged whole. Scores are
+// dot products (score_dots), laid out kQueriesByKeys, their softmax runs along the keys
+// (online_softmax_rows), and P V goes a row at a time (pv_rows); 16-bit tiles are converted in
+// registers, or once into a per-thread fp32 tile for kConvertRows rows or more. Measured on the
+// dev machine (2 threads, D = 128, 2048 keys, bf16, against the GEMM path with staged K and V
+// it replaces): 16 heads, B = 4: 4.2 -> 1.5-1.7 ms; 32 query heads on 8 kv heads, B = 4:
+// 38.8 -> 1.9-2.0 ms (the staging's 64 MiB of fresh pages each call went too).
+
+// Whether LQ query rows take the decoding forward: the GEMM computes whole Wide vectors of
+// queries, so for a few rows most of its work would be on zero columns.
+bool few_queries(int64_t lq) { return 4 * lq <= Wide::kWidth; }
+
+// Runs body.template operator()<NV>(e, W) over the columns [0, d) in strips of NV Wide vectors,
+// NV = 8, 4, 2, 1, so that a strip's vectors sit in registers; then body<1>(e, tail) for the
+// last d % W columns if any.
+template <typename F>
+void for_strips(int64_t d, F&& body) {
+  constexpr int64_t W = Wide::kWidth;
+  int64_t e = 0;
+  const auto strips = [&]<int NV>() {
+    for (; e + NV * W <= d; e += NV * W) body.template operator()<NV>(e, int(W));
+  };
+  strips.template operator()<8>();
+  strips.template operator()<4>();
+  strips.template operator()<2>();
+  strips.template operator()<1>();
+  if (e < d) body.template operator()<1>(e, int(d - e));
+}
+
+// st[r][c] = scale · k_c · q_r (kQueriesByKeys) for rows query rows of fp32, ldq apart and zero
+// from d to a whole Wide vector, against n key rows in any storage type, ld apart, converted in
+// registers. Eight keys at a time share each load of q and keep eight FMA chains in flight.
+template <typename KT>
+void score_dots(int64_t rows, int64_t n, const KT* k, int64_t ld, int64_t d, const float* q_rows, int64_t ldq,
+                float scale, float* st) {
+  using W = Wide;
+  constexpr int kKeys = 8;
+  const int64_t full = d / W::kWidth * W::kWidth;
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* q = q_rows + r * ldq;
+    const auto dots = [&]<int NK>(int64_t c) {
+      W::V acc[NK] = {};
+      for (int64_t e = 0; e < full; e += W::kWidth) {
+        const W::V qv = W::load(q + e);
+        for (int j = 0; j < NK; ++j) acc[j] = W::fma(W::load(k + (c + j) * ld + e, int(W::kWidth)), qv, acc[j]);
       }
+      if (full < d) {
+        const W::V qv = W::load(q + full);
+        for (int j = 0; j < NK; ++j) acc[j] = W::fma(W::load(k + (c + j) * ld + full, int(d - full)), qv, acc[j]);
+      }
+      for (int j = 0; j < NK; ++j) st[r * kBlockN + c + j] = W::hsum(acc[j]) * scale;
+    };
+    int64_t c = 0;
+    for (; c + kKeys <= n; c += kKeys) dots.template operator()<kKeys>(c);
+    for (; c < n; ++c) dots.template operator()<1>(c);
+  }
+}
+
+// online_softmax for rows query rows of a kQueriesByKeys tile of n keys: the same steps, along
+// each row's keys a vector at a time (the row padded to whole vectors with -inf, whose
+// probabilities come out 0).
+void online_softmax_rows(int64_t rows, int64_t n, float* st, float* m, float* l, float* alpha) {
+  using W = Wide;
+  const int64_t nw = round_up_wide(n);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* s = st + r * kBlockN;
+    std::fill(s + n, s + nw, kNegInf);
+    W::V vmax = W::splat(m[r]);
+    for (int64_t c = 0; c < nw; c += W::kWidth) vmax = W::max(vmax, W::load(s + c));
+    float m_new = vmax[0];
+    for (int i = 1; i < W::kWidth; ++i) m_new = vmax[i] > m_new ? vmax[i] : m_new;
+    const W::V m_use = W::splat(m_new == kNegInf ? 0.f : m_new);  // keeps -inf - -inf out
+    W::V sum{};
+    for (int64_t c = 0; c < nw; c += W::kWidth) {
+      const W::V pc = W::exp(W::load(s + c) - m_use);
+      W::store(s + c, pc);
+      sum += pc;
+    }
+    alpha[r] = W::exp(W::splat(m[r]) - m_use)[0];
+    l[r] = l[r] * alpha[r] + W::hsum(sum);
+    m[r] = m_new;
+  }
+}
+
+// acc (rows, ld_acc) = diag(alpha) acc + P V, P = st (rows, n) kQueriesByKeys and v rows of d
+// elements in any storage type, ld apart, converted in registers: for a few query rows the
+// GEMM would be all loads of V, so each V row is read once per query row here (from L1 after
+// the first), a strip of up to 8 Wide vectors (128 columns with AVX-512: a whole head) at a time.
+template <typename VT>
+void pv_rows(int64_t rows, int64_t n, const float* st, const float* alpha, const VT* v, int64_t ld, int64_t d,
+             float* acc, int64_t ld_acc) {
+  using W = Wide;
+  for (int64_t r = 0; r < rows; ++r)
+    for_strips(d, [&]<int NV>(int64_t e0, int k) {
+      float* a_row = acc + r * ld_acc + e0;
+      W::V a[NV];
+      for (int x = 0; x < NV; ++x) a[x] = W::load(a_row + x * W::kWidth, k) * W::splat(alpha[r]);
+      for (int64_t c = 0; c < n; ++c) {
+        const W::V pc = W::splat(st[r * kBlockN + c]);
+        for (int x = 0; x < NV; ++x) a[x] = W::fma(pc, W::load(v + c * ld + e0 + x * W::kWidth, k), a[x]);
+      }
+      for (int x = 0; x < NV; ++x) W::store(a_row + x * W::kWidth, a[x], k);
+    });
+}
+
+// How the decoding forward packs query heads: pack heads of the group a task, pack · LQ <= kBlockM
+// rows, packs of them per kv head.
+struct HeadPacks {
+  int64_t pack, packs;
+};
+HeadPacks head_packs(const AttentionFwdParams& p) {
+  const int64_t group = p.hq / p.hkv, pack = std::min(group, kBlockM / p.lq);
+  return {pack, ceil_div(group, pack)};
+}
+
+// From this many rows a task, 16-bit key tiles are converted to fp32 once (k_buf, v_buf) instead
+// of in registers by every row: measured on the dev machine at bf16, D = 128, 2048 keys, 2 threads,
+// 16 rows (B = 2, 32 query heads on 8 kv heads, LQ = 4) 3.2 -> 2.8-2.9 ms; 4 rows (LQ = 1) slower
+// converted, 2.0 -> 2.3-2.4 ms.
+constexpr int64_t kConvertRows = 8;
+
+template <typename T>
+void fwd_decode(const AttentionFwdParams& p) {
+  const int64_t d = p.d, lq = p.lq, group = p.hq / p.hkv, splits = p.num_splits, ldq = round_up_wide(d);
+  const auto [pack, packs] = head_packs(p);
+  const bool dropout = p.dropout_p > 0.f;
+  const T* Q = static_cast<const T*>(p.q);
+  const T* K = static_cast<const T*>(p.k);
+  const T* V = static_cast<const T*>(p.v);
+#pragma omp parallel
+  {
+    // Row g · lq + i of the buffers: query row i of head h0 + g.
+    std::vector<float> q_rows(kBlockM * ldq), acc(kBlockM * d), st(kBlockM * kBlockN);
+    std::vector<float> m(kBlockM), l(kBlockM), alpha(kBlockM), k_buf(kBlockN * d), v_buf(kBlockN * d);
+#pragma omp for schedule(dynamic)
+    for (int64_t task = 0; task < p.b * p.hkv * packs * splits; ++task) {
+      const int64_t split = task % splits, block = task / splits;
+      const int64_t bi = block / (p.hkv * packs), hk = block / packs % p.hkv, h0 = hk * group + block % packs * pack;
+      const int64_t heads = std::min(pack, (hk + 1) * group - h0), rows = heads * lq;
+      const T* k_src = K + bi * p.k_batch_stride + hk * p.k_head_stride;
+      const T* v_src = V + bi * p.v_batch_stride + hk * p.v_head_stride;
+      for (int64_t g = 0; g < heads; ++g)
+        load_rows(Q + bi * p.q_batch_stride + (h0 + g) * p.q_head_stride, p.q_row_stride, 0, lq, d, ldq,
+                  q_rows.data() + g * lq * ldq);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      std::fill(m.begin(), m.end(), kNegInf);
+      std::fill(l.begin(), l.end(), 0.f);
+
+      const auto [kb_begin, kb_end] = split_range(key_blocks_end(p.is_causal, 0, lq, p.lk), split, splits);
+      for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
+        const int64_t j0 = kb * kBlockN, n = std::min(kBlockN, p.lk - j0);
+        const bool convert = !std::is_same_v<T, float> && rows >= kConvertRows;
+        if (convert) {
+          load_rows(k_src, p.k_row_stride, j0, n, d, d, k_buf.data());
+          load_rows(v_src, p.v_row_stride, j0, n, d, d, v_buf.data());
+          score_dots(rows, n, k_buf.data(), d, d, q_rows.data(), ldq, p.scale, st.data());
+        } else {
+          score_dots(rows, n, k_src + j0 * p.k_row_stride, p.k_row_stride, d, q_rows.data(), ldq, p.scale, st.data());
+        }
+        for (int64_t g = 0; g < heads; ++g)
+          mask_scores<T>(p.mask, p.is_causal, {bi, h0 + g, 0, lq, j0, n}, st.data() + g * lq * kBlockN, kQueriesByKeys);
+        online_softmax_rows(rows, n, st.data(), m.data(), l.data(), alpha.data());
+        if (dropout)
+          for (int64_t g = 0; g < heads; ++g)
+            drop_probs(p, {bi, h0 + g, 0, lq, j0, n}, st.data() + g * lq * kBlockN, kQueriesByKeys);
+        if (convert)
+          pv_rows(rows, n, st.data(), alpha.data(), v_buf.data(), d, d, acc.data(), d);
+        else
+          pv_rows(rows, n, st.data(), alpha.data(), v_src + j0 * p.v_row_stride, p.v_row_stride, d, acc.data(), d);
+      }
+      for (int64_t g = 0; g < heads; ++g)
+        store_range<T>(p, split, bi, h0 + g, 0, lq, acc.data() + g * lq * d, d, m.data() + g * lq, l.data() + g * lq);
     }
   }
   if (splits > 1) combine_splits<T>(p);
@@ -493,11 +625,17 @@ void bwd(const AttentionBwdParams& p) {
 
 void attention_fwd_cpu(const AttentionFwdParams& p) {
   check_num_splits(p, "attention_fwd (cpu)");
-  dispatch_dtype(p.dtype, [&](auto tag) { fwd<decltype(tag)>(p); });
+  dispatch_dtype(p.dtype, [&](auto tag) {
+    if (few_queries(p.lq))
+      fwd_decode<decltype(tag)>(p);
+    else
+      fwd<decltype(tag)>(p);
+  });
 }
 
 int64_t attention_fwd_num_splits_cpu(const AttentionFwdParams& p) {
-  return attention_num_splits(p.b * p.hq * ceil_div(p.lq, kBlockM), ceil_div(p.lk, kBlockN), omp_get_max_threads());
+  const int64_t blocks = few_queries(p.lq) ? p.b * p.hkv * head_packs(p).packs : p.b * p.hq * ceil_div(p.lq, kBlockM);
+  return attention_num_splits(blocks, ceil_div(p.lk, kBlockN), omp_get_max_threads());
 }
 void attention_bwd_cpu(const AttentionBwdParams& p) {
   dispatch_dtype(p.dtype, [&](auto tag) { bwd<decltype(tag)>(p); });
