@@ -51,8 +51,14 @@ def _cpu_isa_flags() -> list[str]:
         return []
     if not {"avx2", "fma", "f16c"} <= set(flags):
         return []
-    # AVX-512F widens the attention micro-GEMM to 16 lanes (csrc/cpu/attention_tiles.h).
-    return ["-mavx2", "-mfma", "-mf16c"] + (["-mavx512f"] if "avx512f" in flags else [])
+    # AVX-512F widens the attention micro-GEMM to 16 lanes (csrc/cpu/attention_tiles.h);
+    # AVX512_BF16 gives bf16 decoding its dot-product instruction (csrc/cpu/attention.cpp).
+    isa = ["-mavx2", "-mfma", "-mf16c"]
+    if "avx512f" in flags:
+        isa.append("-mavx512f")
+        if {"avx512bw", "avx512_bf16"} <= set(flags):
+            isa += ["-mavx512bw", "-mavx512bf16"]
+    return isa
 
 
 def _gencode_flags(archs: str) -> list[str]:

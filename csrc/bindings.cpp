@@ -676,7 +676,9 @@ Tensor ffn_dropout_mask(int64_t seed, const std::vector<int64_t>& shape, double 
 
 // The vector ISA the CPU kernels were compiled for (setup.py: the building machine's).
 const char* built_isa() {
-#if defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+  return "avx2+fma+avx512f+avx512bf16";
+#elif defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
   return "avx2+fma+avx512f";
 #elif defined(__AVX2__) && defined(__FMA__)
   return "avx2+fma";
@@ -700,6 +702,12 @@ void check_cpu_isa() {
     throw std::runtime_error(
         "fusedformer._C was built for AVX-512F (the building machine's CPU) but this CPU lacks "
         "it: rebuild here, or with FUSEDFORMER_CPU_FLAGS=\"-mavx2 -mfma -mf16c\"");
+#endif
+#if defined(__AVX512BF16__) && (defined(__x86_64__) || defined(__i386__))
+  if (!__builtin_cpu_supports("avx512bf16") || !__builtin_cpu_supports("avx512bw"))
+    throw std::runtime_error(
+        "fusedformer._C was built for AVX512_BF16 (the building machine's CPU) but this CPU lacks "
+        "it: rebuild here, or with FUSEDFORMER_CPU_FLAGS=\"-mavx2 -mfma -mf16c -mavx512f\"");
 #endif
 }
 

@@ -335,10 +335,11 @@ void fwd(const AttentionFwdParams& p) {
 // each key tile is read from memory once for all of them and never staged whole. Scores are
 // dot products (score_dots), laid out kQueriesByKeys, their softmax runs along the keys
 // (online_softmax_rows), and P V goes a row at a time (pv_rows); 16-bit tiles are converted in
-// registers, or once into a per-thread fp32 tile for kConvertRows rows or more. Measured on the
-// dev machine (2 threads, D = 128, 2048 keys, bf16, against the GEMM path with staged K and V
-// it replaces): 16 heads, B = 4: 4.2 -> 1.5-1.7 ms; 32 query heads on 8 kv heads, B = 4:
-// 38.8 -> 1.9-2.0 ms (the staging's 64 MiB of fresh pages each call went too).
+// registers, or once into a per-thread fp32 tile for kConvertRows rows or more; with
+// AVX512_BF16, bf16 scores come from vdpbf16ps on the keys as stored. Measured on the dev
+// machine (2 threads, D = 128, 2048 keys, one query row, bf16, against the GEMM path with staged
+// K and V it replaces): 16 heads, B = 4: 4.2 -> 1.4 ms (SDPA 1.45-1.55); 32 query heads on 8 kv
+// heads, B = 4: 38.8 -> 1.4 ms (SDPA 1.8; the staging's 64 MiB of fresh pages each call went too).
 
 // Whether LQ query rows take the decoding forward: the GEMM computes whole Wide vectors of
 // queries, so for a few rows most of its work would be on zero columns.
@@ -389,6 +390,69 @@ void score_dots(int64_t rows, int64_t n, const KT* k, int64_t ld, int64_t d, con
     for (; c < n; ++c) dots.template operator()<1>(c);
   }
 }
+
+#if defined(__AVX512BF16__)
+// The lane sums of eight vectors, in one (lane j: Σ a[j]), in a fixed order: each folded to 8
+// lanes, then pairwise horizontal adds.
+inline __m256 lane_sums8(const __m512 a[8]) {
+  __m256 y[8];
+  for (int j = 0; j < 8; ++j)
+    y[j] = _mm256_add_ps(_mm512_castps512_ps256(a[j]), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(a[j]), 1)));
+  const __m256 h0123 = _mm256_hadd_ps(_mm256_hadd_ps(y[0], y[1]), _mm256_hadd_ps(y[2], y[3]));
+  const __m256 h4567 = _mm256_hadd_ps(_mm256_hadd_ps(y[4], y[5]), _mm256_hadd_ps(y[6], y[7]));
+  // h0123 lanes 0-3 and 4-7: halves of the sums of keys 0-3; h4567 likewise for keys 4-7.
+  return _mm256_add_ps(_mm256_permute2f128_ps(h0123, h4567, 0x20), _mm256_permute2f128_ps(h0123, h4567, 0x31));
+}
+
+// score_dots for bf16 keys on a CPU with AVX512_BF16: vdpbf16ps takes 32 products of bf16 pairs
+// per instruction, straight from the keys as stored, summed in fp32 (what a tensor core does;
+// the products are exact, and values below FLT_MIN flush to zero). The query rows hold bf16
+// values (the bf16 forward's queries), so rounding them back to bf16 is exact. Eight keys'
+// sums leave their registers together through lane_sums8.
+void score_dots(int64_t rows, int64_t n, const bf16* k, int64_t ld, int64_t d, const float* q_rows, int64_t ldq,
+                float scale, float* st) {
+  constexpr int kKeys = 8;
+  const int64_t full = d / 32 * 32, d32 = (d + 31) / 32 * 32;
+  const __mmask32 tail = __mmask32((uint64_t(1) << (d - full)) - 1);
+  alignas(64) uint16_t q[kAttentionMaxHeadDim + 32];
+  for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t e = 0; e < d32; e += 32) {  // zero past d: q_rows is zero from d to whole Wide vectors
+      const float* qr = q_rows + r * ldq + e;
+      const __m512 lo = e < d ? _mm512_loadu_ps(qr) : _mm512_setzero_ps();
+      const __m512 hi = e + 16 < d ? _mm512_loadu_ps(qr + 16) : _mm512_setzero_ps();
+      _mm512_store_si512(q + e, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+    const auto dots = [&]<int NK>(int64_t c, __m512* acc) {
+      for (int j = 0; j < NK; ++j) acc[j] = _mm512_setzero_ps();
+      for (int64_t e = 0; e < full; e += 32) {
+        const __m512bh qv = (__m512bh)_mm512_load_si512(q + e);
+        for (int j = 0; j < NK; ++j)
+          acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_loadu_si512(k + (c + j) * ld + e), qv);
+      }
+      if (full < d) {
+        const __m512bh qv = (__m512bh)_mm512_load_si512(q + full);
+        for (int j = 0; j < NK; ++j)
+          acc[j] = _mm512_dpbf16_ps(acc[j], (__m512bh)_mm512_maskz_loadu_epi16(tail, k + (c + j) * ld + full), qv);
+      }
+    };
+    float* srow = st + r * kBlockN;
+    int64_t c = 0;
+    for (; c + kKeys <= n; c += kKeys) {
+      __m512 acc[kKeys];
+      dots.template operator()<kKeys>(c, acc);
+      _mm256_storeu_ps(srow + c, _mm256_mul_ps(lane_sums8(acc), _mm256_set1_ps(scale)));
+    }
+    for (; c < n; ++c) {
+      __m512 acc[1];
+      dots.template operator()<1>(c, acc);
+      srow[c] = Wide::hsum(acc[0]) * scale;
+    }
+  }
+}
+constexpr bool kBf16Dots = true;
+#else
+constexpr bool kBf16Dots = false;
+#endif
 
 // online_softmax for rows query rows of a kQueriesByKeys tile of n keys: the same steps, along
 // each row's keys a vector at a time (the row padded to whole vectors with -inf, whose
@@ -483,21 +547,23 @@ void fwd_decode(const AttentionFwdParams& p) {
       const auto [kb_begin, kb_end] = split_range(key_blocks_end(p.is_causal, 0, lq, p.lk), split, splits);
       for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
         const int64_t j0 = kb * kBlockN, n = std::min(kBlockN, p.lk - j0);
-        const bool convert = !std::is_same_v<T, float> && rows >= kConvertRows;
-        if (convert) {
+        // 16-bit tiles converted once (see kConvertRows), but not bf16 keys that vdpbf16ps reads.
+        const bool convert_v = !std::is_same_v<T, float> && rows >= kConvertRows;
+        const bool convert_k = convert_v && !(kBf16Dots && std::is_same_v<T, bf16>);
+        if (convert_k) {
           load_rows(k_src, p.k_row_stride, j0, n, d, d, k_buf.data());
-          load_rows(v_src, p.v_row_stride, j0, n, d, d, v_buf.data());
           score_dots(rows, n, k_buf.data(), d, d, q_rows.data(), ldq, p.scale, st.data());
         } else {
           score_dots(rows, n, k_src + j0 * p.k_row_stride, p.k_row_stride, d, q_rows.data(), ldq, p.scale, st.data());
         }
+        if (convert_v) load_rows(v_src, p.v_row_stride, j0, n, d, d, v_buf.data());
         for (int64_t g = 0; g < heads; ++g)
           mask_scores<T>(p.mask, p.is_causal, {bi, h0 + g, 0, lq, j0, n}, st.data() + g * lq * kBlockN, kQueriesByKeys);
         online_softmax_rows(rows, n, st.data(), m.data(), l.data(), alpha.data());
         if (dropout)
           for (int64_t g = 0; g < heads; ++g)
             drop_probs(p, {bi, h0 + g, 0, lq, j0, n}, st.data() + g * lq * kBlockN, kQueriesByKeys);
-        if (convert)
+        if (convert_v)
           pv_rows(rows, n, st.data(), alpha.data(), v_buf.data(), d, d, acc.data(), d);
         else
           pv_rows(rows, n, st.data(), alpha.data(), v_src + j0 * p.v_row_stride, p.v_row_stride, d, acc.data(), d);
