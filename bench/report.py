@@ -24,6 +24,7 @@ import json
 import math
 import os
 import re
+import sys
 from collections import defaultdict
 from typing import NamedTuple, Optional
 from xml.sax.saxutils import escape
@@ -31,9 +32,13 @@ from xml.sax.saxutils import escape
 
 def load(path: str) -> dict:
     """{"machine_info", "datetime", "benchmarks": [{"name", "extra_info"}]} from either format."""
+    with open(path) as f:
+        text = f.read()
+    if not text.strip():  # pytest-benchmark leaves the JSON empty when no benchmark ran
+        raise SystemExit(f"{path} is empty: no benchmark ran (did -k select none?)")
     if not path.endswith(".jsonl"):
-        return json.load(open(path))
-    rows = [json.loads(line) for line in open(path) if line.strip()]
+        return json.loads(text)
+    rows = [json.loads(line) for line in text.splitlines() if line.strip()]
     return {"machine_info": rows[0]["machine_info"] if rows else {}, "datetime": "streamed rows",
             "benchmarks": rows}
 
@@ -225,4 +230,4 @@ if __name__ == "__main__":
     main(args.path)
     if args.plot:
         for target in plot(args.path, args.plot):
-            print(f"# wrote {target}")
+            print(f"# wrote {target}", file=sys.stderr)  # stdout stays the table, for > run.txt
