@@ -94,9 +94,17 @@ def test_axis_ticks_are_round(top, expected):
 
 def test_the_recorded_cpu_run_plots_from_the_command_line(tmp_path):
     recorded = os.path.join(ROOT, "bench", "results", "cpu-2core-2026-12-03-61046a3.json")
-    out = subprocess.run([sys.executable, "bench/report.py", recorded, "--plot", str(tmp_path)], cwd=ROOT,
-                         check=True, capture_output=True, text=True).stdout
+    done = subprocess.run([sys.executable, "bench/report.py", recorded, "--plot", str(tmp_path)], cwd=ROOT,
+                          check=True, capture_output=True, text=True)
     charts = glob.glob(str(tmp_path / "*.svg"))
-    assert len(charts) == out.count("# wrote ") == 14  # 4 attention, 4 ffn, 4 layer norm, 2 softmax
+    assert len(charts) == done.stderr.count("# wrote ") == 14  # 4 attention, 4 ffn, 4 layer norm, 2 softmax
+    assert "# wrote" not in done.stdout and done.stdout.count("test_attention") > 0  # the table alone
     for chart in charts:
         assert len(_bars(ET.parse(chart).getroot())) >= 4
+
+
+def test_an_empty_run_is_a_clear_error(tmp_path):
+    empty = tmp_path / "run.json"
+    empty.write_text("")  # what pytest-benchmark leaves when -k selects no benchmark
+    done = subprocess.run([sys.executable, "bench/report.py", str(empty)], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 1 and "no benchmark ran" in done.stderr and "Traceback" not in done.stderr
