@@ -7,6 +7,7 @@ and is what bench/report.py prints.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from collections.abc import Callable, Iterator
 
@@ -89,6 +90,9 @@ def measure(benchmark, fn: Callable[[], object], **extra) -> float:
     if extra.get("provider", "").startswith("fusedformer-triton"):  # the one backend that autotunes
         extra["autotune"] = "off" if os.environ.get("FUSEDFORMER_AUTOTUNE", "1") == "0" else "on"
     benchmark.extra_info.update(extra)
+    if benchmark.disabled:  # --benchmark-disable: a smoke run of every row; fn runs once, nothing is timed
+        benchmark.pedantic(fn, rounds=1, iterations=1)
+        return math.nan
     if ON_GPU:
         import triton.testing
 

@@ -108,3 +108,12 @@ def test_an_empty_run_is_a_clear_error(tmp_path):
     empty.write_text("")  # what pytest-benchmark leaves when -k selects no benchmark
     done = subprocess.run([sys.executable, "bench/report.py", str(empty)], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 1 and "no benchmark ran" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_benchmarks_run_once_each_under_benchmark_disable():
+    """`pytest bench --benchmark-disable` smoke-runs every row: measure runs fn once and times
+    nothing (it used to read the stats that a disabled benchmark never has)."""
+    done = subprocess.run([sys.executable, "-m", "pytest", "bench/bench_softmax.py", "--benchmark-disable", "-q",
+                           "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout[-2000:]
+    assert " passed" in done.stdout and "skipped" not in done.stdout
