@@ -16,6 +16,10 @@ Algorithm (Dao, "FlashAttention-2", 2023):
     o = acc / l, lse = (m + log2 l) * ln 2. Causal: key blocks left of the diagonal run without
     the causal compare, blocks on the diagonal apply it, blocks right of it are never visited
     (the loop bound). A row with every key masked has l = 0: o = 0, lse = -inf.
+  split-KV (FlashDecoding), when B · HQ · query blocks leave SMs idle (decoding): each query
+    block's key blocks cut into num_splits consecutive ranges, one program each, writing that
+    range's o and lse in fp32; _attn_fwd_combine_kernel merges them by lse. The count is
+    csrc/attention.h's rule (num_splits_heuristic), so all three forwards split alike.
   backward: (1) Delta = rowsum(dO * O) (fp32); (2) one program per (key block, b, kv head)
     loops over the query heads of its group and their query blocks, recomputes P = exp(S - lse)
     and accumulates dV = Pᵀ dO and dK = scale · dSᵀ Q with dS = P * (dP - Delta), dP = dO Vᵀ;
@@ -52,6 +56,7 @@ Offsets inside one (b, h) slice are int32: LQ · stride(L) and LK · stride(L) m
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 from typing import Optional
 
@@ -69,6 +74,7 @@ except ImportError:  # older Triton: the pointer path only
 
 LOG2E = 1.4426950408889634  # log2(e): exp(x) = exp2(x * LOG2E)
 MAX_HEAD_DIM = 256
+MAX_SPLITS = 128  # most key ranges a query block's split-KV forward takes (csrc/attention.h's too)
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
@@ -193,19 +199,29 @@ def _attn_fwd_kernel(
     stride_ob, stride_oh, stride_om, stride_od,
     HQ, LQ, LK, D, GROUP, qk_scale, seed, dropout_p,
     LQ_BUCKET, LK_BUCKET,  # autotune key only: next_power_of_2 of the lengths
+    num_splits, stride_os, stride_ls,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
     DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, RNE_BF16: tl.constexpr,
-    PRECISION: tl.constexpr, USE_TMA: tl.constexpr,
+    PRECISION: tl.constexpr, USE_TMA: tl.constexpr, SPLIT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """USE_TMA: Q, K, V, O are 4-D tensor descriptors (B, H, L, D) with blocks (1, 1, BLOCK_*,
+    """SPLIT (split-KV, FlashDecoding): program_id(0) = query block · num_splits + split; the
+    program runs only range `split` of its query block's key blocks (equal consecutive ranges,
+    the last shorter, possibly empty) and stores that range's o in fp32 and its lse at O + split ·
+    stride_os and LSE + split · stride_ls, the fp32 workspace _attn_fwd_combine_kernel merges.
+    USE_TMA: Q, K, V, O are 4-D tensor descriptors (B, H, L, D) with blocks (1, 1, BLOCK_*,
     BLOCK_D) instead of pointers (their stride arguments are then unused): the tiles move by
     TMA, rows past L and columns past D read as 0 and stores clip there, as the masked loads
     and stores of the pointer path do. With TMA and 128-row tiles (8 warps) the key loop is
     warp-specialized (producer / consumer warps): Triton 3.9's NVGPUWarpSpecialization pass
     fails on the 64-row, 4-warp tiles for sm_90 (tests/test_triton_aot.py, compiled without a
     GPU), so those keep the software pipeline."""
-    start_m = tl.program_id(0)
+    if SPLIT:
+        start_m = tl.program_id(0) // num_splits
+        split = tl.program_id(0) % num_splits
+    else:
+        start_m = tl.program_id(0)
+        split = 0
     off_b = tl.program_id(1).to(tl.int64)
     off_h = tl.program_id(2).to(tl.int64)
     off_hkv = off_h // GROUP
@@ -237,17 +253,25 @@ def _attn_fwd_kernel(
     # start_m * BLOCK_M <= i: no causal compare needed). Stage 2 (causal only): the diagonal
     # blocks [start_m * BLOCK_M, (start_m + 1) * BLOCK_M), with the compare. Blocks right of
     # the diagonal are skipped. BLOCK_M % BLOCK_N == 0 keeps the stage boundary on a block edge.
+    # SPLIT: both stages clipped to the program's key range [lo_s, hi_s).
     if IS_CAUSAL:
         hi1 = tl.minimum(start_m * BLOCK_M, LK)
+        hi2 = tl.minimum((start_m + 1) * BLOCK_M, LK)
     else:
         hi1 = LK
+        hi2 = LK
+    lo_s = 0
+    hi_s = hi2
+    if SPLIT:
+        per = tl.cdiv(tl.cdiv(hi2, BLOCK_N), num_splits) * BLOCK_N  # keys a range
+        lo_s = tl.minimum(split * per, hi2)
+        hi_s = tl.minimum(lo_s + per, hi2)
     for stage in tl.static_range(2):
-        lo = 0
-        hi = hi1
+        lo = lo_s
+        hi = tl.minimum(hi1, hi_s)
         if stage == 1:
-            lo = hi1
-            if IS_CAUSAL:
-                hi = tl.minimum((start_m + 1) * BLOCK_M, LK)
+            lo = tl.maximum(hi1, lo_s)
+            hi = hi_s
         # The warp-specialized loop is a separate static branch (not warp_specialize=<flag>)
         # so that a Triton without the keyword (< 3.4, which has no TMA either) never sees it.
         if USE_TMA and BLOCK_M >= 128:
@@ -271,14 +295,54 @@ def _attn_fwd_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     o = acc / l_safe[:, None]  # acc is 0 on empty rows, so o = 0 exactly
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
-    if USE_TMA:
+    if SPLIT:  # fp32 partials: no rounding to the input dtype until the merge
+        tl.store(O + split * stride_os + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om
+                 + offs_d[None, :] * stride_od, o, mask=(offs_m[:, None] < LQ) & d_ok[None, :])
+    elif USE_TMA:
         O.store([tma_b, tma_h, start_m * BLOCK_M, 0],
                 _rne(o, RNE_BF16).to(q.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
     else:
         tl.store(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om
                  + offs_d[None, :] * stride_od, _rne(o, RNE_BF16).to(O.dtype.element_ty),
                  mask=(offs_m[:, None] < LQ) & d_ok[None, :])
-    tl.store(LSE + (off_b * HQ + off_h) * LQ + offs_m, lse, mask=offs_m < LQ)
+    tl.store(LSE + split * stride_ls + (off_b * HQ + off_h) * LQ + offs_m, lse, mask=offs_m < LQ)
+
+
+@triton.jit
+def _attn_fwd_combine_kernel(
+    O_ACC, LSE_ACC, O, LSE,
+    stride_ob, stride_oh, stride_om, stride_od,
+    HQ, LQ, D, ROWS, num_splits,
+    RNE_BF16: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Split-KV's merge, BLOCK_R rows a program: row r = (b · HQ + h) · LQ + i has num_splits
+    partial results o_s (fp32, O_ACC (num_splits, ROWS, D) contiguous) and lse_s (LSE_ACC
+    (num_splits, ROWS)); lse = log Σ_s exp(lse_s) and o = Σ_s exp(lse_s - lse) o_s. Ranges with
+    no key (lse_s = -inf) weigh 0; a row with none keeps o = 0 and lse = -inf."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
+    row_ok = rows < ROWS
+    offs_s = tl.arange(0, BLOCK_S)
+    lse_s = tl.load(LSE_ACC + offs_s[None, :] * ROWS + rows[:, None],
+                    mask=row_ok[:, None] & (offs_s[None, :] < num_splits), other=float("-inf"))
+    mx = tl.max(lse_s, 1)
+    empty = mx == float("-inf")
+    mx_safe = tl.where(empty, 0.0, mx)
+    total = tl.sum(tl.exp(lse_s - mx_safe[:, None]), 1)  # exp(-inf) = 0 for empty ranges
+    total_safe = tl.where(empty, 1.0, total)
+    offs_d = tl.arange(0, BLOCK_D)
+    tile = row_ok[:, None] & (offs_d[None, :] < D)
+    acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
+    for s in range(num_splits):
+        l_s = tl.load(LSE_ACC + s * ROWS + rows, mask=row_ok, other=float("-inf"))
+        w = tl.exp(l_s - mx_safe) / total_safe  # exp(lse_s - lse)
+        o_s = tl.load(O_ACC + (s * ROWS + rows[:, None]) * D + offs_d[None, :], mask=tile, other=0.0)
+        acc += w[:, None] * o_s
+    i = rows % LQ
+    h = rows // LQ % HQ
+    b = rows // (LQ * HQ)
+    tl.store(O + b[:, None] * stride_ob + h[:, None] * stride_oh + i[:, None] * stride_om
+             + offs_d[None, :] * stride_od, _rne(acc, RNE_BF16).to(O.dtype.element_ty), mask=tile)
+    tl.store(LSE + rows, tl.where(empty, float("-inf"), mx_safe + tl.log(total_safe)), mask=row_ok)
 
 
 def _attention_fwd_config(LQ: int, LK: int, D: int, dtype: torch.dtype) -> dict:
@@ -729,8 +793,42 @@ def _check_dropout(dropout_p: float, seed: int) -> None:
         raise ValueError(f"attention (triton): seed must be an int in [0, 2^63), got {seed!r}")
 
 
+def num_splits_heuristic(blocks: int, key_blocks: int, workers: int) -> int:
+    """How many key ranges make `blocks` query blocks, each visiting `key_blocks` key blocks,
+    fill `workers` SMs: csrc/attention.h's attention_num_splits (FlashAttention-2's wave
+    efficiency rule), which tests/test_attention_triton.py checks this against. 1 when the
+    blocks alone fill four fifths of the SMs; else the smallest count within 85% of the best
+    last-wave efficiency, at most MAX_SPLITS ranges of at least two key blocks, skipping
+    counts that leave a range as long as one range fewer would."""
+    if blocks <= 0 or key_blocks < 4 or workers <= 0 or 5 * blocks >= 4 * workers:
+        return 1
+    most = min(MAX_SPLITS, workers, key_blocks // 2)
+
+    def efficiency(s: int) -> float:
+        waves = blocks * s / workers
+        return waves / math.ceil(waves)
+
+    useful = [s for s in range(1, most + 1) if s == 1 or -(-key_blocks // s) != -(-key_blocks // (s - 1))]
+    best = max(efficiency(s) for s in useful)
+    return next(s for s in useful if efficiency(s) >= 0.85 * best)
+
+
+def _fwd_num_splits(num_splits: int, q: Tensor, blocks: int, key_blocks: int) -> int:
+    """The forward's split count: num_splits if given (>= 1), else the heuristic over the
+    GPU's SMs; 1 under the interpreter (a CPU has no SMs to fill; tests force a count)."""
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or not 0 <= num_splits <= MAX_SPLITS:
+        raise ValueError(f"attention (triton): num_splits must be an int in [0, {MAX_SPLITS}] "
+                         f"(0 = choose), got {num_splits!r}")
+    if num_splits > 0:
+        return num_splits
+    if q.device.type != "cuda":
+        return 1
+    workers = torch.cuda.get_device_properties(q.device).multi_processor_count
+    return num_splits_heuristic(blocks, key_blocks, workers)
+
+
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float,
-                  is_causal: bool, dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
+                  is_causal: bool, dropout_p: float, seed: int, num_splits: int = 0) -> tuple[Tensor, Tensor]:
     """o = softmax(q kᵀ · scale + mask) v (dropout on the probabilities), and lse.
 
     Args:
@@ -738,6 +836,9 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale
         mask: None or 4-D (B|1, HQ|1, LQ|1, LK|1), bool (True = attend) or q.dtype (added).
         scale: multiplies q kᵀ. is_causal: query i sees keys j <= i (top-left).
         dropout_p, seed: dropout probability in [0, 1) and the int seed of its keep-mask.
+        num_splits: split-KV (FlashDecoding) for grids too small for the GPU, as in decoding:
+            each query block's keys in num_splits ranges, one program each, merged by their
+            lse. 0 chooses (num_splits_heuristic; 1 off a GPU), n in [1, MAX_SPLITS] forces n.
     Returns:
         o (B, HQ, LQ, D) in q.dtype, lse (B, HQ, LQ) float32 (-inf where every key is masked).
     """
@@ -751,24 +852,54 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale
         return o, lse
     mask_t, mask_strides, has_mask, mask_bool = _mask_args(mask, q)
     block_d = max(16, triton.next_power_of_2(d))
+    cfg = _attention_fwd_config(lq, lk, d, q.dtype)
+    splits = _fwd_num_splits(num_splits, q, b * hq * triton.cdiv(lq, cfg["BLOCK_M"]), triton.cdiv(lk, cfg["BLOCK_N"]))
+    if splits > 1:
+        _attention_fwd_split(q, k, v, o, lse, mask_t, mask_strides, has_mask, mask_bool, scale, is_causal,
+                             dropout_p, seed, splits, cfg, block_d)
+        return o, lse
     descs = _fwd_tma_descriptors(q, k, v, o)
     q_, k_, v_, o_ = descs if descs is not None else (q, k, v, o)
     args = (q_, k_, v_, mask_t, o_, lse, *q.stride(), *k.stride(), *v.stride(), *mask_strides,
             *o.stride(), hq, lq, lk, d, hq // hkv, float(scale) * LOG2E, int(seed),
-            float(dropout_p), triton.next_power_of_2(lq), triton.next_power_of_2(lk))
+            float(dropout_p), triton.next_power_of_2(lq), triton.next_power_of_2(lk), 1, 0, 0)
     flags = dict(HAS_MASK=has_mask, MASK_BOOL=mask_bool, IS_CAUSAL=bool(is_causal),
-                 DROPOUT=dropout_p > 0.0, BLOCK_D=block_d, USE_TMA=descs is not None,
+                 DROPOUT=dropout_p > 0.0, BLOCK_D=block_d, USE_TMA=descs is not None, SPLIT=False,
                  **_dot_flags(q.dtype))
     tune = _autotuning(q.dtype)
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
         if not tune:
-            cfg = _attention_fwd_config(lq, lk, d, q.dtype)
             _set_fwd_blocks(dict(Q=q_, K=k_, V=v_, O=o_, BLOCK_D=block_d, **cfg))
             _attn_fwd_kernel[(triton.cdiv(lq, cfg["BLOCK_M"]), b, hq)](*args, **flags, **cfg)
         else:
             grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), b, hq)  # noqa: E731
             _fwd_kernel_autotuned()[grid](*args, **flags)
     return o, lse
+
+
+def _attention_fwd_split(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, mask_t: Tensor,
+                         mask_strides: tuple, has_mask: bool, mask_bool: bool, scale: float, is_causal: bool,
+                         dropout_p: float, seed: int, splits: int, cfg: dict, block_d: int) -> None:
+    """The split-KV forward into o and lse: the fixed tiles of cfg (the split count was
+    chosen for them, so no autotuning), pointers (no TMA), fp32 partials in a (splits, B, HQ,
+    LQ, D) workspace, then _attn_fwd_combine_kernel."""
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    o_acc = torch.empty((splits, b, hq, lq, d), dtype=torch.float32, device=q.device)
+    lse_acc = torch.empty((splits, b, hq, lq), dtype=torch.float32, device=q.device)
+    flags = _dot_flags(q.dtype)
+    rows = b * hq * lq
+    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
+        _attn_fwd_kernel[(triton.cdiv(lq, cfg["BLOCK_M"]) * splits, b, hq)](
+            q, k, v, mask_t, o_acc, lse_acc, *q.stride(), *k.stride(), *v.stride(), *mask_strides,
+            *o_acc.stride()[1:], hq, lq, lk, d, hq // hkv, float(scale) * LOG2E, int(seed), float(dropout_p),
+            triton.next_power_of_2(lq), triton.next_power_of_2(lk), splits, o_acc.stride(0), lse_acc.stride(0),
+            HAS_MASK=has_mask, MASK_BOOL=mask_bool, IS_CAUSAL=bool(is_causal), DROPOUT=dropout_p > 0.0,
+            BLOCK_D=block_d, USE_TMA=False, SPLIT=True, **flags, **cfg)
+        block_r = 16
+        _attn_fwd_combine_kernel[(triton.cdiv(rows, block_r),)](
+            o_acc, lse_acc, o, lse, *o.stride(), hq, lq, d, rows, splits, RNE_BF16=flags["RNE_BF16"],
+            BLOCK_R=block_r, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d)
 
 
 def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,

@@ -258,6 +258,82 @@ def test_lse(backend, device, dtype):
 
 
 # ----------------------------------------------------------------------------------------
+# Split-KV (the forward's FlashDecoding path: forced here, chosen by SM count on a GPU)
+
+# (B, HQ, HKV, LQ, LK, D, causal, mask kind): decoding rows against a cache of several key
+# blocks (the interpreter's are 32 keys) with GQA and key padding; causal with LQ = LK, where
+# ranges past a query block's diagonal are empty; more ranges than key blocks, an additive mask.
+SPLIT_CASES = [
+    (2, 4, 2, 1, 150, 64, False, "bool_key_padding"),
+    (1, 2, 2, 70, 70, 40, True, None),
+    (1, 1, 1, 3, 70, 32, False, "float"),
+]
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("splits", [2, 5])
+@pytest.mark.parametrize("case", SPLIT_CASES, ids=str)
+def test_split_kv_forward(backend, device, dtype, splits, case):
+    """The forward split into key ranges (fp32 partials merged by lse) vs PyTorch's same-dtype
+    SDPA against the float64 oracle: o under the rule, lse within test_lse's bound."""
+    require_backend("attention", backend, device)
+    b, hq, hkv, lq, lk, d, causal, kind = case
+    torch.manual_seed(splits + 7 * lq)
+    q, k, v = _qkv(b, hq, hkv, lq, lk, d, dtype, device)
+    mask = _mask(kind, b, hq, lq, lk, dtype, device) if kind else None
+    o, lse = _launchers().attention_fwd(q, k, v, mask, d ** -0.5, causal, 0.0, 0, num_splits=splits)
+    ours = F.scaled_dot_product_attention(q, k, v, _sdpa_mask(mask, causal, lq, lk, device), enable_gqa=hq != hkv)
+    wide_mask = mask.double() if mask is not None and mask.is_floating_point() else mask
+    o_ref, lse_ref = reference.attention_ref(q.double(), k.double(), v.double(), wide_mask, is_causal=causal,
+                                             enable_gqa=True, return_lse=True)
+    assert_rule([testing.compare("o", o, ours, o_ref)])
+    assert_close("lse", lse, lse_ref, atol=3e-6)
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+def test_split_kv_keeps_dropout_bits_and_dead_rows(backend, device):
+    """Each key's Philox keep bit is the same whichever range holds it, so split and unsplit
+    outputs agree to fp32 rounding; a row with every key masked is o = 0, lse = -inf after the
+    merge, all of its ranges empty."""
+    require_backend("attention", backend, device)
+    torch.manual_seed(3)
+    launch = _launchers().attention_fwd
+    q, k, v = _qkv(1, 2, 2, 3, 100, 32, torch.float32, device)
+    mask = torch.rand(1, 1, 3, 100, device=device) > 0.3
+    mask[..., 1, :] = False
+    whole = launch(q, k, v, mask, 0.2, False, 0.3, 1234)
+    for splits in (2, 4):
+        o, lse = launch(q, k, v, mask, 0.2, False, 0.3, 1234, num_splits=splits)
+        assert torch.equal(o[:, :, 1], torch.zeros_like(o[:, :, 1])) and torch.isneginf(lse[:, :, 1]).all()
+        assert_close(f"o ({splits} splits)", o, whole[0], atol=5e-7)
+        assert_close(f"lse ({splits} splits)", lse[:, :, [0, 2]], whole[1][:, :, [0, 2]], atol=2e-6)
+
+
+@pytest.mark.parametrize("blocks,key_blocks,workers", [
+    (132, 64, 132), (106, 64, 132), (16, 3, 132), (1, 1000, 2), (16, 64, 132), (4, 11, 108),
+    (1, 4096, 132), (8, 256, 132), (32, 128, 132), (3, 7, 16), (0, 10, 132), (5, 10, 0),
+])
+def test_split_heuristic_matches_the_cpp_one(blocks, key_blocks, workers):
+    """kernels/attention.py's num_splits_heuristic is csrc/attention.h's attention_num_splits
+    (the cpu and cuda forwards' count) written in Python: they agree."""
+    require_backend("attention", "cpu", "cpu")
+    from fusedformer.kernels.dispatch import extension
+
+    expected = extension()[0].attention_num_splits(blocks, key_blocks, workers)
+    assert _launchers().num_splits_heuristic(blocks, key_blocks, workers) == expected
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("bad", [-1, 129, 2.0, True])
+def test_split_count_errors(backend, device, bad):
+    require_backend("attention", backend, device)
+    q = torch.randn(1, 1, 1, 16, device=device)
+    with pytest.raises(ValueError, match=rf"num_splits must be an int in \[0, 128\] \(0 = choose\), got {bad!r}"):
+        _launchers().attention_fwd(q, q, q, None, 1.0, False, 0.0, 0, num_splits=bad)
+
+
+# ----------------------------------------------------------------------------------------
 # Strides
 
 
