@@ -595,29 +595,36 @@ __device__ __forceinline__ void store_fwd_rows(const AttentionFwdParams& p, cons
 }
 
 // Split-KV's merge: one warp a query row (b, h, i) reads the row's num_splits partial lse and
-// o (store_fwd_rows) and writes lse = log Σ_s exp(lse_s) and o = Σ_s exp(lse_s - lse) o_s.
-// Splits with no key (lse_s = -inf) weigh 0; a row with none at all keeps o = 0, lse = -inf.
+// o (store_fwd_rows) and writes lse = log Σ_s exp(lse_s) and o = Σ_s exp(lse_s - lse) o_s, in
+// one pass over the splits: weights w_s = exp(lse_s - max), one __expf a split, and the row's
+// columns (lane + 32 x) summed in registers, divided by Σ_s w_s at the end (as the CPU's
+// combine_splits). Splits with no key (lse_s = -inf) weigh 0; a row with none at all keeps
+// o = 0, lse = -inf.
 template <typename T>
 __global__ void attention_fwd_combine_kernel(const AttentionFwdParams p) {
-  constexpr int kWarps = 8;
+  constexpr int kWarps = 8, kCols = kAttentionMaxHeadDim / 32;  // columns a lane
   const int64_t rows = p.b * p.hq * p.lq, row = int64_t(blockIdx.x) * kWarps + threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
   if (row >= rows) return;
   float mx = -kInf;
   for (int64_t s = 0; s < p.num_splits; ++s) mx = fmaxf(mx, p.lse_accum[s * rows + row]);
   const bool empty = mx == -kInf;
-  float sum = 0.f;
-  for (int64_t s = 0; s < p.num_splits && !empty; ++s) sum += __expf(p.lse_accum[s * rows + row] - mx);
-  const float lse = empty ? -kInf : mx + __logf(sum);
-  if (lane == 0) p.lse[row] = lse;
+  float sum = 0.f, o[kCols] = {};
+  for (int64_t s = 0; s < p.num_splits && !empty; ++s) {
+    const float w = __expf(p.lse_accum[s * rows + row] - mx);
+    const float* o_s = p.o_accum + (s * rows + row) * p.d;
+    sum += w;
+#pragma unroll
+    for (int x = 0; x < kCols; ++x)
+      if (lane + 32 * x < p.d) o[x] += w * o_s[lane + 32 * x];
+  }
+  const float inv = empty ? 0.f : 1.f / sum;
+  if (lane == 0) p.lse[row] = empty ? -kInf : mx + __logf(sum);
   const int64_t i = row % p.lq, h = row / p.lq % p.hq, bi = row / (p.lq * p.hq);
   T* o_row = static_cast<T*>(p.o) + bi * p.o_batch_stride + h * p.o_head_stride + i * p.o_row_stride;
-  for (int64_t c = lane; c < p.d; c += 32) {
-    float o = 0.f;
-    for (int64_t s = 0; s < p.num_splits && !empty; ++s)
-      o += __expf(p.lse_accum[s * rows + row] - lse) * p.o_accum[(s * rows + row) * p.d + c];
-    o_row[c] = from_f<T>(o);
-  }
+#pragma unroll
+  for (int x = 0; x < kCols; ++x)
+    if (lane + 32 * x < p.d) o_row[lane + 32 * x] = from_f<T>(o[x] * inv);
 }
 
 // ---------------------------------------------------------------------------------------
