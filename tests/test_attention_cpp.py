@@ -304,6 +304,24 @@ def test_strided_inputs_and_expanded_grads(backend, device):
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("causal", [False, True])
+def test_dropout_16bit_under_the_rule(backend, device, dtype, causal):
+    """16-bit forward with dropout (on the CPU, bf16 runs the AMX forward where the CPU has it):
+    o against PyTorch's same-dtype ops fed the kernels' keep-mask, both against float64."""
+    require_backend("attention", backend, device)
+    b, hq, hkv, lq, lk, d, p, seed = 2, 4, 2, 77, 300, 40, 0.3, 20261203
+    q = torch.randn(b, hq, lq, d, device=device).to(dtype)
+    k, v = (torch.randn(b, hkv, lk, d, device=device).to(dtype) for _ in range(2))
+    o, _ = cpp_backend.attention_fwd(q, k, v, None, d ** -0.5, causal, p, seed)
+    keep = cpp_backend.attention_dropout_mask(seed, (b, hq, lq, lk), p, device)
+    ours = reference.attention_ref(q, k, v, None, p, causal, d ** -0.5, enable_gqa=True, dropout_mask=keep)
+    wide = reference.attention_ref(q.double(), k.double(), v.double(), None, p, causal, d ** -0.5,
+                                   enable_gqa=True, dropout_mask=keep)
+    assert_rule([testing.compare("o", o, ours, wide)])
+
+
+@pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("lq,hkv", [(77, 2), (3, 2), (1, 4), (4, 1)])  # and the decoding forward's packs
 def test_dropout_matches_oracle_with_its_mask(backend, device, causal, lq, hkv):

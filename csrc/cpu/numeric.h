@@ -380,6 +380,7 @@ struct Lanes8 {
   static V tanh(V x) { return tanh8(x); }
   static V first(V v, int k) { return first8(v, k); }
   static float hsum(V v) { return hsum8(v); }
+  static float hmax(V v) { return hmax8(v); }
 };
 
 #if defined(__AVX512F__)
@@ -453,6 +454,7 @@ struct Lanes16 {
     return lane < k ? v : V{};
   }
   static float hsum(V v) { return hsum8(lo(v) + hi(v)); }  // a fixed order
+  static float hmax(V v) { return _mm512_reduce_max_ps(v); }
 };
 using Wide = Lanes16;  // the widest vector this build has
 #else
