@@ -22,7 +22,7 @@ if ON_GPU:  # the issue's target grid: bf16, D = 128, H * D = 2048, B * T = 16k
     PEERS = ["sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "flex"]
 else:
     SHAPES = [(1, 8, 512, 64), (2, 4, 1024, 64)]
-    DTYPES = [torch.float32]
+    DTYPES = [torch.float32, torch.bfloat16]
     PEERS = ["sdpa", "flex"]
 
 
