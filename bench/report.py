@@ -44,15 +44,26 @@ def load(path: str) -> dict:
 
 
 def ceilings(benchmarks: list[dict]) -> dict[str, float]:
-    """{"copy": GB/s, "matmul": TFLOP/s} from bench_ceilings.py's rows (the best if repeated)."""
+    """{"copy": GB/s, "matmul <dtype>": TFLOP/s for each dtype measured} from bench_ceilings.py's
+    rows (the best if repeated)."""
     found: dict[str, float] = {}
     for bench in benchmarks:
         extra = bench["extra_info"]
         kind = extra.get("ceiling")
         rate = extra.get("GB/s") if kind == "copy" else extra.get("TFLOP/s") if kind == "matmul" else None
         if rate:
-            found[kind] = max(found.get(kind, 0.0), rate)
+            key = f"matmul {extra.get('dtype')}" if kind == "matmul" else kind
+            found[key] = max(found.get(key, 0.0), rate)
     return found
+
+
+def ceiling_for(ceil: dict[str, float], kind: str, dtype: Optional[str]) -> Optional[float]:
+    """The ceiling a row of `dtype` is held to: copy, or the matmul rate of its own dtype (a CPU
+    run measures fp32 and bf16); a run with one matmul dtype (the GPU's bf16) holds every row to it."""
+    if kind == "copy":
+        return ceil.get("copy")
+    matmul = {k: v for k, v in ceil.items() if k.startswith("matmul")}
+    return matmul.get(f"matmul {dtype}", next(iter(matmul.values())) if len(matmul) == 1 else None)
 
 
 class Row(NamedTuple):
@@ -111,8 +122,9 @@ def main(path: str) -> None:
         base = peer_median(rows)
         for provider, (median, gbs, tflops) in sorted(rows.items()):
             ratio = f"{base / median:.2f}x" if base else "-"
-            share = (tflops / ceil["matmul"] if tflops and "matmul" in ceil
-                     else gbs / ceil["copy"] if gbs and "copy" in ceil else None)
+            kind = "matmul" if tflops else "copy" if gbs else None
+            limit = ceiling_for(ceil, kind, key[2]) if kind else None
+            share = (tflops or gbs) / limit if limit else None
             print(f"{key[0]:<28} {key[1] or '-':<8} {key[2] or '-':<15} {key[3]:<18} {provider:<22} "
                   f"{median * 1e3:>10.3f} {gbs or 0:>8.1f} {tflops or 0:>8.2f} "
                   f"{f'{share:.0%}' if share is not None else '':>7} {ratio:>9}")
@@ -134,17 +146,19 @@ def nice_ticks(top: float) -> list[float]:
 
 
 def chart(title: str, subtitle: list[str], shapes: dict[str, dict[str, Row]], colours: dict[str, str],
-          ceil: dict[str, float]) -> str:
-    """One bar chart as SVG text: x groups the shapes, a bar per provider in each."""
+          ceil: dict[str, float], dtype: Optional[str] = None) -> str:
+    """One bar chart as SVG text: x groups the shapes, a bar per provider in each; the dashed
+    line is the ceiling of the rows' dtype."""
     use_flops = any(row.tflops for rows in shapes.values() for row in rows.values())
     unit, ceiling_name = ("TFLOP/s", "matmul") if use_flops else ("GB/s", "copy")
+    limit = ceiling_for(ceil, ceiling_name, dtype)
 
     def rate(row: Row) -> float:
         return (row.tflops if use_flops else row.gbs) or 0.0
 
     providers = sorted({p for rows in shapes.values() for p in rows})
     ticks = nice_ticks(max([rate(r) for rows in shapes.values() for r in rows.values()]
-                           + [ceil.get(ceiling_name, 0.0)]) * 1.08)
+                           + [limit or 0.0]) * 1.08)
     top = ticks[-1]
     bar, left, plot_h, head, char_w = 22, 64, 260, 70, 7  # char_w: an 11 px character, roughly
     group_w = max(bar * len(providers) + 24, char_w * max(len(s) for s in shapes) + 16)
@@ -163,12 +177,12 @@ def chart(title: str, subtitle: list[str], shapes: dict[str, dict[str, Row]], co
     for v in ticks:
         out.append(f'<text x="{left - 4}" y="{y_of(v) + 4:.1f}" text-anchor="end">{v:.3g}</text>')
         out.append(f'<line x1="{left}" y1="{y_of(v):.1f}" x2="{width - 10}" y2="{y_of(v):.1f}" stroke="#eee"/>')
-    if ceiling_name in ceil:
-        y = y_of(ceil[ceiling_name])
+    if limit:
+        y = y_of(limit)
         out.append(f'<line class="ceiling" x1="{left}" y1="{y:.1f}" x2="{width - 10}" y2="{y:.1f}" '
                    f'stroke="#C00" stroke-dasharray="6 4"/>')
         out.append(f'<text x="{width - 12}" y="{y - 4:.1f}" text-anchor="end" fill="#C00">'
-                   f'{ceiling_name} ceiling {ceil[ceiling_name]:.3g} {unit}</text>')
+                   f'{ceiling_name} ceiling {limit:.3g} {unit}</text>')
     for g, (shape, rows) in enumerate(shapes.items()):
         x0 = left + g * group_w + (group_w - bar * len(providers)) / 2
         base = peer_median(rows)
@@ -217,7 +231,7 @@ def plot(path: str, out_dir: str) -> list[str]:
         title = f"{name.removeprefix('test_')}  {mode or ''}  {(dtype or '').removeprefix('torch.')}"
         target = os.path.join(out_dir, stem + ".svg")
         with open(target, "w") as f:
-            f.write(chart(title, subtitle, shapes, colours, ceil))
+            f.write(chart(title, subtitle, shapes, colours, ceil, dtype))
         written.append(target)
     return written
 

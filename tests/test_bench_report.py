@@ -117,3 +117,23 @@ def test_benchmarks_run_once_each_under_benchmark_disable():
                            "-p", "no:cacheprovider"], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stdout[-2000:]
     assert " passed" in done.stdout and "skipped" not in done.stdout
+
+
+def test_each_dtype_is_held_to_its_own_matmul_ceiling(tmp_path):
+    """A CPU run measures the matmul rate in fp32 and bf16 (AMX runs bf16 at another rate): a
+    row's "% ceil" and its chart's dashed line use its own dtype's; a run with one matmul dtype
+    (a GPU's bf16) holds every row to that one."""
+    def matmul(dtype, rate):
+        return {"name": f"test_matmul_rate[{dtype}]",
+                "extra_info": {"provider": "torch", "ceiling": "matmul", "dtype": dtype, "TFLOP/s": rate}}
+
+    both = report.ceilings([matmul("torch.float32", 0.3), matmul("torch.bfloat16", 1.2)])
+    assert report.ceiling_for(both, "matmul", "torch.float32") == 0.3
+    assert report.ceiling_for(both, "matmul", "torch.bfloat16") == 1.2
+    assert report.ceiling_for(both, "matmul", "torch.float16") is None  # not measured: no share
+    one = report.ceilings([matmul("torch.bfloat16", 900.0)])
+    assert report.ceiling_for(one, "matmul", "torch.float32") == 900.0
+    rows = {"[1, 2]": {"cpu": report.Row(1.0, None, 0.6)}}
+    svg = ET.fromstring(report.chart("t", ["s"], rows, {"cpu": "#000"}, both, "torch.bfloat16"))
+    label = [t.text for t in svg.iter(f"{SVG}text") if t.text and "ceiling" in t.text]
+    assert label == ["matmul ceiling 1.2 TFLOP/s"]
