@@ -253,7 +253,6 @@ void online_softmax(const TilePos& t, float* st, float* m, float* l, float* alph
   }
 }
 
-
 template <typename T>
 void fwd(const AttentionFwdParams& p) {
   const int64_t d = p.d, dp = round_up_lanes(d), group = p.hq / p.hkv, nqb = ceil_div(p.lq, kBlockM);
