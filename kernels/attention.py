@@ -295,9 +295,12 @@ def _attn_fwd_kernel(
     l_safe = tl.where(empty, 1.0, l_i)
     o = acc / l_safe[:, None]  # acc is 0 on empty rows, so o = 0 exactly
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
+    lse_base = LSE
     if SPLIT:  # fp32 partials: no rounding to the input dtype until the merge
-        tl.store(O + split * stride_os + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om
-                 + offs_d[None, :] * stride_od, o, mask=(offs_m[:, None] < LQ) & d_ok[None, :])
+        lse_base = LSE + split.to(tl.int64) * stride_ls  # the workspace can pass 2^31 elements
+        tl.store(O + split.to(tl.int64) * stride_os + off_b * stride_ob + off_h * stride_oh
+                 + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, o,
+                 mask=(offs_m[:, None] < LQ) & d_ok[None, :])
     elif USE_TMA:
         O.store([tma_b, tma_h, start_m * BLOCK_M, 0],
                 _rne(o, RNE_BF16).to(q.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
@@ -305,7 +308,7 @@ def _attn_fwd_kernel(
         tl.store(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om
                  + offs_d[None, :] * stride_od, _rne(o, RNE_BF16).to(O.dtype.element_ty),
                  mask=(offs_m[:, None] < LQ) & d_ok[None, :])
-    tl.store(LSE + split * stride_ls + (off_b * HQ + off_h) * LQ + offs_m, lse, mask=offs_m < LQ)
+    tl.store(lse_base + (off_b * HQ + off_h) * LQ + offs_m, lse, mask=offs_m < LQ)
 
 
 @triton.jit
@@ -322,7 +325,7 @@ def _attn_fwd_combine_kernel(
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
     row_ok = rows < ROWS
     offs_s = tl.arange(0, BLOCK_S)
-    lse_s = tl.load(LSE_ACC + offs_s[None, :] * ROWS + rows[:, None],
+    lse_s = tl.load(LSE_ACC + offs_s[None, :].to(tl.int64) * ROWS + rows[:, None],
                     mask=row_ok[:, None] & (offs_s[None, :] < num_splits), other=float("-inf"))
     mx = tl.max(lse_s, 1)
     empty = mx == float("-inf")
@@ -332,11 +335,13 @@ def _attn_fwd_combine_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     tile = row_ok[:, None] & (offs_d[None, :] < D)
     acc = tl.zeros((BLOCK_R, BLOCK_D), tl.float32)
-    for s in range(num_splits):
-        l_s = tl.load(LSE_ACC + s * ROWS + rows, mask=row_ok, other=float("-inf"))
+    split_rows = rows  # row r of split s: s · ROWS + r, int64 (the workspace can pass 2^31 elements)
+    for _ in range(num_splits):
+        l_s = tl.load(LSE_ACC + split_rows, mask=row_ok, other=float("-inf"))
         w = tl.exp(l_s - mx_safe) / total_safe  # exp(lse_s - lse)
-        o_s = tl.load(O_ACC + (s * ROWS + rows[:, None]) * D + offs_d[None, :], mask=tile, other=0.0)
+        o_s = tl.load(O_ACC + split_rows[:, None] * D + offs_d[None, :], mask=tile, other=0.0)
         acc += w[:, None] * o_s
+        split_rows += ROWS
     i = rows % LQ
     h = rows // LQ % HQ
     b = rows // (LQ * HQ)
