@@ -303,6 +303,15 @@ def test_strided_inputs_and_expanded_grads(backend, device):
         assert_close(name, g, w.grad, atol=1e-4)
 
 
+@pytest.mark.parametrize("case", [c for c in CASES if c[3] > 4], ids=lambda c: "-".join(map(str, c)))
+def test_bf16_without_amx(case, monkeypatch):
+    """FUSEDFORMER_CPU_AMX=0 keeps bf16 on the fp32 FMA forward (the path of a CPU without AMX,
+    which this machine would otherwise never run for bf16): under the rule too."""
+    require_backend("attention", "cpu", "cpu")
+    monkeypatch.setenv("FUSEDFORMER_CPU_AMX", "0")
+    test_rule("cpu", "cpu", torch.bfloat16, case)
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("lq", [70, 3])  # the 16-bit forwards: bf16 on AMX where the CPU has it; decoding

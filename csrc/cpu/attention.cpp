@@ -39,9 +39,11 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <limits>
 #include <tuple>
 #include <stdexcept>
+#include <string>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -782,11 +784,13 @@ void fwd_amx(const AttentionFwdParams& p) {
 }
 #endif
 
-// Whether attention_fwd_cpu runs p on fwd_amx: bf16, more than a few query rows, and a build
-// and CPU with AMX whose tile state Linux grants.
+// Whether attention_fwd_cpu runs p on fwd_amx: bf16, more than a few query rows, a build and
+// CPU with AMX whose tile state Linux grants, and FUSEDFORMER_CPU_AMX not 0 (read at each call:
+// =0 keeps bf16 on the fp32 FMA forward, for comparison and as a way out).
 bool amx_forward(const AttentionFwdParams& p) {
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__)
-  return p.dtype == DType::kBFloat16 && !few_queries(p.lq) && amx_usable();
+  const char* env = std::getenv("FUSEDFORMER_CPU_AMX");
+  return p.dtype == DType::kBFloat16 && !few_queries(p.lq) && !(env && std::string(env) == "0") && amx_usable();
 #else
   (void)p;
   return false;
