@@ -676,7 +676,9 @@ Tensor ffn_dropout_mask(int64_t seed, const std::vector<int64_t>& shape, double 
 
 // The vector ISA the CPU kernels were compiled for (setup.py: the building machine's).
 const char* built_isa() {
-#if defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+#if defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
+  return "avx2+fma+avx512f+avx512bf16+amx";  // AMX used only where Linux grants it (csrc/cpu/attention.cpp)
+#elif defined(__AVX512BF16__) && defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
   return "avx2+fma+avx512f+avx512bf16";
 #elif defined(__AVX512F__) && defined(__AVX2__) && defined(__FMA__)
   return "avx2+fma+avx512f";
