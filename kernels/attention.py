@@ -859,52 +859,37 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale
     block_d = max(16, triton.next_power_of_2(d))
     cfg = _attention_fwd_config(lq, lk, d, q.dtype)
     splits = _fwd_num_splits(num_splits, q, b * hq * triton.cdiv(lq, cfg["BLOCK_M"]), triton.cdiv(lk, cfg["BLOCK_N"]))
-    if splits > 1:
-        _attention_fwd_split(q, k, v, o, lse, mask_t, mask_strides, has_mask, mask_bool, scale, is_causal,
-                             dropout_p, seed, splits, cfg, block_d)
-        return o, lse
-    descs = _fwd_tma_descriptors(q, k, v, o)
+    split = splits > 1
+    # Split-KV writes fp32 partials into a (splits, B, HQ, LQ, D) workspace that
+    # _attn_fwd_combine_kernel merges into o and lse; it runs the fixed tiles of cfg (the count
+    # was chosen for them: no autotuning) through pointers (no TMA).
+    descs = None if split else _fwd_tma_descriptors(q, k, v, o)
     q_, k_, v_, o_ = descs if descs is not None else (q, k, v, o)
-    args = (q_, k_, v_, mask_t, o_, lse, *q.stride(), *k.stride(), *v.stride(), *mask_strides,
-            *o.stride(), hq, lq, lk, d, hq // hkv, float(scale) * LOG2E, int(seed),
-            float(dropout_p), triton.next_power_of_2(lq), triton.next_power_of_2(lk), 1, 0, 0)
+    lse_ = lse
+    o_strides, split_strides = o.stride(), (0, 0)
+    if split:
+        o_ = torch.empty((splits, b, hq, lq, d), dtype=torch.float32, device=q.device)
+        lse_ = torch.empty((splits, b, hq, lq), dtype=torch.float32, device=q.device)
+        o_strides, split_strides = o_.stride()[1:], (o_.stride(0), lse_.stride(0))
+    args = (q_, k_, v_, mask_t, o_, lse_, *q.stride(), *k.stride(), *v.stride(), *mask_strides,
+            *o_strides, hq, lq, lk, d, hq // hkv, float(scale) * LOG2E, int(seed),
+            float(dropout_p), triton.next_power_of_2(lq), triton.next_power_of_2(lk), splits, *split_strides)
     flags = dict(HAS_MASK=has_mask, MASK_BOOL=mask_bool, IS_CAUSAL=bool(is_causal),
-                 DROPOUT=dropout_p > 0.0, BLOCK_D=block_d, USE_TMA=descs is not None, SPLIT=False,
+                 DROPOUT=dropout_p > 0.0, BLOCK_D=block_d, USE_TMA=descs is not None, SPLIT=split,
                  **_dot_flags(q.dtype))
-    tune = _autotuning(q.dtype)
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
-        if not tune:
+        if split or not _autotuning(q.dtype):
             _set_fwd_blocks(dict(Q=q_, K=k_, V=v_, O=o_, BLOCK_D=block_d, **cfg))
-            _attn_fwd_kernel[(triton.cdiv(lq, cfg["BLOCK_M"]), b, hq)](*args, **flags, **cfg)
+            _attn_fwd_kernel[(triton.cdiv(lq, cfg["BLOCK_M"]) * splits, b, hq)](*args, **flags, **cfg)
         else:
             grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), b, hq)  # noqa: E731
             _fwd_kernel_autotuned()[grid](*args, **flags)
+        if split:
+            rows, block_r = b * hq * lq, 16
+            _attn_fwd_combine_kernel[(triton.cdiv(rows, block_r),)](
+                o_, lse_, o, lse, *o.stride(), hq, lq, d, rows, splits, RNE_BF16=flags["RNE_BF16"],
+                BLOCK_R=block_r, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d)
     return o, lse
-
-
-def _attention_fwd_split(q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor, mask_t: Tensor,
-                         mask_strides: tuple, has_mask: bool, mask_bool: bool, scale: float, is_causal: bool,
-                         dropout_p: float, seed: int, splits: int, cfg: dict, block_d: int) -> None:
-    """The split-KV forward into o and lse: the fixed tiles of cfg (the split count was
-    chosen for them, so no autotuning), pointers (no TMA), fp32 partials in a (splits, B, HQ,
-    LQ, D) workspace, then _attn_fwd_combine_kernel."""
-    b, hq, lq, d = q.shape
-    hkv, lk = k.shape[1], k.shape[2]
-    o_acc = torch.empty((splits, b, hq, lq, d), dtype=torch.float32, device=q.device)
-    lse_acc = torch.empty((splits, b, hq, lq), dtype=torch.float32, device=q.device)
-    flags = _dot_flags(q.dtype)
-    rows = b * hq * lq
-    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
-        _attn_fwd_kernel[(triton.cdiv(lq, cfg["BLOCK_M"]) * splits, b, hq)](
-            q, k, v, mask_t, o_acc, lse_acc, *q.stride(), *k.stride(), *v.stride(), *mask_strides,
-            *o_acc.stride()[1:], hq, lq, lk, d, hq // hkv, float(scale) * LOG2E, int(seed), float(dropout_p),
-            triton.next_power_of_2(lq), triton.next_power_of_2(lk), splits, o_acc.stride(0), lse_acc.stride(0),
-            HAS_MASK=has_mask, MASK_BOOL=mask_bool, IS_CAUSAL=bool(is_causal), DROPOUT=dropout_p > 0.0,
-            BLOCK_D=block_d, USE_TMA=False, SPLIT=True, **flags, **cfg)
-        block_r = 16
-        _attn_fwd_combine_kernel[(triton.cdiv(rows, block_r),)](
-            o_acc, lse_acc, o, lse, *o.stride(), hq, lq, d, rows, splits, RNE_BF16=flags["RNE_BF16"],
-            BLOCK_R=block_r, BLOCK_S=triton.next_power_of_2(splits), BLOCK_D=block_d)
 
 
 def attention_bwd(do: Tensor, q: Tensor, k: Tensor, v: Tensor, o: Tensor, lse: Tensor,

