@@ -98,13 +98,6 @@ constexpr int64_t kAttentionMaxHeadDim = 256;
 // Most key ranges one query block may be split into.
 constexpr int64_t kAttentionMaxSplits = 128;
 
-// How many key ranges make `blocks` query blocks, each visiting `key_blocks` key blocks, fill
-// `workers` (SMs or threads). 1 when the blocks alone give most workers a block. Otherwise
-// the count whose last wave is fullest, as FlashAttention-2 chooses: splits of s ranges run
-// blocks · s units in waves of `workers`, a wave efficiency (blocks · s / workers) / ceil(...),
-// and the smallest s within 85% of the best wins (fewer partial outputs to merge). A count that
-// leaves a range's length as it was for s - 1 buys nothing and is skipped; each range keeps at
-// least two key blocks, so that the merge never costs more than a range.
 // The kernels' own check of a split request (the binding validates the user's first): a count
 // in [1, kAttentionMaxSplits], with its workspace when above 1.
 inline void check_num_splits(const AttentionFwdParams& p, const char* op) {
@@ -113,6 +106,14 @@ inline void check_num_splits(const AttentionFwdParams& p, const char* op) {
                                 "] with o_accum and lse_accum given when > 1, got " + std::to_string(p.num_splits));
 }
 
+// How many key ranges make `blocks` query blocks, each visiting `key_blocks` key blocks, fill
+// `workers` (SMs or threads). 1 when the blocks alone give most workers a block. Otherwise
+// the count whose last wave is fullest, as FlashAttention-2 chooses: splits of s ranges run
+// blocks · s units in waves of `workers`, a wave efficiency (blocks · s / workers) / ceil(...),
+// and the smallest s within 85% of the best wins (fewer partial outputs to merge). A count that
+// leaves a range's length as it was for s - 1 buys nothing and is skipped; each range keeps at
+// least two key blocks, so that the merge never costs more than a range. (kernels/attention.py's
+// num_splits_heuristic is this rule in Python, for the Triton backend; a test keeps them equal.)
 inline int64_t attention_num_splits(int64_t blocks, int64_t key_blocks, int64_t workers) {
   if (blocks <= 0 || key_blocks < 4 || workers <= 0 || 5 * blocks >= 4 * workers) return 1;
   const int64_t most = std::min({kAttentionMaxSplits, workers, key_blocks / 2});

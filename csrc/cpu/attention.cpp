@@ -255,6 +255,13 @@ void online_softmax(const TilePos& t, float* st, float* m, float* l, float* alph
   }
 }
 
+// Query block `block` of the GEMM forwards (fwd, fwd_amx), in (batch, query head, block of
+// kBlockM rows) order: its TilePos with no keys yet.
+TilePos query_block(const AttentionFwdParams& p, int64_t block) {
+  const int64_t nqb = ceil_div(p.lq, kBlockM), qb = block % nqb;
+  return {block / (p.hq * nqb), block / nqb % p.hq, qb * kBlockM, std::min(kBlockM, p.lq - qb * kBlockM), 0, 0};
+}
+
 template <typename T>
 void fwd(const AttentionFwdParams& p) {
   const int64_t d = p.d, dp = round_up_lanes(d), group = p.hq / p.hkv, nqb = ceil_div(p.lq, kBlockM);
@@ -293,10 +300,9 @@ void fwd(const AttentionFwdParams& p) {
     std::vector<float> k_buf(in_place || staged ? 0 : kBlockN * dp), v_buf(k_buf.size());
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < p.b * p.hq * nqb * splits; ++task) {
-      const int64_t split = task % splits, block = task / splits;
-      const int64_t bi = block / (p.hq * nqb), h = block / nqb % p.hq, qb = block % nqb;
-      const int64_t hk = h / group;
-      TilePos t{bi, h, qb * kBlockM, std::min(kBlockM, p.lq - qb * kBlockM), 0, 0};
+      const int64_t split = task % splits;
+      TilePos t = query_block(p, task / splits);
+      const int64_t bi = t.bi, h = t.h, hk = h / group;
       const T* q_head = Q + bi * p.q_batch_stride + h * p.q_head_stride;
       const T* k_src = K + bi * p.k_batch_stride + hk * p.k_head_stride;
       const T* v_src = V + bi * p.v_batch_stride + hk * p.v_head_stride;
@@ -549,6 +555,9 @@ void fwd_decode(const AttentionFwdParams& p) {
       const int64_t split = task % splits, block = task / splits;
       const int64_t bi = block / (p.hkv * packs), hk = block / packs % p.hkv, h0 = hk * group + block % packs * pack;
       const int64_t heads = std::min(pack, (hk + 1) * group - h0), rows = heads * lq;
+      // 16-bit tiles converted once (see kConvertRows), but not bf16 keys that vdpbf16ps reads.
+      const bool convert_v = !std::is_same_v<T, float> && rows >= kConvertRows;
+      const bool convert_k = convert_v && !(kBf16Dots && std::is_same_v<T, bf16>);
       const T* k_src = K + bi * p.k_batch_stride + hk * p.k_head_stride;
       const T* v_src = V + bi * p.v_batch_stride + hk * p.v_head_stride;
       for (int64_t g = 0; g < heads; ++g)
@@ -561,9 +570,6 @@ void fwd_decode(const AttentionFwdParams& p) {
       const auto [kb_begin, kb_end] = split_range(key_blocks_end(p.is_causal, 0, lq, p.lk), split, splits);
       for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
         const int64_t j0 = kb * kBlockN, n = std::min(kBlockN, p.lk - j0);
-        // 16-bit tiles converted once (see kConvertRows), but not bf16 keys that vdpbf16ps reads.
-        const bool convert_v = !std::is_same_v<T, float> && rows >= kConvertRows;
-        const bool convert_k = convert_v && !(kBf16Dots && std::is_same_v<T, bf16>);
         if (convert_k) {
           load_rows(k_src, p.k_row_stride, j0, n, d, d, k_buf.data());
           score_dots(rows, n, k_buf.data(), d, d, q_rows.data(), ldq, p.scale, st.data());
@@ -719,9 +725,9 @@ void fwd_amx(const AttentionFwdParams& p) {
     const Layout at{1, kAmxN};
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < p.b * p.hq * nqb * splits; ++task) {
-      const int64_t split = task % splits, block = task / splits;
-      const int64_t bi = block / (p.hq * nqb), h = block / nqb % p.hq, qb = block % nqb, hk = h / group;
-      TilePos t{bi, h, qb * kBlockM, std::min(kBlockM, p.lq - qb * kBlockM), 0, 0};
+      const int64_t split = task % splits;
+      TilePos t = query_block(p, task / splits);
+      const int64_t bi = t.bi, h = t.h, hk = h / group;
       const uint16_t* q_head = Q + bi * p.q_batch_stride + h * p.q_head_stride;
       const uint32_t* kh = kt.data() + (bi * p.hkv + hk) * head_elems / 2;
       const uint32_t* vh = vt.data() + (bi * p.hkv + hk) * head_elems / 2;
