@@ -318,7 +318,7 @@ def test_bf16_without_amx(case, monkeypatch):
 def test_fully_masked_rows_16bit(backend, device, dtype, lq):
     """16-bit inputs, rows with every key masked (bool, all -inf float, causal with a padded first
     key): o == 0 and lse == -inf there, every output and gradient finite, the live rows' lse
-    within 3e-6 of the float64 oracle on the same rounded inputs on the CPU (max 6.1e-7 measured
+    within 2e-6 of the float64 oracle on the same rounded inputs on the CPU (max 6.1e-7 measured
     over 10 seeds, bool masks, causal and not; cuda keeps _fp32_atol's 2e-5 until measured)."""
     require_backend("attention", backend, device)
     b, hq, hkv, lk, d = 2, 4, 2, 300, 40
@@ -344,7 +344,7 @@ def test_fully_masked_rows_16bit(backend, device, dtype, lq):
         assert all(torch.isfinite(t).all() for t in (o, *grads)), name
         live = torch.isfinite(lse_ref)
         assert torch.equal(live, torch.isfinite(lse)), name
-        assert_close(f"{name} lse", lse[live], lse_ref[live].float(), atol=_fp32_atol(device, 3e-6, 2e-5))
+        assert_close(f"{name} lse", lse[live], lse_ref[live].float(), atol=_fp32_atol(device, 2e-6, 2e-5))
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
