@@ -32,7 +32,10 @@
 #include "../attention.h"
 
 #include <omp.h>
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+// The bf16 forward on the AMX tile unit (fwd_amx) is built where the compiler targets AMX and
+// AVX512_BF16 (setup.py adds both on a CPU that has them).
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#define FUSEDFORMER_CPU_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
 #endif
@@ -41,6 +44,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <limits>
+#include <memory>
 #include <tuple>
 #include <stdexcept>
 #include <string>
@@ -222,12 +226,14 @@ void store_range(const AttentionFwdParams& p, int64_t split, int64_t bi, int64_t
   }
 }
 
-// Zeroes the probabilities st[c][r] of the tile that dropout drops (the forward's P ∘ keep).
-void drop_probs(const AttentionFwdParams& p, const TilePos& t, float* st, Layout at) {
+// Zeroes the probabilities st[c][r] of the tile that dropout drops (the forward's P ∘ keep);
+// T: float, or uint16_t for the AMX forward's bf16 P (whose zero is all bits 0).
+template <typename T>
+void drop_probs(const AttentionFwdParams& p, const TilePos& t, T* st, Layout at) {
   for (int64_t c = 0; c < t.n; ++c)
     for (int64_t r = 0; r < t.m; ++r)
       if (!dropout_keep(p.seed, t.bi, t.h, t.i0 + r, t.j0 + c, p.hq, p.lq, p.lk, p.dropout_p))
-        st[c * at.key + r * at.query] = 0.f;
+        st[c * at.key + r * at.query] = T(0);
 }
 
 // One key tile of the online softmax over the scores st (n, kBlockM), a vector of query
@@ -469,9 +475,7 @@ constexpr bool kBf16Dots = false;
 // online_softmax for rows query rows of a queries-by-keys tile of n keys, rows ld apart: the
 // same steps, along each row's keys a vector at a time (the row padded to whole vectors with
 // -inf, whose probabilities come out 0); alpha, l and m a vector of rows at a time at the end.
-// scale (> 0): st holds the scores / scale, so that the scaling rides in the exp's fma.
-void online_softmax_rows(int64_t rows, int64_t n, float* st, int64_t ld, float* m, float* l, float* alpha,
-                         float scale = 1.f) {
+void online_softmax_rows(int64_t rows, int64_t n, float* st, int64_t ld, float* m, float* l, float* alpha) {
   using W = Wide;
   const int64_t nw = round_up_wide(n);
   float m_tile[kBlockM], sum_tile[kBlockM];  // each row's max and sum over this tile
@@ -480,11 +484,11 @@ void online_softmax_rows(int64_t rows, int64_t n, float* st, int64_t ld, float* 
     std::fill(s + n, s + nw, kNegInf);
     W::V vmax = W::splat(kNegInf);
     for (int64_t c = 0; c < nw; c += W::kWidth) vmax = W::max(vmax, W::load(s + c));
-    const float m_new = std::max(m[r], W::hmax(vmax) * scale);
-    const W::V m_use = W::splat(m_new == kNegInf ? 0.f : -m_new);  // keeps -inf - -inf out
+    const float m_new = std::max(m[r], W::hmax(vmax));
+    const W::V m_use = W::splat(m_new == kNegInf ? 0.f : m_new);  // keeps -inf - -inf out
     W::V sum{};
     for (int64_t c = 0; c < nw; c += W::kWidth) {
-      const W::V pc = W::exp(W::fma(W::load(s + c), W::splat(scale), m_use));
+      const W::V pc = W::exp(W::load(s + c) - m_use);
       W::store(s + c, pc);
       sum += pc;
     }
@@ -604,10 +608,10 @@ void fwd_decode(const AttentionFwdParams& p) {
 // same FlashAttention-2 loop with the tiles in bf16, as a GPU has them:
 //   S = Q Kᵀ (kBlockM queries x kAmxN keys, fp32, queries by keys) from the Q rows as A tiles
 //     (copied per query block, zero-padded to whole tiles) and K as B tiles;
-//   the mask, causal diagonal, online softmax along the keys (online_softmax_rows, with the
-//     scale in its exp unless an additive mask needs scaled scores) and dropout in fp32;
-//   P rounded to bf16 (the GPU kernels' P operand too), acc = diag(alpha) acc + P V with acc
-//     in memory as the C tiles.
+//   the mask, causal diagonal and online softmax along the keys in fp32 (softmax_rows_bf16:
+//     the scale in its exp unless an additive mask needs scaled scores), writing P rounded to
+//     bf16 (the GPU kernels' P operand too) as the A tiles of P V; dropout zeroes P there;
+//   acc = diag(alpha) acc + P V with acc in memory as the C tiles.
 // B tiles are pairs of rows interleaved ("VNNI": element (r, c) of a 16 x 16 tile of bf16 pairs
 // holds rows 2r, 2r + 1 of column c), so K and V are staged once per call in that layout:
 // K as the transpose (a B tile row r: the 16 keys' d = 2r, 2r + 1), V as it is (a row r: keys
@@ -623,7 +627,7 @@ void fwd_decode(const AttentionFwdParams& p) {
 // 256 keys, measured no faster, and causal wastes more on the diagonal: 1024 causal 11.4 ms.)
 constexpr int64_t kAmxN = 128;
 
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(FUSEDFORMER_CPU_AMX)
 
 // Whether this process may use the tile registers: Linux grants their state on request
 // (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA), and refuses on a CPU without AMX.
@@ -677,6 +681,107 @@ inline void amx_block(int64_t ksteps, FA&& a, int64_t lda, FB&& b, float* c, int
   _tile_stored(3, c + 16 * ldc + 16, ldc_bytes);
 }
 
+// A 16 x 16 matrix of 32-bit elements, one row a register, transposed in place: 64 shuffles
+// in four rounds (pairs of elements, of pairs, of 128-bit quarters, of halves).
+inline void transpose16x16(__m512i r[16]) {
+  __m512i t[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4)
+    for (int j = 0; j < 2; ++j) {
+      r[i + 2 * j] = _mm512_unpacklo_epi64(t[i + j], t[i + j + 2]);
+      r[i + 2 * j + 1] = _mm512_unpackhi_epi64(t[i + j], t[i + j + 2]);
+    }
+  for (int i = 0; i < 16; i += 8)
+    for (int j = 0; j < 4; ++j) {
+      t[i + j] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0x88);
+      t[i + j + 4] = _mm512_shuffle_i32x4(r[i + j], r[i + j + 4], 0xdd);
+    }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0x88);
+    r[j + 8] = _mm512_shuffle_i32x4(t[j], t[j + 8], 0xdd);
+  }
+}
+
+// The 32 bf16 of row `row` at columns [c0, c0 + 32), zero past d; a zero vector for a row past n.
+inline __m512i load_bf16x32(const uint16_t* base, int64_t row_stride, int64_t row, int64_t n, int64_t c0, int64_t d) {
+  if (row >= n) return _mm512_setzero_si512();
+  const int64_t live = std::clamp<int64_t>(d - c0, 0, 32);
+  return _mm512_maskz_loadu_epi16(live >= 32 ? ~__mmask32(0) : (__mmask32(1) << live) - 1, base + row * row_stride + c0);
+}
+
+// Stages keys [j0, j0 + kBlockN) of one head (k_rows: key j0, n of them real) as the B tiles of
+// S = Q Kᵀ at kt (the tiles of key group j0 / 16 on, ksteps k-steps each): a tile's row r holds
+// the pair d = 2r, 2r + 1 of its 16 keys, so 16 keys' 32 d read as 16 x 16 pairs and transposed.
+void stage_keys_amx(const uint16_t* k_rows, int64_t row_stride, int64_t n, int64_t d, int64_t ksteps, uint32_t* kt) {
+  for (int64_t g = 0; g < kBlockN; g += 16)
+    for (int64_t ks = 0; ks < ksteps; ++ks) {
+      __m512i r[16];
+      for (int j = 0; j < 16; ++j) r[j] = load_bf16x32(k_rows, row_stride, g + j, n, 32 * ks, d);
+      transpose16x16(r);
+      uint32_t* tile = kt + (g / 16 * ksteps + ks) * 256;
+      for (int x = 0; x < 16; ++x) _mm512_storeu_si512(tile + 16 * x, r[x]);
+    }
+}
+
+// Stages values [j0, j0 + kBlockN) of one head (v_rows: value j0, n real) as the B tiles of
+// P V at vt (those of key pair block j0 / 32 on, dtiles of 16 columns each): a tile's row r
+// holds keys 2r, 2r + 1 of its 16 columns, interleaved.
+void stage_values_amx(const uint16_t* v_rows, int64_t row_stride, int64_t n, int64_t d, int64_t dtiles, uint32_t* vt) {
+  alignas(64) static constexpr uint16_t kLo[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+                                                   8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  for (int64_t j = 0; j < kBlockN; j += 2)
+    for (int64_t e = 0; e < dtiles * 16; e += 32) {
+      const __m512i a = load_bf16x32(v_rows, row_stride, j, n, e, d);
+      const __m512i b = load_bf16x32(v_rows, row_stride, j + 1, n, e, d);
+      uint32_t* row = vt + (j / 32 * dtiles + e / 16) * 256 + j % 32 / 2 * 16;
+      _mm512_storeu_si512(row, _mm512_permutex2var_epi16(a, lo, b));
+      _mm512_storeu_si512(row + 256, _mm512_permutex2var_epi16(a, hi, b));
+    }
+}
+
+// One key tile of the AMX forward's online softmax: online_softmax_rows' steps for rows query
+// rows of n keys (st: queries by keys, kAmxN a row), with P written straight to the bf16 A
+// tile pt (kAmxN a row; columns [n, n32) written 0) and exp as 2^x: x = s · scale · log2 e -
+// m · log2 e in one fma. scale (> 0): st holds the scores / scale.
+void softmax_rows_bf16(int64_t rows, int64_t n, int64_t n32, const float* st, float scale, float* m, float* l,
+                       float* alpha, uint16_t* pt) {
+  using W = Wide;
+  constexpr float kLog2e = 1.44269504088896341f;
+  const W::V c = W::splat(scale * kLog2e), neg_inf = W::splat(kNegInf);
+  float m_tile[kBlockM], sum_tile[kBlockM];
+  const auto live = [n](int64_t col) {
+    const int64_t k = std::clamp<int64_t>(n - col, 0, 16);
+    return k == 16 ? __mmask16(0xffff) : __mmask16((1u << k) - 1);
+  };
+  for (int64_t r = 0; r < rows; ++r) {
+    const float* s = st + r * kAmxN;
+    W::V vmax = neg_inf;
+    for (int64_t col = 0; col < n; col += W::kWidth)
+      vmax = W::max(vmax, _mm512_mask_loadu_ps(neg_inf, live(col), s + col));
+    const float m_new = std::max(m[r], W::hmax(vmax) * scale);
+    const W::V m_use = W::splat(m_new == kNegInf ? 0.f : -m_new * kLog2e);  // keeps -inf - -inf out
+    W::V sum{};
+    for (int64_t col = 0; col < n32; col += W::kWidth) {
+      const W::V pc = exp2_nonpositive16(W::fma(_mm512_mask_loadu_ps(neg_inf, live(col), s + col), c, m_use));
+      sum += pc;
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pt + r * kAmxN + col), (__m256i)_mm512_cvtneps_pbh(pc));
+    }
+    m_tile[r] = m_new;
+    sum_tile[r] = W::hsum(sum);
+  }
+  for_blocks<W>(rows, [&](int64_t r, int k) {
+    const W::V m_new = W::load(m_tile + r, k);
+    const W::V a = W::exp(W::load(m + r, k) - (m_new == kNegInf ? W::V{} : m_new));
+    W::store(alpha + r, a, k);
+    W::store(l + r, W::fma(W::load(l + r, k), a, W::load(sum_tile + r, k)), k);
+    W::store(m + r, m_new, k);
+  });
+}
+
 void fwd_amx(const AttentionFwdParams& p) {
   using W = Wide;
   const int64_t d = p.d, dk = (d + 31) / 32 * 32, group = p.hq / p.hkv, nqb = ceil_div(p.lq, kBlockM);
@@ -689,31 +794,21 @@ void fwd_amx(const AttentionFwdParams& p) {
   const uint16_t* Q = static_cast<const uint16_t*>(p.q);
   const uint16_t* K = static_cast<const uint16_t*>(p.k);
   const uint16_t* V = static_cast<const uint16_t*>(p.v);
-  // The staged B tiles of every (batch, kv head): K's of key block j / 16 and k-step e / 32,
+  // The staged B tiles of every (batch, kv head): K's of key group j / 16 and k-step e / 32,
   // V's of key pair block j / 32 and columns e / 16 (see above), as 16 x 16 bf16 pairs (one
-  // uint32 each), zero where no key or column is. A task stages one kBlockN-key block of a head.
-  std::vector<uint32_t> kt(p.b * p.hkv * head_elems / 2), vt(kt.size());
+  // uint32 each), zero where no key or column is. A task stages one kBlockN-key block of a
+  // head, every tile of it written (the storage is not zeroed first).
+  const size_t staged = size_t(p.b * p.hkv * head_elems / 2);
+  std::unique_ptr<uint32_t[]> kt(new uint32_t[staged]), vt(new uint32_t[staged]);
 #pragma omp parallel for schedule(static)
   for (int64_t task = 0; task < p.b * p.hkv * (lkp / kBlockN); ++task) {
     const int64_t bh = task / (lkp / kBlockN), j0 = task % (lkp / kBlockN) * kBlockN;
-    const int64_t bi = bh / p.hkv, hk = bh % p.hkv, n = std::min(kBlockN, p.lk - j0);
-    const uint16_t* k_rows = K + bi * p.k_batch_stride + hk * p.k_head_stride + j0 * p.k_row_stride;
-    const uint16_t* v_rows = V + bi * p.v_batch_stride + hk * p.v_head_stride + j0 * p.v_row_stride;
-    uint32_t* kh = kt.data() + (bh * head_elems + j0 * dk) / 2;  // key block j0 / 16's first tile
-    uint32_t* vh = vt.data() + (bh * head_elems + j0 * dk) / 2;
-    for (int64_t j = 0; j < n; ++j) {  // K: key j is column j % 16 of its tiles, d pair c / 2 a row
-      uint16_t row[kAttentionMaxHeadDim + 32] = {};
-      std::copy(k_rows + j * p.k_row_stride, k_rows + j * p.k_row_stride + d, row);
-      uint32_t* tile = kh + j / 16 * ksteps * 256 + j % 16;
-      for (int64_t c = 0; c < dk; c += 2) tile[c / 32 * 256 + c % 32 / 2 * 16] = row[c] | uint32_t(row[c + 1]) << 16;
-    }
-    for (int64_t j = 0; j < n; j += 2) {  // V: keys j, j + 1 are row j % 32 / 2 of their tiles
-      uint16_t rows[2][kAttentionMaxHeadDim + 32] = {};
-      for (int64_t x = 0; x < std::min<int64_t>(2, n - j); ++x)
-        std::copy(v_rows + (j + x) * p.v_row_stride, v_rows + (j + x) * p.v_row_stride + d, rows[x]);
-      uint32_t* tile = vh + j / 32 * dtiles * 256 + j % 32 / 2 * 16;
-      for (int64_t e = 0; e < dk; ++e) tile[e / 16 * 256 + e % 16] = rows[0][e] | uint32_t(rows[1][e]) << 16;
-    }
+    const int64_t bi = bh / p.hkv, hk = bh % p.hkv, n = std::clamp<int64_t>(p.lk - j0, 0, kBlockN);
+    const int64_t first = (bh * head_elems + j0 * dk) / 2;  // key block j0's first tile
+    stage_keys_amx(K + bi * p.k_batch_stride + hk * p.k_head_stride + j0 * p.k_row_stride, p.k_row_stride, n, d,
+                   ksteps, kt.get() + first);
+    stage_values_amx(V + bi * p.v_batch_stride + hk * p.v_head_stride + j0 * p.v_row_stride, p.v_row_stride, n, d,
+                     dtiles, vt.get() + first);
   }
 #pragma omp parallel
   {
@@ -729,8 +824,8 @@ void fwd_amx(const AttentionFwdParams& p) {
       TilePos t = query_block(p, task / splits);
       const int64_t bi = t.bi, h = t.h, hk = h / group;
       const uint16_t* q_head = Q + bi * p.q_batch_stride + h * p.q_head_stride;
-      const uint32_t* kh = kt.data() + (bi * p.hkv + hk) * head_elems / 2;
-      const uint32_t* vh = vt.data() + (bi * p.hkv + hk) * head_elems / 2;
+      const uint32_t* kh = kt.get() + (bi * p.hkv + hk) * head_elems / 2;
+      const uint32_t* vh = vt.get() + (bi * p.hkv + hk) * head_elems / 2;
       std::fill(q_tile.begin(), q_tile.end(), uint16_t(0));
       for (int64_t r = 0; r < t.m; ++r)
         std::copy(q_head + (t.i0 + r) * p.q_row_stride, q_head + (t.i0 + r) * p.q_row_stride + d, q_tile.data() + r * dk);
@@ -756,25 +851,12 @@ void fwd_amx(const AttentionFwdParams& p) {
             for (int64_t c = 0; c < n32; c += W::kWidth)
               W::store(st.data() + r * kAmxN + c, W::load(st.data() + r * kAmxN + c) * W::splat(p.scale));
         mask_scores<bf16>(p.mask, p.is_causal, t, st.data(), at);
-        online_softmax_rows(t.m, t.n, st.data(), kAmxN, m.data(), l.data(), alpha.data(), fold_scale ? p.scale : 1.f);
-        if (dropout) drop_probs(p, t, st.data(), at);
-        const int64_t live = round_up_wide(t.n);  // online_softmax_rows wrote columns [0, live)
-        for (int64_t r = 0; r < t.m; ++r) {
-          uint16_t* p_row = p_tile.data() + r * kAmxN;
-          const float* s_row = st.data() + r * kAmxN;
-          for (int64_t c = 0; c < n32; c += W::kWidth) {
-            const W::V pc = c < live ? W::load(s_row + c) : W::V{};
-#if defined(__AVX512BF16__)
-            // One instruction to round to bf16; it flushes values below FLT_MIN to zero, which
-            // for a probability (< 1.2e-38) changes no sum of P V.
-            _mm256_storeu_si256(reinterpret_cast<__m256i*>(p_row + c), (__m256i)_mm512_cvtneps_pbh(pc));
-#else
-            W::store(reinterpret_cast<bf16*>(p_row + c), pc, int(W::kWidth));
-#endif
-          }
+        softmax_rows_bf16(t.m, t.n, n32, st.data(), fold_scale ? p.scale : 1.f, m.data(), l.data(), alpha.data(),
+                          p_tile.data());
+        if (dropout) drop_probs(p, t, p_tile.data(), at);
+        for (int64_t r = 0; r < t.m; ++r)
           for (int64_t e = 0; e < dk; e += W::kWidth)
             W::store(acc.data() + r * dk + e, W::load(acc.data() + r * dk + e) * W::splat(alpha[r]));
-        }
         for (int64_t mi = 0; mi < kBlockM; mi += 32)  // acc += P V
           for (int64_t ei = 0; ei < dk; ei += 32)
             amx_block<true>(
@@ -794,7 +876,7 @@ void fwd_amx(const AttentionFwdParams& p) {
 // CPU with AMX whose tile state Linux grants, and FUSEDFORMER_CPU_AMX not 0 (read at each call:
 // =0 keeps bf16 on the fp32 FMA forward, for comparison and as a way out).
 bool amx_forward(const AttentionFwdParams& p) {
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(FUSEDFORMER_CPU_AMX)
   const char* env = std::getenv("FUSEDFORMER_CPU_AMX");
   return p.dtype == DType::kBFloat16 && !few_queries(p.lq) && !(env && std::string(env) == "0") && amx_usable();
 #else
@@ -923,7 +1005,7 @@ void attention_fwd_cpu(const AttentionFwdParams& p) {
     using T = decltype(tag);
     if (few_queries(p.lq))
       fwd_decode<T>(p);
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#if defined(FUSEDFORMER_CPU_AMX)
     else if (amx_forward(p))
       fwd_amx(p);
 #endif
