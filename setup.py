@@ -58,8 +58,8 @@ def _cpu_isa_flags() -> list[str]:
         isa.append("-mavx512f")
         if {"avx512bw", "avx512_bf16"} <= set(flags):
             isa += ["-mavx512bw", "-mavx512bf16"]
-        # AMX: the bf16 attention forward's tile products (csrc/cpu/attention.cpp). Only its
-        # intrinsics emit AMX code, and they run after the kernel asks Linux for the tile state.
+        # AMX: the tile products of the bf16 attention forward and backward (csrc/cpu/attention.cpp).
+        # Only their intrinsics emit AMX code, run after the kernel asks Linux for the tile state.
         if {"amx_tile", "amx_bf16"} <= set(flags):
             isa += ["-mamx-tile", "-mamx-bf16"]
     return isa

@@ -24,7 +24,8 @@
 // P from lse and adds its share to dV, dK and dQ: five tile products, no second pass (the
 // price: 4·LK·D + 5·LQ·D floats of scratch per thread, and B·HKV tasks to share out).
 // Every output element is summed by one task in a fixed order: deterministic, no atomics,
-// any thread count.
+// any thread count. bf16 on a CPU with AMX runs the same two loops with their products on the
+// tile unit (fwd_amx, bwd_amx, below).
 // Napkin math: fwd 4·B·HQ·LQ·LK·D flops (half when causal), bwd 2.5x that. One AVX2 core
 // peaks at 32 fp32 flops/cycle (two 8-wide FMA pipes); the micro-kernel's 6×16 block needs
 // 8 loads per 96 flops, so the tile products run near that peak and the rest (exp, the
@@ -872,18 +873,22 @@ void fwd_amx(const AttentionFwdParams& p) {
 }
 #endif
 
-// Whether attention_fwd_cpu runs p on fwd_amx: bf16, more than a few query rows, a build and
-// CPU with AMX whose tile state Linux grants, and FUSEDFORMER_CPU_AMX not 0 (read at each call:
-// =0 keeps bf16 on the fp32 FMA forward, for comparison and as a way out).
-bool amx_forward(const AttentionFwdParams& p) {
+// Whether bf16 runs on the AMX kernels (fwd_amx, bwd_amx): a build and CPU with AMX whose tile
+// state Linux grants, and FUSEDFORMER_CPU_AMX not 0 (read at each call: =0 keeps bf16 on the
+// fp32 FMA kernels, for comparison and as a way out).
+bool amx_bf16(DType dtype) {
 #if defined(FUSEDFORMER_CPU_AMX)
   const char* env = std::getenv("FUSEDFORMER_CPU_AMX");
-  return p.dtype == DType::kBFloat16 && !few_queries(p.lq) && !(env && std::string(env) == "0") && amx_usable();
+  return dtype == DType::kBFloat16 && !(env && std::string(env) == "0") && amx_usable();
 #else
-  (void)p;
+  (void)dtype;
   return false;
 #endif
 }
+
+// The forward takes AMX for more than a few query rows (fwd_decode's dot products read each
+// key once for a handful of rows; tiles of 64 would be mostly padding).
+bool amx_forward(const AttentionFwdParams& p) { return !few_queries(p.lq) && amx_bf16(p.dtype); }
 
 // The backward's per-tile math. From the scores st and dpt = V dOᵀ (both (n, kBlockM), keys
 // by queries) and the lse and Delta of the tile's query columns, overwrite
@@ -997,6 +1002,234 @@ void bwd(const AttentionBwdParams& p) {
   }
 }
 
+#if defined(FUSEDFORMER_CPU_AMX)
+// ---- the bf16 backward on AMX ----------------------------------------------------------------
+//
+// bwd's loop (per (batch, kv head) task: each query head of the group, each (key block, query
+// block) tile, dK, dV and dQ summed in the task) with its five products on the tile unit, in
+// the GPU kernels' precision: bf16 operands, fp32 sums. Every tile is keys by queries, so the
+// per-query lse and Delta are vectors and each product's operands are staged once per call:
+//   Sᵀ  = K Qᵀ        A: K rows             B: Qᵀ tiles (Q rows transposed by pairs of d)
+//   dPᵀ = V dOᵀ       A: V rows             B: dOᵀ tiles
+//   Pᵀ, dSᵀ = P ∘ (dP - Delta) in fp32 (bwd_amx_probs), rounded to bf16
+//   dV += Pdᵀ dO      A: Pdᵀ rows            B: dO tiles (pairs of query rows interleaved)
+//   dK += dSᵀ Q       A: dSᵀ rows            B: Q tiles
+//   dQᵀ += Kᵀ dSᵀ     A: Kᵀ rows (K transposed) B: dSᵀ tiles (pairs of key rows interleaved)
+// with dK, dV (keys by d) and dQᵀ (d by queries) as fp32 C tiles in memory; dQᵀ is transposed
+// back as it is stored.
+
+// Rows [0, n) of a matrix of bf16 (row_stride apart) as rows of 32-element chunks ld bf16
+// apart, zero past d up to dk and past n up to rows (a multiple of 32): the A operand of a
+// product whose k dimension is d.
+void stage_rows_amx(const uint16_t* src, int64_t row_stride, int64_t n, int64_t rows, int64_t d, int64_t dk,
+                    uint16_t* dst) {
+  for (int64_t j = 0; j < rows; ++j)
+    for (int64_t c = 0; c < dk; c += 32)
+      _mm512_storeu_si512(dst + j * dk + c, load_bf16x32(src, row_stride, j, n, c, d));
+}
+
+// The transpose of rows [0, n) (row_stride apart; zero past n up to rows and past d up to dk) as
+// dk rows of `rows` bf16: the A operand of a product whose k dimension is the rows. 32 rows by
+// 16 columns at a time: pairs of rows interleaved (16 x 16 pairs), then transposed.
+void stage_transposed_amx(const uint16_t* src, int64_t row_stride, int64_t n, int64_t rows, int64_t d, int64_t dk,
+                          uint16_t* dst) {
+  alignas(64) static constexpr uint16_t kLo[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+                                                   8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+  for (int64_t j = 0; j < rows; j += 32)
+    for (int64_t e = 0; e < dk; e += 32) {
+      __m512i a[16], b[16];
+      for (int r = 0; r < 16; ++r) {
+        const __m512i x = load_bf16x32(src, row_stride, j + 2 * r, n, e, d);
+        const __m512i y = load_bf16x32(src, row_stride, j + 2 * r + 1, n, e, d);
+        a[r] = _mm512_permutex2var_epi16(x, lo, y);
+        b[r] = _mm512_permutex2var_epi16(x, hi, y);
+      }
+      transpose16x16(a);
+      transpose16x16(b);
+      for (int x = 0; x < 16; ++x) {
+        _mm512_storeu_si512(dst + (e + x) * rows + j, a[x]);
+        _mm512_storeu_si512(dst + (e + 16 + x) * rows + j, b[x]);
+      }
+    }
+}
+
+// The tile math of bwd_amx from st = Sᵀ and dpt = dPᵀ (kBlockN x kBlockM fp32, keys by queries):
+// P = 2^(s · c - lse2) (c = scale · log2 e, or log2 e when st is scaled already; lse2 = lse ·
+// log2 e, +inf for a fully masked or absent query, whose P is then 0), then as bwd's
+// probs_and_dscores Pd = P ∘ keep / (1 - p_drop) and dS = P ∘ (dP ∘ keep / (1 - p_drop) - Delta),
+// written in bf16 as pa (Pdᵀ rows), da (dSᵀ rows) and db (dSᵀ as B tiles: key pair block, then
+// 16-query column tile). Keys past t.n get 0.
+void bwd_amx_probs(const AttentionBwdParams& p, const TilePos& t, float c, const float* lse2, const float* delta,
+                   const float* st, const float* dpt, uint16_t* pa, uint16_t* da, uint32_t* db) {
+  alignas(64) static constexpr uint16_t kPairs[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i pairs = _mm512_load_si512(kPairs);
+  const bool dropout = p.dropout_p > 0.f;
+  const __m512 vc = _mm512_set1_ps(c), rp = _mm512_set1_ps(dropout ? 1.f / (1.f - p.dropout_p) : 1.f);
+  for (int64_t key = 0; key < kBlockN; key += 2)
+    for (int64_t r = 0; r < kBlockM; r += 16) {
+      __m512 pd[2], ds[2];
+      for (int x = 0; x < 2; ++x) {
+        const int64_t kk = key + x;
+        if (kk >= t.n) {
+          pd[x] = ds[x] = _mm512_setzero_ps();
+          continue;
+        }
+        const __m512 pc = exp2_nonpositive16(
+            _mm512_fmsub_ps(_mm512_loadu_ps(st + kk * kBlockM + r), vc, _mm512_loadu_ps(lse2 + r)));
+        __m512 dp = _mm512_loadu_ps(dpt + kk * kBlockM + r);
+        pd[x] = pc;
+        if (dropout) {
+          __mmask16 keep = 0;
+          for (int lane = 0; lane < 16 && r + lane < t.m; ++lane)
+            if (dropout_keep(p.seed, t.bi, t.h, t.i0 + r + lane, t.j0 + kk, p.hq, p.lq, p.lk, p.dropout_p))
+              keep |= __mmask16(1u << lane);
+          pd[x] = _mm512_maskz_mul_ps(keep, pc, rp);
+          dp = _mm512_maskz_mul_ps(keep, dp, rp);
+        }
+        ds[x] = _mm512_mul_ps(pc, _mm512_sub_ps(dp, _mm512_loadu_ps(delta + r)));
+      }
+      for (int x = 0; x < 2; ++x) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pa + (key + x) * kBlockM + r), (__m256i)_mm512_cvtneps_pbh(pd[x]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(da + (key + x) * kBlockM + r), (__m256i)_mm512_cvtneps_pbh(ds[x]));
+      }
+      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(ds[1], ds[0]);  // keys key, key + 1 of 16 queries
+      _mm512_storeu_si512(db + ((key / 32) * (kBlockM / 16) + r / 16) * 256 + key % 32 / 2 * 16,
+                          _mm512_permutexvar_epi16(pairs, both));
+    }
+}
+
+void bwd_amx(const AttentionBwdParams& p) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  static_assert(kBlockM == kBlockN && kBlockM % 32 == 0, "square tiles of whole 32 x 32 AMX blocks: the query rows stage as key blocks do");
+  const int64_t d = p.d, dk = (d + 31) / 32 * 32, ksteps = dk / 32, dtiles = dk / 16, group = p.hq / p.hkv;
+  const int64_t lqp = ceil_div(p.lq, kBlockM) * kBlockM, lkp = ceil_div(p.lk, kBlockN) * kBlockN;
+  const int64_t nqb = lqp / kBlockM, nkb = lkp / kBlockN;
+  // The scale rides in the exp, unless an additive mask needs scaled scores (or it is negative).
+  const bool fold_scale = p.mask.kind != MaskKind::kAdditive && p.scale > 0.f;
+  const uint16_t* Q = static_cast<const uint16_t*>(p.q);
+  const uint16_t* K = static_cast<const uint16_t*>(p.k);
+  const uint16_t* V = static_cast<const uint16_t*>(p.v);
+  const uint16_t* O = static_cast<const uint16_t*>(p.o);
+  const uint16_t* DO = static_cast<const uint16_t*>(p.do_);
+#pragma omp parallel
+  {
+    amx_configure();
+    // One kv head's K and V rows, Kᵀ, and dK, dV; one query head's Qᵀ, dOᵀ, Q and dO tiles,
+    // dQᵀ, lse2, Delta; one tile's Sᵀ, dPᵀ and bf16 Pdᵀ, dSᵀ (rows and tiles).
+    std::vector<uint16_t> k_rows(lkp * dk), v_rows(lkp * dk), kt_rows(dk * lkp);
+    std::vector<float> dk_acc(lkp * dk), dv_acc(lkp * dk), dq_t(dk * lqp), dq_rows(kBlockM * dk);
+    std::vector<uint32_t> qt_tiles(lqp * dk / 2), gt_tiles(lqp * dk / 2), q_tiles(lqp * dk / 2), g_tiles(lqp * dk / 2);
+    std::vector<float> lse2(lqp), delta(lqp), o_row(d), g_row(d), st(kBlockN * kBlockM), dpt(kBlockN * kBlockM);
+    std::vector<uint16_t> pa(kBlockN * kBlockM), da(kBlockN * kBlockM);
+    std::vector<uint32_t> db(kBlockN * kBlockM / 2);
+    const float c = (fold_scale ? p.scale : 1.f) * kLog2e;
+#pragma omp for schedule(dynamic)
+    for (int64_t task = 0; task < p.b * p.hkv; ++task) {
+      const int64_t bi = task / p.hkv, hk = task % p.hkv;
+      const uint16_t* k_head = K + bi * p.k_batch_stride + hk * p.k_head_stride;
+      const uint16_t* v_head = V + bi * p.v_batch_stride + hk * p.v_head_stride;
+      stage_rows_amx(k_head, p.k_row_stride, p.lk, lkp, d, dk, k_rows.data());
+      stage_rows_amx(v_head, p.v_row_stride, p.lk, lkp, d, dk, v_rows.data());
+      stage_transposed_amx(k_head, p.k_row_stride, p.lk, lkp, d, dk, kt_rows.data());
+      std::fill(dk_acc.begin(), dk_acc.end(), 0.f);
+      std::fill(dv_acc.begin(), dv_acc.end(), 0.f);
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        const uint16_t* q_head = Q + bi * p.q_batch_stride + h * p.q_head_stride;
+        const uint16_t* o_head = O + bi * p.o_batch_stride + h * p.o_head_stride;
+        const uint16_t* g_head = DO + bi * p.do_batch_stride + h * p.do_head_stride;
+        for (int64_t i0 = 0; i0 < lqp; i0 += kBlockM) {
+          const int64_t n = std::clamp<int64_t>(p.lq - i0, 0, kBlockM);
+          stage_keys_amx(q_head + i0 * p.q_row_stride, p.q_row_stride, n, d, ksteps, qt_tiles.data() + i0 * dk / 2);
+          stage_keys_amx(g_head + i0 * p.do_row_stride, p.do_row_stride, n, d, ksteps, gt_tiles.data() + i0 * dk / 2);
+          stage_values_amx(q_head + i0 * p.q_row_stride, p.q_row_stride, n, d, dtiles, q_tiles.data() + i0 * dk / 2);
+          stage_values_amx(g_head + i0 * p.do_row_stride, p.do_row_stride, n, d, dtiles, g_tiles.data() + i0 * dk / 2);
+        }
+        const int64_t row0 = (bi * p.hq + h) * p.lq;
+        for (int64_t i = 0; i < lqp; ++i) {  // Delta_i = Σ_d dO_id O_id, in fp32 from the bf16 rows
+          float s = 0.f;
+          if (i < p.lq) {
+            convert_row(reinterpret_cast<const bf16*>(o_head + i * p.o_row_stride), d, o_row.data());
+            convert_row(reinterpret_cast<const bf16*>(g_head + i * p.do_row_stride), d, g_row.data());
+            for (int64_t e = 0; e < d; ++e) s += o_row[e] * g_row[e];
+            p.delta[row0 + i] = s;
+          }
+          delta[i] = s;
+          lse2[i] = i >= p.lq || p.lse[row0 + i] == kNegInf ? kPosInf : p.lse[row0 + i] * kLog2e;
+        }
+        std::fill(dq_t.begin(), dq_t.end(), 0.f);
+
+        for (int64_t kb = 0; kb < nkb; ++kb) {
+          TilePos t{bi, h, 0, 0, kb * kBlockN, std::min(kBlockN, p.lk - kb * kBlockN)};
+          for (int64_t qb = p.is_causal ? t.j0 / kBlockM : 0; qb < nqb; ++qb) {
+            t.i0 = qb * kBlockM;
+            t.m = std::min(kBlockM, p.lq - t.i0);
+            for (int64_t mi = 0; mi < kBlockN; mi += 32)  // Sᵀ = K Qᵀ, dPᵀ = V dOᵀ
+              for (int64_t ni = 0; ni < kBlockM; ni += 32) {
+                const auto b_of = [&](const std::vector<uint32_t>& tiles) {
+                  return [&, base = tiles.data()](int j, int64_t ks) {
+                    return base + ((t.i0 + ni) / 16 + j) * ksteps * 256 + ks * 256;
+                  };
+                };
+                amx_block<false>(
+                    ksteps, [&](int i, int64_t ks) { return k_rows.data() + (t.j0 + mi + 16 * i) * dk + 32 * ks; },
+                    dk * 2, b_of(qt_tiles), st.data() + mi * kBlockM + ni, kBlockM);
+                amx_block<false>(
+                    ksteps, [&](int i, int64_t ks) { return v_rows.data() + (t.j0 + mi + 16 * i) * dk + 32 * ks; },
+                    dk * 2, b_of(gt_tiles), dpt.data() + mi * kBlockM + ni, kBlockM);
+              }
+            if (!fold_scale)
+              for (int64_t x = 0; x < kBlockN * kBlockM; x += 16)
+                _mm512_storeu_ps(st.data() + x, _mm512_mul_ps(_mm512_loadu_ps(st.data() + x), _mm512_set1_ps(p.scale)));
+            mask_scores<bf16>(p.mask, p.is_causal, t, st.data(), kKeysByQueries);
+            bwd_amx_probs(p, t, c, lse2.data() + t.i0, delta.data() + t.i0, st.data(), dpt.data(), pa.data(),
+                          da.data(), db.data());
+            for (int64_t mi = 0; mi < kBlockN; mi += 32)  // dV += Pdᵀ dO, dK += dSᵀ Q
+              for (int64_t ei = 0; ei < dk; ei += 32) {
+                const auto b_of = [&](const std::vector<uint32_t>& tiles) {
+                  return [&, base = tiles.data()](int j, int64_t ks) {
+                    return base + ((t.i0 / 32 + ks) * dtiles + ei / 16 + j) * 256;
+                  };
+                };
+                amx_block<true>(
+                    kBlockM / 32, [&](int i, int64_t ks) { return pa.data() + (mi + 16 * i) * kBlockM + 32 * ks; },
+                    kBlockM * 2, b_of(g_tiles), dv_acc.data() + (t.j0 + mi) * dk + ei, dk);
+                amx_block<true>(
+                    kBlockM / 32, [&](int i, int64_t ks) { return da.data() + (mi + 16 * i) * kBlockM + 32 * ks; },
+                    kBlockM * 2, b_of(q_tiles), dk_acc.data() + (t.j0 + mi) * dk + ei, dk);
+              }
+            for (int64_t mi = 0; mi < dk; mi += 32)  // dQᵀ += Kᵀ dSᵀ
+              for (int64_t ni = 0; ni < kBlockM; ni += 32)
+                amx_block<true>(
+                    kBlockN / 32, [&](int i, int64_t ks) { return kt_rows.data() + (mi + 16 * i) * lkp + t.j0 + 32 * ks; },
+                    lkp * 2, [&](int j, int64_t ks) { return db.data() + (ks * (kBlockM / 16) + ni / 16 + j) * 256; },
+                    dq_t.data() + mi * lqp + t.i0 + ni, lqp);
+          }
+        }
+        uint16_t* dq_head = static_cast<uint16_t*>(p.dq) + bi * p.dq_batch_stride + h * p.dq_head_stride;
+        for (int64_t i0 = 0; i0 < p.lq; i0 += kBlockM) {  // dQ = (dQᵀ)ᵀ · scale, 16 x 16 at a time
+          for (int64_t e = 0; e < dk; e += 16)
+            for (int64_t r = 0; r < kBlockM; r += 16) {
+              __m512i x[16];
+              for (int y = 0; y < 16; ++y) x[y] = _mm512_loadu_si512(dq_t.data() + (e + y) * lqp + i0 + r);
+              transpose16x16(x);
+              for (int y = 0; y < 16; ++y) _mm512_storeu_si512(dq_rows.data() + (r + y) * dk + e, x[y]);
+            }
+          store_rows(dq_rows.data(), dk, p.scale, std::min(kBlockM, p.lq - i0), d, i0, reinterpret_cast<bf16*>(dq_head),
+                     p.dq_row_stride);
+        }
+      }
+      store_rows(dk_acc.data(), dk, p.scale, p.lk, d, 0,
+                 static_cast<bf16*>(p.dk) + bi * p.dk_batch_stride + hk * p.dk_head_stride, p.dk_row_stride);
+      store_rows(dv_acc.data(), dk, 1.f, p.lk, d, 0,
+                 static_cast<bf16*>(p.dv) + bi * p.dv_batch_stride + hk * p.dv_head_stride, p.dv_row_stride);
+    }
+    _tile_release();
+  }
+}
+#endif
+
 }  // namespace
 
 void attention_fwd_cpu(const AttentionFwdParams& p) {
@@ -1019,6 +1252,9 @@ int64_t attention_fwd_num_splits_cpu(const AttentionFwdParams& p) {
   return attention_num_splits(blocks, ceil_div(p.lk, amx_forward(p) ? kAmxN : kBlockN), omp_get_max_threads());
 }
 void attention_bwd_cpu(const AttentionBwdParams& p) {
+#if defined(FUSEDFORMER_CPU_AMX)
+  if (amx_bf16(p.dtype)) return bwd_amx(p);
+#endif
   dispatch_dtype(p.dtype, [&](auto tag) { bwd<decltype(tag)>(p); });
 }
 
