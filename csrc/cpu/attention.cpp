@@ -600,32 +600,24 @@ void fwd_decode(const AttentionFwdParams& p) {
   if (splits > 1) combine_splits<T>(p);
 }
 
-// ---- bf16 on AMX: the forward's two products on the tile unit ------------------------------
+// ---- bf16 on AMX: the products on the tile unit -------------------------------------------
 //
-// On a CPU with AMX (Sapphire Rapids on), TDPBF16PS multiplies a 16 x 32 bf16 tile by a 32 x 16
-// one into 16 x 16 fp32: 8192 products an instruction, the CPU's tensor core, and what torch's
-// own bf16 SDPA runs on (oneDNN). The fp32 forward above converts bf16 to fp32 for the FMA
-// micro-GEMM: 0.31x SDPA at 1 x 16 heads x 1024 x 128 causal (21.7 ms vs 6.8). fwd_amx is the
-// same FlashAttention-2 loop with the tiles in bf16, as a GPU has them:
-//   S = Q Kᵀ (kBlockM queries x kAmxN keys, fp32, queries by keys) from the Q rows as A tiles
-//     (copied per query block, zero-padded to whole tiles) and K as B tiles;
-//   the mask, causal diagonal and online softmax along the keys in fp32 (softmax_rows_bf16:
-//     the scale in its exp unless an additive mask needs scaled scores), writing P rounded to
-//     bf16 (the GPU kernels' P operand too) as the A tiles of P V; dropout zeroes P there;
-//   acc = diag(alpha) acc + P V with acc in memory as the C tiles.
-// B tiles are pairs of rows interleaved ("VNNI": element (r, c) of a 16 x 16 tile of bf16 pairs
-// holds rows 2r, 2r + 1 of column c), so K and V are staged once per call in that layout:
-// K as the transpose (a B tile row r: the 16 keys' d = 2r, 2r + 1), V as it is (a row r: keys
-// 2r, 2r + 1 of 16 columns), each 16 x 16-pair tile 1 KiB contiguous, zero past LK and D.
-// Every product is four 16 x 16 C tiles at a time (amx_block: 2 A and 2 B tiles a k-step, the
-// eight tile registers all used). D rounds up to 32 (one k-step of S). Measured on the dev
-// machine (2 threads, bf16, 16 heads, D = 128, medians of 10 that vary 10-30% run to run):
-// 1024 causal 8.8-10.2 ms (SDPA 7.2-9.3), 1024 full 13.7-14.7 (SDPA 9-11.6), 2048 causal
-// 31-42 (SDPA 23-28): 0.65-0.98x, against 0.31x before.
+// On a CPU with AMX (Sapphire Rapids on), TDPBF16PS multiplies a 16 x 32 bf16 tile (A, rows
+// in memory) by a 32 x 16 one (B) into 16 x 16 fp32: 8192 products an instruction, the CPU's
+// tensor core, and what torch's own bf16 SDPA runs on (oneDNN). fwd and bwd above convert bf16
+// to fp32 for the FMA micro-GEMM (bf16 prefill 0.31x SDPA at 1 x 16 heads x 1024 x 128 causal);
+// fwd_amx and bwd_amx are the same two loops with bf16 operands and fp32 sums, as the GPU
+// kernels have them, and their tiles keys by queries as fwd's and bwd's: the softmax runs down
+// the keys on vectors of 16 queries, with no horizontal sums.
+// A B tile holds pairs of rows interleaved ("VNNI": its row r holds rows 2r, 2r + 1 of its 16
+// columns), so every operand is staged once into its layout (stage_a_rows, stage_at_rows,
+// stage_b_tiles, stage_bt_tiles), zero past the real rows and columns, D rounded up to 32 (one
+// k-step). Every product is four 16 x 16 C
+// tiles at a time (amx_block: 2 A and 2 B tiles a k-step, the eight tile registers all used).
 //
 // Keys a tile of the AMX forward: two kBlockN blocks, so that each load and store of the
-// accumulator tiles (acc stays in memory) carries four k-steps of P V, not two. (Four blocks,
-// 256 keys, measured no faster, and causal wastes more on the diagonal: 1024 causal 11.4 ms.)
+// accumulator tiles (in memory) carries four k-steps of P V, not two. (Four blocks, 256 keys,
+// measured no faster, and causal wastes more on the diagonal: 1024 causal 11.4 ms.)
 constexpr int64_t kAmxN = 128;
 
 #if defined(FUSEDFORMER_CPU_AMX)
@@ -710,128 +702,190 @@ inline void transpose16x16(__m512i r[16]) {
 inline __m512i load_bf16x32(const uint16_t* base, int64_t row_stride, int64_t row, int64_t n, int64_t c0, int64_t d) {
   if (row >= n) return _mm512_setzero_si512();
   const int64_t live = std::clamp<int64_t>(d - c0, 0, 32);
-  return _mm512_maskz_loadu_epi16(live >= 32 ? ~__mmask32(0) : (__mmask32(1) << live) - 1, base + row * row_stride + c0);
+  const __mmask32 mask = live >= 32 ? ~__mmask32(0) : (__mmask32(1) << live) - 1;
+  return _mm512_maskz_loadu_epi16(mask, base + row * row_stride + c0);
 }
 
-// Stages keys [j0, j0 + kBlockN) of one head (k_rows: key j0, n of them real) as the B tiles of
-// S = Q Kᵀ at kt (the tiles of key group j0 / 16 on, ksteps k-steps each): a tile's row r holds
-// the pair d = 2r, 2r + 1 of its 16 keys, so 16 keys' 32 d read as 16 x 16 pairs and transposed.
-void stage_keys_amx(const uint16_t* k_rows, int64_t row_stride, int64_t n, int64_t d, int64_t ksteps, uint32_t* kt) {
+// Rows x and y of 32 bf16 interleaved by elements, {x0 y0 ... x15 y15} and {x16 y16 ... x31 y31}:
+// row r of the B tiles of two 16-column blocks when x, y are rows 2r, 2r + 1.
+inline void interleave_rows(__m512i x, __m512i y, __m512i& lo, __m512i& hi) {
+  alignas(64) static constexpr uint16_t kLo[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
+                                                   8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
+  const __m512i idx = _mm512_load_si512(kLo);
+  lo = _mm512_permutex2var_epi16(x, idx, y);
+  hi = _mm512_permutex2var_epi16(x, _mm512_add_epi16(idx, _mm512_set1_epi16(16)), y);
+}
+
+// Rows [0, kBlockN) of a bf16 matrix (row_stride apart; n real, zero after and past d) as the
+// B tiles of a product by its transpose (Qᵀ in Sᵀ = K Qᵀ, dOᵀ in dPᵀ = V dOᵀ) at bt: tile (row
+// group g / 16, k-step ks) at (g / 16 · ksteps + ks) · 256, its row r the column pair 2r, 2r + 1
+// of its 16 rows; so 16 rows' 32 columns load as 16 x 16 pairs and are transposed.
+void stage_bt_tiles(const uint16_t* src, int64_t row_stride, int64_t n, int64_t d, int64_t ksteps, uint32_t* bt) {
   for (int64_t g = 0; g < kBlockN; g += 16)
     for (int64_t ks = 0; ks < ksteps; ++ks) {
       __m512i r[16];
-      for (int j = 0; j < 16; ++j) r[j] = load_bf16x32(k_rows, row_stride, g + j, n, 32 * ks, d);
+      for (int j = 0; j < 16; ++j) r[j] = load_bf16x32(src, row_stride, g + j, n, 32 * ks, d);
       transpose16x16(r);
-      uint32_t* tile = kt + (g / 16 * ksteps + ks) * 256;
+      uint32_t* tile = bt + (g / 16 * ksteps + ks) * 256;
       for (int x = 0; x < 16; ++x) _mm512_storeu_si512(tile + 16 * x, r[x]);
     }
 }
 
-// Stages values [j0, j0 + kBlockN) of one head (v_rows: value j0, n real) as the B tiles of
-// P V at vt (those of key pair block j0 / 32 on, dtiles of 16 columns each): a tile's row r
-// holds keys 2r, 2r + 1 of its 16 columns, interleaved.
-void stage_values_amx(const uint16_t* v_rows, int64_t row_stride, int64_t n, int64_t d, int64_t dtiles, uint32_t* vt) {
-  alignas(64) static constexpr uint16_t kLo[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
-                                                   8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
+// Rows [0, kBlockN) of a bf16 matrix (n real, zero after and past d) as the B tiles of a
+// product by it (dO in dV += Pdᵀ dO, Q in dK += dSᵀ Q) at b: tile (row pair block j / 32,
+// 16-column block e / 16) at (j / 32 · dtiles + e / 16) · 256, its row r rows 2r, 2r + 1 of
+// its 16 columns, interleaved.
+void stage_b_tiles(const uint16_t* src, int64_t row_stride, int64_t n, int64_t d, int64_t dtiles, uint32_t* b) {
   for (int64_t j = 0; j < kBlockN; j += 2)
     for (int64_t e = 0; e < dtiles * 16; e += 32) {
-      const __m512i a = load_bf16x32(v_rows, row_stride, j, n, e, d);
-      const __m512i b = load_bf16x32(v_rows, row_stride, j + 1, n, e, d);
-      uint32_t* row = vt + (j / 32 * dtiles + e / 16) * 256 + j % 32 / 2 * 16;
-      _mm512_storeu_si512(row, _mm512_permutex2var_epi16(a, lo, b));
-      _mm512_storeu_si512(row + 256, _mm512_permutex2var_epi16(a, hi, b));
+      __m512i lo, hi;
+      interleave_rows(load_bf16x32(src, row_stride, j, n, e, d), load_bf16x32(src, row_stride, j + 1, n, e, d), lo, hi);
+      uint32_t* row = b + (j / 32 * dtiles + e / 16) * 256 + j % 32 / 2 * 16;
+      _mm512_storeu_si512(row, lo);
+      _mm512_storeu_si512(row + 256, hi);
     }
 }
 
-// One key tile of the AMX forward's online softmax: online_softmax_rows' steps for rows query
-// rows of n keys (st: queries by keys, kAmxN a row), with P written straight to the bf16 A
-// tile pt (kAmxN a row; columns [n, n32) written 0) and exp as 2^x: x = s · scale · log2 e -
-// m · log2 e in one fma. scale (> 0): st holds the scores / scale.
-void softmax_rows_bf16(int64_t rows, int64_t n, int64_t n32, const float* st, float scale, float* m, float* l,
-                       float* alpha, uint16_t* pt) {
+// Rows [0, n) of a bf16 matrix (row_stride apart) as `rows` rows of dk bf16 (zero past n and
+// past d): the A operand of a product whose k dimension is d (K in Sᵀ = K Qᵀ, V in dPᵀ = V dOᵀ).
+void stage_a_rows(const uint16_t* src, int64_t row_stride, int64_t n, int64_t rows, int64_t d, int64_t dk,
+                  uint16_t* dst) {
+  for (int64_t j = 0; j < rows; ++j)
+    for (int64_t c = 0; c < dk; c += 32)
+      _mm512_storeu_si512(dst + j * dk + c, load_bf16x32(src, row_stride, j, n, c, d));
+}
+
+// The transpose of rows [0, n) (row_stride apart; zero past n up to rows, a multiple of 32, and
+// past d up to dk) as dk rows of bf16 ld apart: the A operand of a product whose k dimension is
+// the rows. 32 rows by 32 columns at a time: pairs of rows interleaved (two 16 x 16 matrices of
+// pairs), then transposed.
+void stage_at_rows(const uint16_t* src, int64_t row_stride, int64_t n, int64_t rows, int64_t d, int64_t dk,
+                   uint16_t* dst, int64_t ld) {
+  for (int64_t j = 0; j < rows; j += 32)
+    for (int64_t e = 0; e < dk; e += 32) {
+      __m512i a[16], b[16];
+      for (int r = 0; r < 16; ++r)
+        interleave_rows(load_bf16x32(src, row_stride, j + 2 * r, n, e, d),
+                        load_bf16x32(src, row_stride, j + 2 * r + 1, n, e, d), a[r], b[r]);
+      transpose16x16(a);
+      transpose16x16(b);
+      for (int x = 0; x < 16; ++x) {
+        _mm512_storeu_si512(dst + (e + x) * ld + j, a[x]);
+        _mm512_storeu_si512(dst + (e + 16 + x) * ld + j, b[x]);
+      }
+    }
+}
+
+// dst (cols x rows, ld_dst) = src (rows x cols, ld_src)ᵀ for fp32, rows and cols multiples of 16.
+void transpose_tile(const float* src, int64_t ld_src, int64_t rows, int64_t cols, float* dst, int64_t ld_dst) {
+  for (int64_t r = 0; r < rows; r += 16)
+    for (int64_t c = 0; c < cols; c += 16) {
+      __m512i x[16];
+      for (int y = 0; y < 16; ++y) x[y] = _mm512_loadu_si512(src + (r + y) * ld_src + c);
+      transpose16x16(x);
+      for (int y = 0; y < 16; ++y) _mm512_storeu_si512(dst + (c + y) * ld_dst + r, x[y]);
+    }
+}
+
+// Dropout's keep bits of key t.j0 + key for the 16 queries t.i0 + r.. of a tile (0 past t.m);
+// P: the forward's or the backward's params.
+template <typename P>
+__mmask16 keep_lanes(const P& p, const TilePos& t, int64_t r, int64_t key) {
+  __mmask16 keep = 0;
+  for (int lane = 0; lane < 16 && r + lane < t.m; ++lane)
+    if (dropout_keep(p.seed, t.bi, t.h, t.i0 + r + lane, t.j0 + key, p.hq, p.lq, p.lk, p.dropout_p))
+      keep |= __mmask16(1u << lane);
+  return keep;
+}
+
+// One key tile of fwd_amx's online softmax, the steps of fwd's online_softmax on st = Sᵀ
+// (kAmxN keys by kBlockM queries, fp32): per vector of 16 queries, m <- max(m, max_c s · scale),
+// P = 2^(s · c - m · log2 e) with c = scale · log2 e (the scale rides in the exp's fma; 1 when
+// st is scaled already), l <- l · alpha + Σ P, alpha = exp(m_old - m). P is written in bf16 as
+// the B tiles of acc += Vᵀ Pᵀ (pt: key pair block, then 16-query column tile), dropout's zeros
+// in it, 0 for keys [n, n32).
+void softmax_cols_bf16(const AttentionFwdParams& p, const TilePos& t, int64_t n32, const float* st, float scale,
+                       float* m, float* l, float* alpha, uint32_t* pt) {
   using W = Wide;
   constexpr float kLog2e = 1.44269504088896341f;
-  const W::V c = W::splat(scale * kLog2e), neg_inf = W::splat(kNegInf);
-  float m_tile[kBlockM], sum_tile[kBlockM];
-  const auto live = [n](int64_t col) {
-    const int64_t k = std::clamp<int64_t>(n - col, 0, 16);
-    return k == 16 ? __mmask16(0xffff) : __mmask16((1u << k) - 1);
-  };
-  for (int64_t r = 0; r < rows; ++r) {
-    const float* s = st + r * kAmxN;
-    W::V vmax = neg_inf;
-    for (int64_t col = 0; col < n; col += W::kWidth)
-      vmax = W::max(vmax, _mm512_mask_loadu_ps(neg_inf, live(col), s + col));
-    const float m_new = std::max(m[r], W::hmax(vmax) * scale);
-    const W::V m_use = W::splat(m_new == kNegInf ? 0.f : -m_new * kLog2e);  // keeps -inf - -inf out
+  alignas(64) static constexpr uint16_t kPairs[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i pairs = _mm512_load_si512(kPairs);
+  const W::V c = W::splat(scale * kLog2e);
+  const bool dropout = p.dropout_p > 0.f;
+  for (int64_t r = 0; r < kBlockM; r += W::kWidth) {
+    W::V vmax = W::splat(kNegInf);
+    for (int64_t key = 0; key < t.n; ++key) vmax = W::max(vmax, W::load(st + key * kBlockM + r));
+    const W::V m_old = W::load(m + r), m_new = W::max(m_old, vmax * W::splat(scale));
+    const W::V m_use = m_new == kNegInf ? W::V{} : m_new;  // keeps -inf - -inf out
+    const W::V m2 = m_use * W::splat(kLog2e);
     W::V sum{};
-    for (int64_t col = 0; col < n32; col += W::kWidth) {
-      const W::V pc = exp2_nonpositive16(W::fma(_mm512_mask_loadu_ps(neg_inf, live(col), s + col), c, m_use));
-      sum += pc;
-      _mm256_storeu_si256(reinterpret_cast<__m256i*>(pt + r * kAmxN + col), (__m256i)_mm512_cvtneps_pbh(pc));
+    for (int64_t key = 0; key < n32; key += 2) {
+      W::V pk[2];
+      for (int x = 0; x < 2; ++x) {
+        pk[x] = key + x < t.n ? exp2_nonpositive16(W::fma(W::load(st + (key + x) * kBlockM + r), c, -m2)) : W::V{};
+        sum += pk[x];  // l sums the probabilities before dropout: softmax's denominator
+        if (dropout && key + x < t.n) pk[x] = _mm512_maskz_mov_ps(keep_lanes(p, t, r, key + x), pk[x]);
+      }
+      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(pk[1], pk[0]);  // keys key, key + 1
+      _mm512_storeu_si512(pt + ((key / 32) * (kBlockM / 16) + r / 16) * 256 + key % 32 / 2 * 16,
+                          _mm512_permutexvar_epi16(pairs, both));
     }
-    m_tile[r] = m_new;
-    sum_tile[r] = W::hsum(sum);
+    const W::V a = W::exp(m_old - m_use);
+    W::store(alpha + r, a);
+    W::store(l + r, W::fma(W::load(l + r), a, sum));
+    W::store(m + r, m_new);
   }
-  for_blocks<W>(rows, [&](int64_t r, int k) {
-    const W::V m_new = W::load(m_tile + r, k);
-    const W::V a = W::exp(W::load(m + r, k) - (m_new == kNegInf ? W::V{} : m_new));
-    W::store(alpha + r, a, k);
-    W::store(l + r, W::fma(W::load(l + r, k), a, W::load(sum_tile + r, k)), k);
-    W::store(m + r, m_new, k);
-  });
 }
 
+// fwd's loop on the tile unit, per (batch, query head, block of kBlockM queries, split) task:
+//   Sᵀ = K Qᵀ        A: K rows (staged per call)     B: Qᵀ tiles (staged per task)
+//   mask, causal diagonal, online softmax down the keys, P in bf16 (softmax_cols_bf16)
+//   accᵀ = accᵀ diag(alpha) + Vᵀ Pᵀ   A: Vᵀ rows (staged per call)   B: Pᵀ tiles
+// with accᵀ (D by queries, fp32) in memory as the C tiles, transposed back as it is stored.
 void fwd_amx(const AttentionFwdParams& p) {
   using W = Wide;
-  const int64_t d = p.d, dk = (d + 31) / 32 * 32, group = p.hq / p.hkv, nqb = ceil_div(p.lq, kBlockM);
-  const int64_t splits = p.num_splits, lkp = ceil_div(p.lk, kAmxN) * kAmxN;
-  const int64_t ksteps = dk / 32, dtiles = dk / 16, head_elems = lkp * dk;
-  const bool dropout = p.dropout_p > 0.f;
+  const int64_t d = p.d, dk = (d + 31) / 32 * 32, ksteps = dk / 32, group = p.hq / p.hkv;
+  const int64_t nqb = ceil_div(p.lq, kBlockM), splits = p.num_splits, lkp = ceil_div(p.lk, kAmxN) * kAmxN;
   // The scale multiplies in the softmax's exp, unless an additive mask needs scaled scores or
   // a negative scale would turn the max around.
   const bool fold_scale = p.mask.kind != MaskKind::kAdditive && p.scale > 0.f;
   const uint16_t* Q = static_cast<const uint16_t*>(p.q);
   const uint16_t* K = static_cast<const uint16_t*>(p.k);
   const uint16_t* V = static_cast<const uint16_t*>(p.v);
-  // The staged B tiles of every (batch, kv head): K's of key group j / 16 and k-step e / 32,
-  // V's of key pair block j / 32 and columns e / 16 (see above), as 16 x 16 bf16 pairs (one
-  // uint32 each), zero where no key or column is. A task stages one kBlockN-key block of a
-  // head, every tile of it written (the storage is not zeroed first).
-  const size_t staged = size_t(p.b * p.hkv * head_elems / 2);
-  std::unique_ptr<uint32_t[]> kt(new uint32_t[staged]), vt(new uint32_t[staged]);
+  // Per (batch, kv head): K rows (lkp x dk) and Vᵀ (dk x lkp), zero past LK and D; a task
+  // stages one kBlockN-key block of a head, every element of it written (the storage is not
+  // zeroed first).
+  const size_t head_elems = size_t(lkp * dk);
+  std::unique_ptr<uint16_t[]> k_rows(new uint16_t[p.b * p.hkv * head_elems]);
+  std::unique_ptr<uint16_t[]> vt_rows(new uint16_t[p.b * p.hkv * head_elems]);
 #pragma omp parallel for schedule(static)
   for (int64_t task = 0; task < p.b * p.hkv * (lkp / kBlockN); ++task) {
     const int64_t bh = task / (lkp / kBlockN), j0 = task % (lkp / kBlockN) * kBlockN;
     const int64_t bi = bh / p.hkv, hk = bh % p.hkv, n = std::clamp<int64_t>(p.lk - j0, 0, kBlockN);
-    const int64_t first = (bh * head_elems + j0 * dk) / 2;  // key block j0's first tile
-    stage_keys_amx(K + bi * p.k_batch_stride + hk * p.k_head_stride + j0 * p.k_row_stride, p.k_row_stride, n, d,
-                   ksteps, kt.get() + first);
-    stage_values_amx(V + bi * p.v_batch_stride + hk * p.v_head_stride + j0 * p.v_row_stride, p.v_row_stride, n, d,
-                     dtiles, vt.get() + first);
+    stage_a_rows(K + bi * p.k_batch_stride + hk * p.k_head_stride + j0 * p.k_row_stride, p.k_row_stride, n,
+                   kBlockN, d, dk, k_rows.get() + bh * head_elems + j0 * dk);
+    stage_at_rows(V + bi * p.v_batch_stride + hk * p.v_head_stride + j0 * p.v_row_stride, p.v_row_stride, n,
+                         kBlockN, d, dk, vt_rows.get() + bh * head_elems + j0, lkp);
   }
 #pragma omp parallel
   {
     amx_configure();
-    // Per task: the query block as A rows (kBlockM x dk bf16), its scores and probabilities
-    // (kBlockM x kAmxN, fp32 and bf16), the accumulator (kBlockM x dk fp32).
-    std::vector<uint16_t> q_tile(kBlockM * dk), p_tile(kBlockM * kAmxN);
-    std::vector<float> st(kBlockM * kAmxN), acc(kBlockM * dk), m(kBlockM), l(kBlockM), alpha(kBlockM);
-    const Layout at{1, kAmxN};
+    // Per task: Qᵀ tiles, Sᵀ (kAmxN x kBlockM fp32), Pᵀ tiles, accᵀ (dk x kBlockM fp32) and
+    // acc's rows, and m, l, alpha of the queries.
+    std::vector<uint32_t> qt_tiles(kBlockM * dk / 2), pt_tiles(kAmxN * kBlockM / 2);
+    std::vector<float> st(kAmxN * kBlockM), acc_t(dk * kBlockM), acc(kBlockM * dk), m(kBlockM), l(kBlockM),
+        alpha(kBlockM);
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < p.b * p.hq * nqb * splits; ++task) {
       const int64_t split = task % splits;
       TilePos t = query_block(p, task / splits);
-      const int64_t bi = t.bi, h = t.h, hk = h / group;
-      const uint16_t* q_head = Q + bi * p.q_batch_stride + h * p.q_head_stride;
-      const uint32_t* kh = kt.get() + (bi * p.hkv + hk) * head_elems / 2;
-      const uint32_t* vh = vt.get() + (bi * p.hkv + hk) * head_elems / 2;
-      std::fill(q_tile.begin(), q_tile.end(), uint16_t(0));
-      for (int64_t r = 0; r < t.m; ++r)
-        std::copy(q_head + (t.i0 + r) * p.q_row_stride, q_head + (t.i0 + r) * p.q_row_stride + d, q_tile.data() + r * dk);
-      std::fill(p_tile.begin(), p_tile.end(), uint16_t(0));
-      std::fill(acc.begin(), acc.end(), 0.f);
+      const int64_t bh = t.bi * p.hkv + t.h / group;
+      const uint16_t* kh = k_rows.get() + bh * head_elems;
+      const uint16_t* vh = vt_rows.get() + bh * head_elems;
+      stage_bt_tiles(Q + t.bi * p.q_batch_stride + t.h * p.q_head_stride + t.i0 * p.q_row_stride, p.q_row_stride,
+                     t.m, d, ksteps, qt_tiles.data());
+      std::fill(acc_t.begin(), acc_t.end(), 0.f);
       std::fill(m.begin(), m.end(), kNegInf);
       std::fill(l.begin(), l.end(), 0.f);
 
@@ -840,36 +894,221 @@ void fwd_amx(const AttentionFwdParams& p) {
       for (int64_t kb = kb_begin; kb < kb_end; ++kb) {
         t.j0 = kb * kAmxN;
         t.n = std::min(kAmxN, p.lk - t.j0);
-        const int64_t n32 = (t.n + 31) / 32 * 32;  // keys in whole k-steps of P V (zero past n)
-        for (int64_t mi = 0; mi < kBlockM; mi += 32)  // S = Q Kᵀ
-          for (int64_t ni = 0; ni < n32; ni += 32)
+        const int64_t n32 = (t.n + 31) / 32 * 32;  // keys in whole k-steps of Vᵀ Pᵀ (P zero past n)
+        for (int64_t mi = 0; mi < n32; mi += 32)  // Sᵀ = K Qᵀ
+          for (int64_t ni = 0; ni < kBlockM; ni += 32)
             amx_block<false>(
-                ksteps, [&](int i, int64_t ks) { return q_tile.data() + (mi + 16 * i) * dk + 32 * ks; }, dk * 2,
-                [&](int j, int64_t ks) { return kh + ((t.j0 + ni) / 16 + j) * ksteps * 256 + ks * 256; },
-                st.data() + mi * kAmxN + ni, kAmxN);
+                ksteps, [&](int i, int64_t ks) { return kh + (t.j0 + mi + 16 * i) * dk + 32 * ks; }, dk * 2,
+                [&](int j, int64_t ks) { return qt_tiles.data() + ((ni / 16 + j) * ksteps + ks) * 256; },
+                st.data() + mi * kBlockM + ni, kBlockM);
         if (!fold_scale)  // an additive mask adds to scaled scores
-          for (int64_t r = 0; r < t.m; ++r)
-            for (int64_t c = 0; c < n32; c += W::kWidth)
-              W::store(st.data() + r * kAmxN + c, W::load(st.data() + r * kAmxN + c) * W::splat(p.scale));
-        mask_scores<bf16>(p.mask, p.is_causal, t, st.data(), at);
-        softmax_rows_bf16(t.m, t.n, n32, st.data(), fold_scale ? p.scale : 1.f, m.data(), l.data(), alpha.data(),
-                          p_tile.data());
-        if (dropout) drop_probs(p, t, p_tile.data(), at);
-        for (int64_t r = 0; r < t.m; ++r)
-          for (int64_t e = 0; e < dk; e += W::kWidth)
-            W::store(acc.data() + r * dk + e, W::load(acc.data() + r * dk + e) * W::splat(alpha[r]));
-        for (int64_t mi = 0; mi < kBlockM; mi += 32)  // acc += P V
-          for (int64_t ei = 0; ei < dk; ei += 32)
+          for (int64_t x = 0; x < t.n * kBlockM; x += W::kWidth)
+            W::store(st.data() + x, W::load(st.data() + x) * W::splat(p.scale));
+        mask_scores<bf16>(p.mask, p.is_causal, t, st.data(), kKeysByQueries);
+        softmax_cols_bf16(p, t, n32, st.data(), fold_scale ? p.scale : 1.f, m.data(), l.data(), alpha.data(),
+                          pt_tiles.data());
+        for (int64_t e = 0; e < dk; ++e)  // accᵀ diag(alpha)
+          for (int64_t r = 0; r < kBlockM; r += W::kWidth) {
+            float* a = acc_t.data() + e * kBlockM + r;
+            W::store(a, W::load(a) * W::load(alpha.data() + r));
+          }
+        for (int64_t mi = 0; mi < dk; mi += 32)  // accᵀ += Vᵀ Pᵀ
+          for (int64_t ni = 0; ni < kBlockM; ni += 32)
             amx_block<true>(
-                n32 / 32, [&](int i, int64_t ks) { return p_tile.data() + (mi + 16 * i) * kAmxN + 32 * ks; },
-                kAmxN * 2, [&](int j, int64_t ks) { return vh + ((t.j0 / 32 + ks) * dtiles + ei / 16 + j) * 256; },
-                acc.data() + mi * dk + ei, dk);
+                n32 / 32, [&](int i, int64_t ks) { return vh + (mi + 16 * i) * lkp + t.j0 + 32 * ks; }, lkp * 2,
+                [&](int j, int64_t ks) { return pt_tiles.data() + (ks * (kBlockM / 16) + ni / 16 + j) * 256; },
+                acc_t.data() + mi * kBlockM + ni, kBlockM);
       }
-      store_range<bf16>(p, split, bi, h, t.i0, t.m, acc.data(), dk, m.data(), l.data());
+      transpose_tile(acc_t.data(), kBlockM, dk, kBlockM, acc.data(), dk);
+      store_range<bf16>(p, split, t.bi, t.h, t.i0, t.m, acc.data(), dk, m.data(), l.data());
     }
     _tile_release();
   }
   if (splits > 1) combine_splits<bf16>(p);
+}
+
+// ---- the bf16 backward on AMX
+//
+// bwd's loop (per (batch, kv head) task: each query head of the group, each (key block, query
+// block) tile, dK, dV and dQ summed in the task) with its five products on the tile unit, in
+// the GPU kernels' precision: bf16 operands, fp32 sums. Every tile is keys by queries, so the
+// per-query lse and Delta are vectors and each product's operands are staged once per call:
+//   Sᵀ  = K Qᵀ        A: K rows             B: Qᵀ tiles (Q rows transposed by pairs of d)
+//   dPᵀ = V dOᵀ       A: V rows             B: dOᵀ tiles
+//   Pᵀ, dSᵀ = P ∘ (dP - Delta) in fp32 (bwd_amx_probs), rounded to bf16
+//   dV += Pdᵀ dO      A: Pdᵀ rows            B: dO tiles (pairs of query rows interleaved)
+//   dK += dSᵀ Q       A: dSᵀ rows            B: Q tiles
+//   dQᵀ += Kᵀ dSᵀ     A: Kᵀ rows (K transposed) B: dSᵀ tiles (pairs of key rows interleaved)
+// with dK, dV (keys by d) and dQᵀ (d by queries) as fp32 C tiles in memory; dQᵀ is transposed
+// back as it is stored.
+
+// The tile math of bwd_amx from st = Sᵀ and dpt = dPᵀ (kBlockN x kBlockM fp32, keys by queries):
+// P = 2^(s · c - lse2) (c = scale · log2 e, or log2 e when st is scaled already; lse2 = lse ·
+// log2 e, +inf for a fully masked or absent query, whose P is then 0), then as bwd's
+// probs_and_dscores Pd = P ∘ keep / (1 - p_drop) and dS = P ∘ (dP ∘ keep / (1 - p_drop) - Delta),
+// written in bf16 as pa (Pdᵀ rows), da (dSᵀ rows) and db (dSᵀ as B tiles: key pair block, then
+// 16-query column tile). Keys past t.n get 0.
+void bwd_amx_probs(const AttentionBwdParams& p, const TilePos& t, float c, const float* lse2, const float* delta,
+                   const float* st, const float* dpt, uint16_t* pa, uint16_t* da, uint32_t* db) {
+  alignas(64) static constexpr uint16_t kPairs[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
+                                                      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
+  const __m512i pairs = _mm512_load_si512(kPairs);
+  const bool dropout = p.dropout_p > 0.f;
+  const __m512 vc = _mm512_set1_ps(c), rp = _mm512_set1_ps(dropout ? 1.f / (1.f - p.dropout_p) : 1.f);
+  for (int64_t key = 0; key < kBlockN; key += 2)
+    for (int64_t r = 0; r < kBlockM; r += 16) {
+      __m512 pd[2], ds[2];
+      for (int x = 0; x < 2; ++x) {
+        const int64_t kk = key + x;
+        if (kk >= t.n) {
+          pd[x] = ds[x] = _mm512_setzero_ps();
+          continue;
+        }
+        const __m512 pc = exp2_nonpositive16(
+            _mm512_fmsub_ps(_mm512_loadu_ps(st + kk * kBlockM + r), vc, _mm512_loadu_ps(lse2 + r)));
+        __m512 dp = _mm512_loadu_ps(dpt + kk * kBlockM + r);
+        pd[x] = pc;
+        if (dropout) {
+          const __mmask16 keep = keep_lanes(p, t, r, kk);
+          pd[x] = _mm512_maskz_mul_ps(keep, pc, rp);
+          dp = _mm512_maskz_mul_ps(keep, dp, rp);
+        }
+        ds[x] = _mm512_mul_ps(pc, _mm512_sub_ps(dp, _mm512_loadu_ps(delta + r)));
+      }
+      for (int x = 0; x < 2; ++x) {
+        const int64_t at = (key + x) * kBlockM + r;
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pa + at), (__m256i)_mm512_cvtneps_pbh(pd[x]));
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(da + at), (__m256i)_mm512_cvtneps_pbh(ds[x]));
+      }
+      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(ds[1], ds[0]);  // keys key, key + 1 of 16 queries
+      _mm512_storeu_si512(db + ((key / 32) * (kBlockM / 16) + r / 16) * 256 + key % 32 / 2 * 16,
+                          _mm512_permutexvar_epi16(pairs, both));
+    }
+}
+
+void bwd_amx(const AttentionBwdParams& p) {
+  constexpr float kLog2e = 1.44269504088896341f;
+  static_assert(kBlockM == kBlockN && kBlockM % 32 == 0,
+                "square tiles of whole 32 x 32 AMX blocks (query blocks stage as key blocks do)");
+  const int64_t d = p.d, dk = (d + 31) / 32 * 32, ksteps = dk / 32, dtiles = dk / 16, group = p.hq / p.hkv;
+  const int64_t lqp = ceil_div(p.lq, kBlockM) * kBlockM, lkp = ceil_div(p.lk, kBlockN) * kBlockN;
+  const int64_t nqb = lqp / kBlockM, nkb = lkp / kBlockN;
+  // The scale rides in the exp, unless an additive mask needs scaled scores (or it is negative).
+  const bool fold_scale = p.mask.kind != MaskKind::kAdditive && p.scale > 0.f;
+  const uint16_t* Q = static_cast<const uint16_t*>(p.q);
+  const uint16_t* K = static_cast<const uint16_t*>(p.k);
+  const uint16_t* V = static_cast<const uint16_t*>(p.v);
+  const uint16_t* O = static_cast<const uint16_t*>(p.o);
+  const uint16_t* DO = static_cast<const uint16_t*>(p.do_);
+#pragma omp parallel
+  {
+    amx_configure();
+    // One kv head's K and V rows, Kᵀ, and dK, dV; one query head's Qᵀ, dOᵀ, Q and dO tiles,
+    // dQᵀ, lse2, Delta; one tile's Sᵀ, dPᵀ and bf16 Pdᵀ, dSᵀ (rows and tiles).
+    std::vector<uint16_t> k_rows(lkp * dk), v_rows(lkp * dk), kt_rows(dk * lkp);
+    std::vector<float> dk_acc(lkp * dk), dv_acc(lkp * dk), dq_t(dk * lqp), dq_rows(kBlockM * dk);
+    std::vector<uint32_t> qt_tiles(lqp * dk / 2), gt_tiles(lqp * dk / 2), q_tiles(lqp * dk / 2), g_tiles(lqp * dk / 2);
+    std::vector<float> lse2(lqp), delta(lqp), o_row(d), g_row(d), st(kBlockN * kBlockM), dpt(kBlockN * kBlockM);
+    std::vector<uint16_t> pa(kBlockN * kBlockM), da(kBlockN * kBlockM);
+    std::vector<uint32_t> db(kBlockN * kBlockM / 2);
+    const float c = (fold_scale ? p.scale : 1.f) * kLog2e;
+#pragma omp for schedule(dynamic)
+    for (int64_t task = 0; task < p.b * p.hkv; ++task) {
+      const int64_t bi = task / p.hkv, hk = task % p.hkv;
+      const uint16_t* k_head = K + bi * p.k_batch_stride + hk * p.k_head_stride;
+      const uint16_t* v_head = V + bi * p.v_batch_stride + hk * p.v_head_stride;
+      stage_a_rows(k_head, p.k_row_stride, p.lk, lkp, d, dk, k_rows.data());
+      stage_a_rows(v_head, p.v_row_stride, p.lk, lkp, d, dk, v_rows.data());
+      stage_at_rows(k_head, p.k_row_stride, p.lk, lkp, d, dk, kt_rows.data(), lkp);
+      std::fill(dk_acc.begin(), dk_acc.end(), 0.f);
+      std::fill(dv_acc.begin(), dv_acc.end(), 0.f);
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        const uint16_t* q_head = Q + bi * p.q_batch_stride + h * p.q_head_stride;
+        const uint16_t* o_head = O + bi * p.o_batch_stride + h * p.o_head_stride;
+        const uint16_t* g_head = DO + bi * p.do_batch_stride + h * p.do_head_stride;
+        for (int64_t i0 = 0; i0 < lqp; i0 += kBlockM) {
+          const int64_t n = std::clamp<int64_t>(p.lq - i0, 0, kBlockM);
+          stage_bt_tiles(q_head + i0 * p.q_row_stride, p.q_row_stride, n, d, ksteps, qt_tiles.data() + i0 * dk / 2);
+          stage_bt_tiles(g_head + i0 * p.do_row_stride, p.do_row_stride, n, d, ksteps, gt_tiles.data() + i0 * dk / 2);
+          stage_b_tiles(q_head + i0 * p.q_row_stride, p.q_row_stride, n, d, dtiles, q_tiles.data() + i0 * dk / 2);
+          stage_b_tiles(g_head + i0 * p.do_row_stride, p.do_row_stride, n, d, dtiles, g_tiles.data() + i0 * dk / 2);
+        }
+        const int64_t row0 = (bi * p.hq + h) * p.lq;
+        for (int64_t i = 0; i < lqp; ++i) {  // Delta_i = Σ_d dO_id O_id, in fp32 from the bf16 rows
+          float s = 0.f;
+          if (i < p.lq) {
+            convert_row(reinterpret_cast<const bf16*>(o_head + i * p.o_row_stride), d, o_row.data());
+            convert_row(reinterpret_cast<const bf16*>(g_head + i * p.do_row_stride), d, g_row.data());
+            for (int64_t e = 0; e < d; ++e) s += o_row[e] * g_row[e];
+            p.delta[row0 + i] = s;
+          }
+          delta[i] = s;
+          lse2[i] = i >= p.lq || p.lse[row0 + i] == kNegInf ? kPosInf : p.lse[row0 + i] * kLog2e;
+        }
+        std::fill(dq_t.begin(), dq_t.end(), 0.f);
+
+        for (int64_t kb = 0; kb < nkb; ++kb) {
+          TilePos t{bi, h, 0, 0, kb * kBlockN, std::min(kBlockN, p.lk - kb * kBlockN)};
+          for (int64_t qb = p.is_causal ? t.j0 / kBlockM : 0; qb < nqb; ++qb) {
+            t.i0 = qb * kBlockM;
+            t.m = std::min(kBlockM, p.lq - t.i0);
+            for (int64_t mi = 0; mi < kBlockN; mi += 32)  // Sᵀ = K Qᵀ, dPᵀ = V dOᵀ
+              for (int64_t ni = 0; ni < kBlockM; ni += 32) {
+                const auto b_of = [&](const std::vector<uint32_t>& tiles) {
+                  return [&, base = tiles.data()](int j, int64_t ks) {
+                    return base + ((t.i0 + ni) / 16 + j) * ksteps * 256 + ks * 256;
+                  };
+                };
+                amx_block<false>(
+                    ksteps, [&](int i, int64_t ks) { return k_rows.data() + (t.j0 + mi + 16 * i) * dk + 32 * ks; },
+                    dk * 2, b_of(qt_tiles), st.data() + mi * kBlockM + ni, kBlockM);
+                amx_block<false>(
+                    ksteps, [&](int i, int64_t ks) { return v_rows.data() + (t.j0 + mi + 16 * i) * dk + 32 * ks; },
+                    dk * 2, b_of(gt_tiles), dpt.data() + mi * kBlockM + ni, kBlockM);
+              }
+            if (!fold_scale)
+              for (int64_t x = 0; x < kBlockN * kBlockM; x += 16)
+                _mm512_storeu_ps(st.data() + x, _mm512_mul_ps(_mm512_loadu_ps(st.data() + x), _mm512_set1_ps(p.scale)));
+            mask_scores<bf16>(p.mask, p.is_causal, t, st.data(), kKeysByQueries);
+            bwd_amx_probs(p, t, c, lse2.data() + t.i0, delta.data() + t.i0, st.data(), dpt.data(), pa.data(),
+                          da.data(), db.data());
+            for (int64_t mi = 0; mi < kBlockN; mi += 32)  // dV += Pdᵀ dO, dK += dSᵀ Q
+              for (int64_t ei = 0; ei < dk; ei += 32) {
+                const auto b_of = [&](const std::vector<uint32_t>& tiles) {
+                  return [&, base = tiles.data()](int j, int64_t ks) {
+                    return base + ((t.i0 / 32 + ks) * dtiles + ei / 16 + j) * 256;
+                  };
+                };
+                amx_block<true>(
+                    kBlockM / 32, [&](int i, int64_t ks) { return pa.data() + (mi + 16 * i) * kBlockM + 32 * ks; },
+                    kBlockM * 2, b_of(g_tiles), dv_acc.data() + (t.j0 + mi) * dk + ei, dk);
+                amx_block<true>(
+                    kBlockM / 32, [&](int i, int64_t ks) { return da.data() + (mi + 16 * i) * kBlockM + 32 * ks; },
+                    kBlockM * 2, b_of(q_tiles), dk_acc.data() + (t.j0 + mi) * dk + ei, dk);
+              }
+            for (int64_t mi = 0; mi < dk; mi += 32)  // dQᵀ += Kᵀ dSᵀ
+              for (int64_t ni = 0; ni < kBlockM; ni += 32)
+                amx_block<true>(
+                    kBlockN / 32,
+                    [&](int i, int64_t ks) { return kt_rows.data() + (mi + 16 * i) * lkp + t.j0 + 32 * ks; },
+                    lkp * 2, [&](int j, int64_t ks) { return db.data() + (ks * (kBlockM / 16) + ni / 16 + j) * 256; },
+                    dq_t.data() + mi * lqp + t.i0 + ni, lqp);
+          }
+        }
+        uint16_t* dq_head = static_cast<uint16_t*>(p.dq) + bi * p.dq_batch_stride + h * p.dq_head_stride;
+        for (int64_t i0 = 0; i0 < p.lq; i0 += kBlockM) {  // dQ = (dQᵀ)ᵀ · scale
+          transpose_tile(dq_t.data() + i0, lqp, dk, kBlockM, dq_rows.data(), dk);
+          store_rows(dq_rows.data(), dk, p.scale, std::min(kBlockM, p.lq - i0), d, i0, reinterpret_cast<bf16*>(dq_head),
+                     p.dq_row_stride);
+        }
+      }
+      store_rows(dk_acc.data(), dk, p.scale, p.lk, d, 0,
+                 static_cast<bf16*>(p.dk) + bi * p.dk_batch_stride + hk * p.dk_head_stride, p.dk_row_stride);
+      store_rows(dv_acc.data(), dk, 1.f, p.lk, d, 0,
+                 static_cast<bf16*>(p.dv) + bi * p.dv_batch_stride + hk * p.dv_head_stride, p.dv_row_stride);
+    }
+    _tile_release();
+  }
 }
 #endif
 
@@ -1002,233 +1241,6 @@ void bwd(const AttentionBwdParams& p) {
   }
 }
 
-#if defined(FUSEDFORMER_CPU_AMX)
-// ---- the bf16 backward on AMX ----------------------------------------------------------------
-//
-// bwd's loop (per (batch, kv head) task: each query head of the group, each (key block, query
-// block) tile, dK, dV and dQ summed in the task) with its five products on the tile unit, in
-// the GPU kernels' precision: bf16 operands, fp32 sums. Every tile is keys by queries, so the
-// per-query lse and Delta are vectors and each product's operands are staged once per call:
-//   Sᵀ  = K Qᵀ        A: K rows             B: Qᵀ tiles (Q rows transposed by pairs of d)
-//   dPᵀ = V dOᵀ       A: V rows             B: dOᵀ tiles
-//   Pᵀ, dSᵀ = P ∘ (dP - Delta) in fp32 (bwd_amx_probs), rounded to bf16
-//   dV += Pdᵀ dO      A: Pdᵀ rows            B: dO tiles (pairs of query rows interleaved)
-//   dK += dSᵀ Q       A: dSᵀ rows            B: Q tiles
-//   dQᵀ += Kᵀ dSᵀ     A: Kᵀ rows (K transposed) B: dSᵀ tiles (pairs of key rows interleaved)
-// with dK, dV (keys by d) and dQᵀ (d by queries) as fp32 C tiles in memory; dQᵀ is transposed
-// back as it is stored.
-
-// Rows [0, n) of a matrix of bf16 (row_stride apart) as rows of 32-element chunks ld bf16
-// apart, zero past d up to dk and past n up to rows (a multiple of 32): the A operand of a
-// product whose k dimension is d.
-void stage_rows_amx(const uint16_t* src, int64_t row_stride, int64_t n, int64_t rows, int64_t d, int64_t dk,
-                    uint16_t* dst) {
-  for (int64_t j = 0; j < rows; ++j)
-    for (int64_t c = 0; c < dk; c += 32)
-      _mm512_storeu_si512(dst + j * dk + c, load_bf16x32(src, row_stride, j, n, c, d));
-}
-
-// The transpose of rows [0, n) (row_stride apart; zero past n up to rows and past d up to dk) as
-// dk rows of `rows` bf16: the A operand of a product whose k dimension is the rows. 32 rows by
-// 16 columns at a time: pairs of rows interleaved (16 x 16 pairs), then transposed.
-void stage_transposed_amx(const uint16_t* src, int64_t row_stride, int64_t n, int64_t rows, int64_t d, int64_t dk,
-                          uint16_t* dst) {
-  alignas(64) static constexpr uint16_t kLo[32] = {0, 32, 1, 33, 2,  34, 3,  35, 4,  36, 5,  37, 6,  38, 7,  39,
-                                                   8, 40, 9, 41, 10, 42, 11, 43, 12, 44, 13, 45, 14, 46, 15, 47};
-  const __m512i lo = _mm512_load_si512(kLo), hi = _mm512_add_epi16(lo, _mm512_set1_epi16(16));
-  for (int64_t j = 0; j < rows; j += 32)
-    for (int64_t e = 0; e < dk; e += 32) {
-      __m512i a[16], b[16];
-      for (int r = 0; r < 16; ++r) {
-        const __m512i x = load_bf16x32(src, row_stride, j + 2 * r, n, e, d);
-        const __m512i y = load_bf16x32(src, row_stride, j + 2 * r + 1, n, e, d);
-        a[r] = _mm512_permutex2var_epi16(x, lo, y);
-        b[r] = _mm512_permutex2var_epi16(x, hi, y);
-      }
-      transpose16x16(a);
-      transpose16x16(b);
-      for (int x = 0; x < 16; ++x) {
-        _mm512_storeu_si512(dst + (e + x) * rows + j, a[x]);
-        _mm512_storeu_si512(dst + (e + 16 + x) * rows + j, b[x]);
-      }
-    }
-}
-
-// The tile math of bwd_amx from st = Sᵀ and dpt = dPᵀ (kBlockN x kBlockM fp32, keys by queries):
-// P = 2^(s · c - lse2) (c = scale · log2 e, or log2 e when st is scaled already; lse2 = lse ·
-// log2 e, +inf for a fully masked or absent query, whose P is then 0), then as bwd's
-// probs_and_dscores Pd = P ∘ keep / (1 - p_drop) and dS = P ∘ (dP ∘ keep / (1 - p_drop) - Delta),
-// written in bf16 as pa (Pdᵀ rows), da (dSᵀ rows) and db (dSᵀ as B tiles: key pair block, then
-// 16-query column tile). Keys past t.n get 0.
-void bwd_amx_probs(const AttentionBwdParams& p, const TilePos& t, float c, const float* lse2, const float* delta,
-                   const float* st, const float* dpt, uint16_t* pa, uint16_t* da, uint32_t* db) {
-  alignas(64) static constexpr uint16_t kPairs[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
-                                                      8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
-  const __m512i pairs = _mm512_load_si512(kPairs);
-  const bool dropout = p.dropout_p > 0.f;
-  const __m512 vc = _mm512_set1_ps(c), rp = _mm512_set1_ps(dropout ? 1.f / (1.f - p.dropout_p) : 1.f);
-  for (int64_t key = 0; key < kBlockN; key += 2)
-    for (int64_t r = 0; r < kBlockM; r += 16) {
-      __m512 pd[2], ds[2];
-      for (int x = 0; x < 2; ++x) {
-        const int64_t kk = key + x;
-        if (kk >= t.n) {
-          pd[x] = ds[x] = _mm512_setzero_ps();
-          continue;
-        }
-        const __m512 pc = exp2_nonpositive16(
-            _mm512_fmsub_ps(_mm512_loadu_ps(st + kk * kBlockM + r), vc, _mm512_loadu_ps(lse2 + r)));
-        __m512 dp = _mm512_loadu_ps(dpt + kk * kBlockM + r);
-        pd[x] = pc;
-        if (dropout) {
-          __mmask16 keep = 0;
-          for (int lane = 0; lane < 16 && r + lane < t.m; ++lane)
-            if (dropout_keep(p.seed, t.bi, t.h, t.i0 + r + lane, t.j0 + kk, p.hq, p.lq, p.lk, p.dropout_p))
-              keep |= __mmask16(1u << lane);
-          pd[x] = _mm512_maskz_mul_ps(keep, pc, rp);
-          dp = _mm512_maskz_mul_ps(keep, dp, rp);
-        }
-        ds[x] = _mm512_mul_ps(pc, _mm512_sub_ps(dp, _mm512_loadu_ps(delta + r)));
-      }
-      for (int x = 0; x < 2; ++x) {
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(pa + (key + x) * kBlockM + r), (__m256i)_mm512_cvtneps_pbh(pd[x]));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(da + (key + x) * kBlockM + r), (__m256i)_mm512_cvtneps_pbh(ds[x]));
-      }
-      const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(ds[1], ds[0]);  // keys key, key + 1 of 16 queries
-      _mm512_storeu_si512(db + ((key / 32) * (kBlockM / 16) + r / 16) * 256 + key % 32 / 2 * 16,
-                          _mm512_permutexvar_epi16(pairs, both));
-    }
-}
-
-void bwd_amx(const AttentionBwdParams& p) {
-  constexpr float kLog2e = 1.44269504088896341f;
-  static_assert(kBlockM == kBlockN && kBlockM % 32 == 0, "square tiles of whole 32 x 32 AMX blocks: the query rows stage as key blocks do");
-  const int64_t d = p.d, dk = (d + 31) / 32 * 32, ksteps = dk / 32, dtiles = dk / 16, group = p.hq / p.hkv;
-  const int64_t lqp = ceil_div(p.lq, kBlockM) * kBlockM, lkp = ceil_div(p.lk, kBlockN) * kBlockN;
-  const int64_t nqb = lqp / kBlockM, nkb = lkp / kBlockN;
-  // The scale rides in the exp, unless an additive mask needs scaled scores (or it is negative).
-  const bool fold_scale = p.mask.kind != MaskKind::kAdditive && p.scale > 0.f;
-  const uint16_t* Q = static_cast<const uint16_t*>(p.q);
-  const uint16_t* K = static_cast<const uint16_t*>(p.k);
-  const uint16_t* V = static_cast<const uint16_t*>(p.v);
-  const uint16_t* O = static_cast<const uint16_t*>(p.o);
-  const uint16_t* DO = static_cast<const uint16_t*>(p.do_);
-#pragma omp parallel
-  {
-    amx_configure();
-    // One kv head's K and V rows, Kᵀ, and dK, dV; one query head's Qᵀ, dOᵀ, Q and dO tiles,
-    // dQᵀ, lse2, Delta; one tile's Sᵀ, dPᵀ and bf16 Pdᵀ, dSᵀ (rows and tiles).
-    std::vector<uint16_t> k_rows(lkp * dk), v_rows(lkp * dk), kt_rows(dk * lkp);
-    std::vector<float> dk_acc(lkp * dk), dv_acc(lkp * dk), dq_t(dk * lqp), dq_rows(kBlockM * dk);
-    std::vector<uint32_t> qt_tiles(lqp * dk / 2), gt_tiles(lqp * dk / 2), q_tiles(lqp * dk / 2), g_tiles(lqp * dk / 2);
-    std::vector<float> lse2(lqp), delta(lqp), o_row(d), g_row(d), st(kBlockN * kBlockM), dpt(kBlockN * kBlockM);
-    std::vector<uint16_t> pa(kBlockN * kBlockM), da(kBlockN * kBlockM);
-    std::vector<uint32_t> db(kBlockN * kBlockM / 2);
-    const float c = (fold_scale ? p.scale : 1.f) * kLog2e;
-#pragma omp for schedule(dynamic)
-    for (int64_t task = 0; task < p.b * p.hkv; ++task) {
-      const int64_t bi = task / p.hkv, hk = task % p.hkv;
-      const uint16_t* k_head = K + bi * p.k_batch_stride + hk * p.k_head_stride;
-      const uint16_t* v_head = V + bi * p.v_batch_stride + hk * p.v_head_stride;
-      stage_rows_amx(k_head, p.k_row_stride, p.lk, lkp, d, dk, k_rows.data());
-      stage_rows_amx(v_head, p.v_row_stride, p.lk, lkp, d, dk, v_rows.data());
-      stage_transposed_amx(k_head, p.k_row_stride, p.lk, lkp, d, dk, kt_rows.data());
-      std::fill(dk_acc.begin(), dk_acc.end(), 0.f);
-      std::fill(dv_acc.begin(), dv_acc.end(), 0.f);
-      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-        const uint16_t* q_head = Q + bi * p.q_batch_stride + h * p.q_head_stride;
-        const uint16_t* o_head = O + bi * p.o_batch_stride + h * p.o_head_stride;
-        const uint16_t* g_head = DO + bi * p.do_batch_stride + h * p.do_head_stride;
-        for (int64_t i0 = 0; i0 < lqp; i0 += kBlockM) {
-          const int64_t n = std::clamp<int64_t>(p.lq - i0, 0, kBlockM);
-          stage_keys_amx(q_head + i0 * p.q_row_stride, p.q_row_stride, n, d, ksteps, qt_tiles.data() + i0 * dk / 2);
-          stage_keys_amx(g_head + i0 * p.do_row_stride, p.do_row_stride, n, d, ksteps, gt_tiles.data() + i0 * dk / 2);
-          stage_values_amx(q_head + i0 * p.q_row_stride, p.q_row_stride, n, d, dtiles, q_tiles.data() + i0 * dk / 2);
-          stage_values_amx(g_head + i0 * p.do_row_stride, p.do_row_stride, n, d, dtiles, g_tiles.data() + i0 * dk / 2);
-        }
-        const int64_t row0 = (bi * p.hq + h) * p.lq;
-        for (int64_t i = 0; i < lqp; ++i) {  // Delta_i = Σ_d dO_id O_id, in fp32 from the bf16 rows
-          float s = 0.f;
-          if (i < p.lq) {
-            convert_row(reinterpret_cast<const bf16*>(o_head + i * p.o_row_stride), d, o_row.data());
-            convert_row(reinterpret_cast<const bf16*>(g_head + i * p.do_row_stride), d, g_row.data());
-            for (int64_t e = 0; e < d; ++e) s += o_row[e] * g_row[e];
-            p.delta[row0 + i] = s;
-          }
-          delta[i] = s;
-          lse2[i] = i >= p.lq || p.lse[row0 + i] == kNegInf ? kPosInf : p.lse[row0 + i] * kLog2e;
-        }
-        std::fill(dq_t.begin(), dq_t.end(), 0.f);
-
-        for (int64_t kb = 0; kb < nkb; ++kb) {
-          TilePos t{bi, h, 0, 0, kb * kBlockN, std::min(kBlockN, p.lk - kb * kBlockN)};
-          for (int64_t qb = p.is_causal ? t.j0 / kBlockM : 0; qb < nqb; ++qb) {
-            t.i0 = qb * kBlockM;
-            t.m = std::min(kBlockM, p.lq - t.i0);
-            for (int64_t mi = 0; mi < kBlockN; mi += 32)  // Sᵀ = K Qᵀ, dPᵀ = V dOᵀ
-              for (int64_t ni = 0; ni < kBlockM; ni += 32) {
-                const auto b_of = [&](const std::vector<uint32_t>& tiles) {
-                  return [&, base = tiles.data()](int j, int64_t ks) {
-                    return base + ((t.i0 + ni) / 16 + j) * ksteps * 256 + ks * 256;
-                  };
-                };
-                amx_block<false>(
-                    ksteps, [&](int i, int64_t ks) { return k_rows.data() + (t.j0 + mi + 16 * i) * dk + 32 * ks; },
-                    dk * 2, b_of(qt_tiles), st.data() + mi * kBlockM + ni, kBlockM);
-                amx_block<false>(
-                    ksteps, [&](int i, int64_t ks) { return v_rows.data() + (t.j0 + mi + 16 * i) * dk + 32 * ks; },
-                    dk * 2, b_of(gt_tiles), dpt.data() + mi * kBlockM + ni, kBlockM);
-              }
-            if (!fold_scale)
-              for (int64_t x = 0; x < kBlockN * kBlockM; x += 16)
-                _mm512_storeu_ps(st.data() + x, _mm512_mul_ps(_mm512_loadu_ps(st.data() + x), _mm512_set1_ps(p.scale)));
-            mask_scores<bf16>(p.mask, p.is_causal, t, st.data(), kKeysByQueries);
-            bwd_amx_probs(p, t, c, lse2.data() + t.i0, delta.data() + t.i0, st.data(), dpt.data(), pa.data(),
-                          da.data(), db.data());
-            for (int64_t mi = 0; mi < kBlockN; mi += 32)  // dV += Pdᵀ dO, dK += dSᵀ Q
-              for (int64_t ei = 0; ei < dk; ei += 32) {
-                const auto b_of = [&](const std::vector<uint32_t>& tiles) {
-                  return [&, base = tiles.data()](int j, int64_t ks) {
-                    return base + ((t.i0 / 32 + ks) * dtiles + ei / 16 + j) * 256;
-                  };
-                };
-                amx_block<true>(
-                    kBlockM / 32, [&](int i, int64_t ks) { return pa.data() + (mi + 16 * i) * kBlockM + 32 * ks; },
-                    kBlockM * 2, b_of(g_tiles), dv_acc.data() + (t.j0 + mi) * dk + ei, dk);
-                amx_block<true>(
-                    kBlockM / 32, [&](int i, int64_t ks) { return da.data() + (mi + 16 * i) * kBlockM + 32 * ks; },
-                    kBlockM * 2, b_of(q_tiles), dk_acc.data() + (t.j0 + mi) * dk + ei, dk);
-              }
-            for (int64_t mi = 0; mi < dk; mi += 32)  // dQᵀ += Kᵀ dSᵀ
-              for (int64_t ni = 0; ni < kBlockM; ni += 32)
-                amx_block<true>(
-                    kBlockN / 32, [&](int i, int64_t ks) { return kt_rows.data() + (mi + 16 * i) * lkp + t.j0 + 32 * ks; },
-                    lkp * 2, [&](int j, int64_t ks) { return db.data() + (ks * (kBlockM / 16) + ni / 16 + j) * 256; },
-                    dq_t.data() + mi * lqp + t.i0 + ni, lqp);
-          }
-        }
-        uint16_t* dq_head = static_cast<uint16_t*>(p.dq) + bi * p.dq_batch_stride + h * p.dq_head_stride;
-        for (int64_t i0 = 0; i0 < p.lq; i0 += kBlockM) {  // dQ = (dQᵀ)ᵀ · scale, 16 x 16 at a time
-          for (int64_t e = 0; e < dk; e += 16)
-            for (int64_t r = 0; r < kBlockM; r += 16) {
-              __m512i x[16];
-              for (int y = 0; y < 16; ++y) x[y] = _mm512_loadu_si512(dq_t.data() + (e + y) * lqp + i0 + r);
-              transpose16x16(x);
-              for (int y = 0; y < 16; ++y) _mm512_storeu_si512(dq_rows.data() + (r + y) * dk + e, x[y]);
-            }
-          store_rows(dq_rows.data(), dk, p.scale, std::min(kBlockM, p.lq - i0), d, i0, reinterpret_cast<bf16*>(dq_head),
-                     p.dq_row_stride);
-        }
-      }
-      store_rows(dk_acc.data(), dk, p.scale, p.lk, d, 0,
-                 static_cast<bf16*>(p.dk) + bi * p.dk_batch_stride + hk * p.dk_head_stride, p.dk_row_stride);
-      store_rows(dv_acc.data(), dk, 1.f, p.lk, d, 0,
-                 static_cast<bf16*>(p.dv) + bi * p.dv_batch_stride + hk * p.dv_head_stride, p.dv_row_stride);
-    }
-    _tile_release();
-  }
-}
-#endif
 
 }  // namespace
 
