@@ -14,7 +14,7 @@ from bench.common import (DEVICE, ON_GPU, backend_of, fused_providers, grads, me
                           variant_providers)
 
 SHAPES = [(16384, 2048, 8192), (8192, 4096, 11008)] if ON_GPU else [(512, 256, 1024), (1024, 512, 2048)]
-DTYPES = [torch.bfloat16] if ON_GPU else [torch.float32]
+DTYPES = [torch.bfloat16] if ON_GPU else [torch.float32, torch.bfloat16]
 ACTIVATIONS = ["gelu", "swiglu"]
 
 

@@ -523,10 +523,10 @@ FfnDims check_ffn(const char* op, const Tensor& x, const Tensor& w1, const OptTe
 // GPU's tensor-core GEMMs).
 Tensor f32(const Tensor& t) { return t.scalar_type() == at::kFloat ? t : t.to(at::kFloat); }
 
-// out = a b (+ bias on every row) in fp32: written straight into an fp32 out (no temporary
-// and copy), rounded into a 16-bit one.
+// out = a b (+ bias on every row), written straight into out when it has a's dtype (fp32, or
+// bf16 for native_gemm: no temporary and copy); else in fp32 and rounded into 16-bit out.
 void mm_into(Tensor& out, const Tensor& a, const Tensor& b, const OptTensor& bias = std::nullopt) {
-  if (out.scalar_type() == at::kFloat) {
+  if (out.scalar_type() == a.scalar_type()) {
     if (bias) at::addmm_out(out, *bias, a, b);
     else at::mm_out(out, a, b);
   } else {
@@ -534,11 +534,17 @@ void mm_into(Tensor& out, const Tensor& a, const Tensor& b, const OptTensor& bia
   }
 }
 
-// out = the column sums of a (fp32), in place when out is fp32.
+// out = the column sums of a, summed in fp32: in place when out is fp32.
 void sum_rows_into(Tensor& out, const Tensor& a) {
-  if (out.scalar_type() == at::kFloat) at::sum_out(out, a, 0);
-  else out.copy_(a.sum(0));
+  if (out.scalar_type() == at::kFloat) at::sum_out(out, a, 0, false, at::kFloat);
+  else out.copy_(at::sum(a, 0, false, at::kFloat));
 }
+
+// Whether the CPU FFN runs ATen's GEMMs in t's dtype rather than through fp32: bf16, whose
+// GEMM oneDNN runs natively (fp32 sums, one rounding; on the AMX tile unit where the CPU has
+// it: 1.2 ms against 7.8 through fp32 at 1024 x 512 x 2048 on the dev machine, as torch's own
+// bf16 Linear). fp16 has no such kernel on CPUs without AMX-FP16 (7.4 ms either way).
+bool native_gemm(const Tensor& t) { return t.scalar_type() == at::kBFloat16; }
 
 std::tuple<Tensor, Tensor> ffn_fwd(const Tensor& x_, const Tensor& w1_, const OptTensor& b1_,
                                    const Tensor& w2_, const OptTensor& b2_, const std::string& activation,
@@ -569,12 +575,25 @@ std::tuple<Tensor, Tensor> ffn_fwd(const Tensor& x_, const Tensor& w1_, const Op
   p.pre = pre.data_ptr();
   p.hidden = hidden.data_ptr();
   if (x.is_cpu()) {
-    // (M, F1) fp32. For fp32 the GEMM writes into pre itself and the epilogue adds b1 in
-    // place (each element is read before it is written): no (M, F1) temporary.
-    Tensor acc1 = pre.scalar_type() == at::kFloat ? at::mm_out(pre, x, w1.t()) : at::mm(f32(x), f32(w1).t());
-    p.acc1 = acc1.data_ptr<float>();
+    // (M, F1) x w1ᵀ. In bf16 (native_gemm) the GEMM writes pre itself with b1 added before its
+    // one rounding (a bf16 x w1ᵀ rounded first and b1 added after would round twice, and where
+    // b1 cancels the product, flip the sign of pre: relu's gradient then picks the wrong
+    // elements, dw1 off by 1.1 against PyTorch's 0.07 at 67 x 40 x 136). Else in fp32, for
+    // fp32 straight into pre, the epilogue adding b1 in place (each element read before it is
+    // written).
+    const bool native = native_gemm(x);
+    Tensor acc1;
+    if (native)
+      mm_into(pre, x, w1.t(), b1);
+    else
+      acc1 = pre.scalar_type() == at::kFloat ? at::mm_out(pre, x, w1.t()) : at::mm(f32(x), f32(w1).t());
+    p.acc1 = native ? nullptr : acc1.data_ptr<float>();
+    p.pre_from_gemm = native;
     ff::ffn_fwd_epilogue_cpu(p);
-    mm_into(y, f32(hidden), f32(w2).t(), b2);
+    if (native)
+      mm_into(y, hidden, w2.t(), b2);
+    else
+      mm_into(y, f32(hidden), f32(w2).t(), b2);
   } else {
 #ifdef FUSEDFORMER_WITH_CUDA
     const c10::cuda::CUDAGuard guard(x.device());
@@ -633,19 +652,23 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_bwd(
   p.d_pre = d_pre.data_ptr();
   p.hidden = hidden.data_ptr();
   if (x.is_cpu()) {
-    Tensor dy32 = f32(dy);
-    // (M, F) fp32. For fp32 without swiglu (d_pre is then (M, F) too) the GEMM writes into
+    // The GEMMs in bf16 (native_gemm), else in fp32: the 16-bit operands converted once.
+    const bool native = native_gemm(x);
+    const auto op = [native](const Tensor& t) { return native ? t : f32(t); };
+    Tensor dy_op = op(dy);
+    // (M, F) dy w2. For fp32 without swiglu (d_pre is then (M, F) too) the GEMM writes into
     // d_pre and the epilogue scales it in place: no (M, F) temporary.
     const bool dpre_holds_acc = d_pre.scalar_type() == at::kFloat && f1 == d.f;
-    Tensor acc_dh = dpre_holds_acc ? at::mm_out(d_pre, dy32, w2) : at::mm(dy32, f32(w2));
-    p.acc_dh = acc_dh.data_ptr<float>();
+    Tensor acc_dh = dpre_holds_acc ? at::mm_out(d_pre, dy, w2) : at::mm(dy_op, op(w2));
+    p.acc_dh = acc_dh.data_ptr();
+    p.acc_in_dtype = native;
     ff::ffn_bwd_epilogue_cpu(p);
-    Tensor dp32 = f32(d_pre);
-    mm_into(dx, dp32, f32(w1));
-    mm_into(dw1, dp32.t(), f32(x));
-    mm_into(dw2, dy32.t(), f32(hidden));
-    if (b1_) sum_rows_into(db1, dp32);
-    if (b2_) sum_rows_into(db2, dy32);
+    Tensor dp_op = op(d_pre);
+    mm_into(dx, dp_op, op(w1));
+    mm_into(dw1, dp_op.t(), op(x));
+    mm_into(dw2, dy_op.t(), op(hidden));
+    if (b1_) sum_rows_into(db1, d_pre);
+    if (b2_) sum_rows_into(db2, dy);
   } else {
 #ifdef FUSEDFORMER_WITH_CUDA
     const c10::cuda::CUDAGuard guard(x.device());

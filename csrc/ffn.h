@@ -42,7 +42,8 @@ struct FfnFwdParams {
   void* y;               // (m, c)
   void* pre;             // (m, f1): saved for backward
   void* hidden;          // (m, f) workspace: act(pre) with dropout, the second GEMM's input
-  const float* acc1;     // CPU only: (m, f1) fp32 x w1ᵀ from ATen (the GPU computes it itself)
+  const float* acc1;     // CPU only: (m, f1) fp32 x w1ᵀ from ATen (the GPU computes it itself),
+  bool pre_from_gemm;    // or none: ATen's GEMM ran in dtype (bf16) and wrote pre, b1 added
 };
 
 struct FfnBwdParams {
@@ -63,7 +64,8 @@ struct FfnBwdParams {
   void* db2;             // (c) or nullptr
   void* d_pre;           // (m, f1) workspace
   void* hidden;          // (m, f) workspace: recomputed act(pre) with dropout
-  const float* acc_dh;   // CPU only: (m, f) fp32 dy w2 from ATen
+  const void* acc_dh;    // CPU only: (m, f) dy w2 from ATen, fp32,
+  bool acc_in_dtype;     // or in dtype where ATen's GEMM runs natively in it (bf16)
 };
 
 inline int64_t ffn_f1(FfnActivation act, int64_t f) { return act == FfnActivation::kSwiglu ? 2 * f : f; }
