@@ -12,7 +12,7 @@ import fusedformer
 from bench.common import DEVICE, ON_GPU, backend_of, fused_providers, grads, measure
 
 SHAPES = [(4, 16, 1024, 1024), (1, 16, 2048, 4096)] if ON_GPU else [(2, 8, 256, 256), (1, 4, 128, 2048)]
-DTYPES = [torch.bfloat16, torch.float32] if ON_GPU else [torch.float32]
+DTYPES = [torch.bfloat16, torch.float32]
 
 
 @pytest.mark.parametrize("provider", fused_providers("softmax") + ["torch"])
