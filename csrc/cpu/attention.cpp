@@ -619,6 +619,7 @@ void fwd_decode(const AttentionFwdParams& p) {
 // accumulator tiles (in memory) carries four k-steps of P V, not two. (Four blocks, 256 keys,
 // measured no faster, and causal wastes more on the diagonal: 1024 causal 11.4 ms.)
 constexpr int64_t kAmxN = 128;
+constexpr float kLog2e = 1.44269504088896341f;  // the AMX kernels' exps are powers of 2
 
 #if defined(FUSEDFORMER_CPU_AMX)
 
@@ -807,7 +808,6 @@ __mmask16 keep_lanes(const P& p, const TilePos& t, int64_t r, int64_t key) {
 void softmax_cols_bf16(const AttentionFwdParams& p, const TilePos& t, int64_t n32, const float* st, float scale,
                        float* m, float* l, float* alpha, uint32_t* pt) {
   using W = Wide;
-  constexpr float kLog2e = 1.44269504088896341f;
   alignas(64) static constexpr uint16_t kPairs[32] = {0, 16, 1, 17, 2,  18, 3,  19, 4,  20, 5,  21, 6,  22, 7,  23,
                                                       8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31};
   const __m512i pairs = _mm512_load_si512(kPairs);
@@ -987,7 +987,6 @@ void bwd_amx_probs(const AttentionBwdParams& p, const TilePos& t, float c, const
 }
 
 void bwd_amx(const AttentionBwdParams& p) {
-  constexpr float kLog2e = 1.44269504088896341f;
   static_assert(kBlockM == kBlockN && kBlockM % 32 == 0,
                 "square tiles of whole 32 x 32 AMX blocks (query blocks stage as key blocks do)");
   const int64_t d = p.d, dk = (d + 31) / 32 * 32, ksteps = dk / 32, dtiles = dk / 16, group = p.hq / p.hkv;
