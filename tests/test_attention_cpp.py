@@ -303,6 +303,27 @@ def test_strided_inputs_and_expanded_grads(backend, device):
         assert_close(name, g, w.grad, atol=1e-4)
 
 
+@pytest.mark.parametrize("backend,device", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_strides_change_nothing(backend, device, dtype):
+    """The same values through the strided views of test_strided_inputs_and_expanded_grads and
+    contiguous: bitwise the same output, lse and gradients (strides only move the reads; bf16
+    runs the AMX kernels on a CPU that has them, which stage their operands through strides)."""
+    require_backend("attention", backend, device)
+    b, hq, hkv, lq, lk, d = 2, 4, 2, 70, 97, 40
+    q = torch.randn(b, lq, hq, d, device=device).to(dtype).transpose(1, 2)
+    k = torch.randn(b, hkv, lk, 2 * d, device=device).to(dtype)[..., ::2]
+    v = torch.randn(lk, b, hkv, d, device=device).to(dtype).permute(1, 2, 0, 3)
+    do = torch.randn(b, lq, hq, d, device=device).to(dtype).transpose(1, 2)
+    results = []
+    for qkv, g in (((q, k, v), do), ((q.contiguous(), k.contiguous(), v.contiguous()), do.contiguous())):
+        leaves = [t.detach().requires_grad_() for t in qkv]
+        o, lse = fusedformer.attention(*leaves, is_causal=True, enable_gqa=True, return_lse=True, backend=backend)
+        results.append([o, lse, *torch.autograd.grad(o, leaves, g)])
+    for name, a, c in zip(("o", "lse", "dq", "dk", "dv"), *results):
+        assert torch.equal(a, c), name
+
+
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_bf16_without_amx(case, monkeypatch):
     """FUSEDFORMER_CPU_AMX=0 keeps bf16 on the fp32 FMA forward and backward (the path of a CPU
