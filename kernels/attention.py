@@ -202,10 +202,15 @@ def _attn_fwd_kernel(
     num_splits, stride_os, stride_ls,
     HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr, IS_CAUSAL: tl.constexpr,
     DROPOUT: tl.constexpr, DOT_FP32: tl.constexpr, RNE_BF16: tl.constexpr,
-    PRECISION: tl.constexpr, USE_TMA: tl.constexpr, SPLIT: tl.constexpr,
+    PRECISION: tl.constexpr, USE_TMA: tl.constexpr, SPLIT: tl.constexpr, PACK_GQA: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    """SPLIT (split-KV, FlashDecoding): program_id(0) = query block · num_splits + split; the
+    """PACK_GQA (decoding with GQA/MQA): program_id(2) is a kv head, and the rows of a tile are
+    the (query head of its group, query row) pairs, row r = g · LQ + i, so that the GROUP query
+    heads read each K and V tile once instead of GROUP times (and a one-row query fills a tile
+    with GROUP rows instead of one). Causal rows then share no block boundary with the keys:
+    every key block below min(LQ, LK) takes the compare.
+    SPLIT (split-KV, FlashDecoding): program_id(0) = query block · num_splits + split; the
     program runs only range `split` of its query block's key blocks (equal consecutive ranges,
     the last shorter, possibly empty) and stores that range's o in fp32 and its lse at O + split ·
     stride_os and LSE + split · stride_ls, the fp32 workspace _attn_fwd_combine_kernel merges.
@@ -223,12 +228,23 @@ def _attn_fwd_kernel(
         start_m = tl.program_id(0)
         split = 0
     off_b = tl.program_id(1).to(tl.int64)
-    off_h = tl.program_id(2).to(tl.int64)
-    off_hkv = off_h // GROUP
-    mask_base = MASK + off_b * stride_mb + off_h * stride_mh
-    bh_offset = (off_b * HQ + off_h) * LQ * LK
+    # Each row's query head and query index (offs_m), as vectors so that both row layouts
+    # share what follows; padding rows get index LQ (out of range: no mask read, no store).
+    if PACK_GQA:
+        off_hkv = tl.program_id(2).to(tl.int64)
+        rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        row_ok = rows < GROUP * LQ
+        offs_m = tl.where(row_ok, rows % LQ, LQ)  # (BLOCK_M,)
+        heads = off_hkv * GROUP + tl.minimum(rows // LQ, GROUP - 1)
+    else:
+        off_h = tl.program_id(2).to(tl.int64)
+        off_hkv = off_h // GROUP
+        offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+        row_ok = offs_m < LQ
+        heads = tl.full((BLOCK_M,), 0, tl.int64) + off_h
+    mask_base = (MASK + off_b * stride_mb + heads * stride_mh)[:, None]  # (BLOCK_M, 1)
+    bh_offset = ((off_b * HQ + heads) * LQ * LK)[:, None]
 
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     offs_d = tl.arange(0, BLOCK_D)  # (BLOCK_D,)
     d_ok = offs_d < D
     tma_b = tl.program_id(1)  # descriptor coordinates are int32
@@ -239,8 +255,8 @@ def _attn_fwd_kernel(
         k_src = K
         v_src = V
     else:
-        q = tl.load(Q + off_b * stride_qb + off_h * stride_qh + offs_m[:, None] * stride_qm
-                    + offs_d[None, :] * stride_qd, mask=(offs_m[:, None] < LQ) & d_ok[None, :],
+        q = tl.load(Q + off_b * stride_qb + heads[:, None] * stride_qh + offs_m[:, None] * stride_qm
+                    + offs_d[None, :] * stride_qd, mask=row_ok[:, None] & d_ok[None, :],
                     other=0.0)  # (BLOCK_M, BLOCK_D)
         k_src = K + off_b * stride_kb + off_hkv * stride_kh  # this (b, kv head)'s rows
         v_src = V + off_b * stride_vb + off_hkv * stride_vh
@@ -254,7 +270,10 @@ def _attn_fwd_kernel(
     # blocks [start_m * BLOCK_M, (start_m + 1) * BLOCK_M), with the compare. Blocks right of
     # the diagonal are skipped. BLOCK_M % BLOCK_N == 0 keeps the stage boundary on a block edge.
     # SPLIT: both stages clipped to the program's key range [lo_s, hi_s).
-    if IS_CAUSAL:
+    if IS_CAUSAL and PACK_GQA:
+        hi1 = 0
+        hi2 = tl.minimum(LQ, LK)
+    elif IS_CAUSAL:
         hi1 = tl.minimum(start_m * BLOCK_M, LK)
         hi2 = tl.minimum((start_m + 1) * BLOCK_M, LK)
     else:
@@ -296,19 +315,18 @@ def _attn_fwd_kernel(
     o = acc / l_safe[:, None]  # acc is 0 on empty rows, so o = 0 exactly
     lse = tl.where(empty, float("-inf"), (m_i + tl.math.log2(l_safe)) * 0.6931471805599453)
     lse_base = LSE
+    o_rows = off_b * stride_ob + heads[:, None] * stride_oh + offs_m[:, None] * stride_om
     if SPLIT:  # fp32 partials: no rounding to the input dtype until the merge
         lse_base = LSE + split.to(tl.int64) * stride_ls  # the workspace can pass 2^31 elements
-        tl.store(O + split.to(tl.int64) * stride_os + off_b * stride_ob + off_h * stride_oh
-                 + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od, o,
-                 mask=(offs_m[:, None] < LQ) & d_ok[None, :])
+        tl.store(O + split.to(tl.int64) * stride_os + o_rows + offs_d[None, :] * stride_od, o,
+                 mask=row_ok[:, None] & d_ok[None, :])
     elif USE_TMA:
         O.store([tma_b, tma_h, start_m * BLOCK_M, 0],
                 _rne(o, RNE_BF16).to(q.dtype).reshape(1, 1, BLOCK_M, BLOCK_D))
     else:
-        tl.store(O + off_b * stride_ob + off_h * stride_oh + offs_m[:, None] * stride_om
-                 + offs_d[None, :] * stride_od, _rne(o, RNE_BF16).to(O.dtype.element_ty),
-                 mask=(offs_m[:, None] < LQ) & d_ok[None, :])
-    tl.store(lse_base + (off_b * HQ + off_h) * LQ + offs_m, lse, mask=offs_m < LQ)
+        tl.store(O + o_rows + offs_d[None, :] * stride_od, _rne(o, RNE_BF16).to(O.dtype.element_ty),
+                 mask=row_ok[:, None] & d_ok[None, :])
+    tl.store(lse_base + (off_b * HQ + heads) * LQ + offs_m, lse, mask=row_ok)
 
 
 @triton.jit
@@ -832,6 +850,25 @@ def _fwd_num_splits(num_splits: int, q: Tensor, blocks: int, key_blocks: int) ->
     return num_splits_heuristic(blocks, key_blocks, workers)
 
 
+PACK_GQA_MAX_LQ = 16  # the longest query a GQA forward packs (decoding, speculative steps)
+
+
+def pack_gqa(hq: int, hkv: int, lq: int) -> bool:
+    """Whether the forward packs the query heads of a kv head into one tile's rows (the
+    kernel's PACK_GQA): GQA/MQA with at most PACK_GQA_MAX_LQ query rows, where an unpacked tile
+    would be mostly padding and each query head would read the shared K and V again; longer
+    queries fill their own tiles and keep the causal block skipping. FUSEDFORMER_TRITON_PACK_GQA=0
+    turns it off (read at each call)."""
+    return (hkv < hq and lq <= PACK_GQA_MAX_LQ
+            and os.environ.get("FUSEDFORMER_TRITON_PACK_GQA", "1") != "0")
+
+
+def _pack_gqa_config(cfg: dict, rows: int) -> dict:
+    """cfg with BLOCK_M sized to the packed rows (GROUP · LQ): 16 to 64, a power of 2 (tl.dot
+    takes at least 16 rows), 4 warps."""
+    return dict(cfg, BLOCK_M=min(64, max(16, triton.next_power_of_2(rows))), num_warps=4)
+
+
 def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale: float,
                   is_causal: bool, dropout_p: float, seed: int, num_splits: int = 0) -> tuple[Tensor, Tensor]:
     """o = softmax(q kᵀ · scale + mask) v (dropout on the probabilities), and lse.
@@ -858,12 +895,18 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale
     mask_t, mask_strides, has_mask, mask_bool = _mask_args(mask, q)
     block_d = max(16, triton.next_power_of_2(d))
     cfg = _attention_fwd_config(lq, lk, d, q.dtype)
-    splits = _fwd_num_splits(num_splits, q, b * hq * triton.cdiv(lq, cfg["BLOCK_M"]), triton.cdiv(lk, cfg["BLOCK_N"]))
+    pack = pack_gqa(hq, hkv, lq)
+    # The grid's row blocks and heads: packed, (GROUP · LQ rows, kv heads); else (LQ, HQ).
+    grid_rows, grid_heads = (hq // hkv * lq, hkv) if pack else (lq, hq)
+    if pack:
+        cfg = _pack_gqa_config(cfg, grid_rows)
+    row_blocks = triton.cdiv(grid_rows, cfg["BLOCK_M"])
+    splits = _fwd_num_splits(num_splits, q, b * grid_heads * row_blocks, triton.cdiv(lk, cfg["BLOCK_N"]))
     split = splits > 1
     # Split-KV writes fp32 partials into a (splits, B, HQ, LQ, D) workspace that
-    # _attn_fwd_combine_kernel merges into o and lse; it runs the fixed tiles of cfg (the count
-    # was chosen for them: no autotuning) through pointers (no TMA).
-    descs = None if split else _fwd_tma_descriptors(q, k, v, o)
+    # _attn_fwd_combine_kernel merges into o and lse. Split and packed launches run the fixed
+    # tiles of cfg (the count was chosen for them: no autotuning) through pointers (no TMA).
+    descs = None if split or pack else _fwd_tma_descriptors(q, k, v, o)
     q_, k_, v_, o_ = descs if descs is not None else (q, k, v, o)
     lse_ = lse
     o_strides, split_strides = o.stride(), (0, 0)
@@ -876,11 +919,11 @@ def attention_fwd(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor], scale
             float(dropout_p), triton.next_power_of_2(lq), triton.next_power_of_2(lk), splits, *split_strides)
     flags = dict(HAS_MASK=has_mask, MASK_BOOL=mask_bool, IS_CAUSAL=bool(is_causal),
                  DROPOUT=dropout_p > 0.0, BLOCK_D=block_d, USE_TMA=descs is not None, SPLIT=split,
-                 **_dot_flags(q.dtype))
+                 PACK_GQA=pack, **_dot_flags(q.dtype))
     with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
-        if split or not _autotuning(q.dtype):
+        if split or pack or not _autotuning(q.dtype):
             _set_fwd_blocks(dict(Q=q_, K=k_, V=v_, O=o_, BLOCK_D=block_d, **cfg))
-            _attn_fwd_kernel[(triton.cdiv(lq, cfg["BLOCK_M"]) * splits, b, hq)](*args, **flags, **cfg)
+            _attn_fwd_kernel[(row_blocks * splits, b, grid_heads)](*args, **flags, **cfg)
         else:
             grid = lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), b, hq)  # noqa: E731
             _fwd_kernel_autotuned()[grid](*args, **flags)

@@ -89,6 +89,10 @@ CASES = [
     Case("attn-fwd-bf16-d128-decode-split", "attention_fwd", dict(dtype=BF16, d=128, lq=1, length=1024, splits=8)),
     Case("attn-fwd-fp16-d80-boolmask-dropout-causal-split", "attention_fwd",
          dict(dtype=FP16, d=80, mask="bool", dropout_p=0.1, causal=True, splits=3)),
+    # packed GQA (decoding: the harness's 2 query heads a kv head as one tile's rows), alone
+    # (the split decoding case above packs too)
+    Case("attn-fwd-bf16-d128-floatmask-dropout-causal-decode-pack", "attention_fwd",
+         dict(dtype=BF16, d=128, mask="float", dropout_p=0.1, causal=True, lq=3, length=1024)),
     # the opt-in TMA forward (FUSEDFORMER_TRITON_TMA=1): tensor descriptors, warp-specialized
     Case("attn-fwd-bf16-d128-causal-tma", "attention_fwd",
          dict(dtype=BF16, d=128, causal=True, tma=True), configs="extremes"),
@@ -220,10 +224,11 @@ def _call_launcher(case: Case) -> None:
     dtype = a.get("dtype")
     if case.launch in ("attention_fwd", "attention_bwd"):
         b, hq, hkv, length, d = 2, 4, 2, a.get("length", 128), a["d"]  # GQA: 2 heads per kv head
-        q = torch.empty(b, hq, a.get("lq", length), d, dtype=dtype)
+        lq = a.get("lq", length)
+        q = torch.empty(b, hq, lq, d, dtype=dtype)
         k, v = (torch.empty(b, hkv, length, d, dtype=dtype) for _ in range(2))
         mask = {None: None, "bool": torch.ones(b, 1, 1, length, dtype=torch.bool),
-                "float": torch.zeros(1, 1, length, length, dtype=dtype)}[a.get("mask")]
+                "float": torch.zeros(1, 1, lq, length, dtype=dtype)}[a.get("mask")]
         common = dict(mask=mask, scale=d ** -0.5, is_causal=a.get("causal", False),
                       dropout_p=a.get("dropout_p", 0.0), seed=_seed(a))
         if case.launch == "attention_fwd":
