@@ -243,10 +243,16 @@ void drop_probs(const AttentionFwdParams& p, const TilePos& t, T* st, Layout at)
 // A column with every key so far masked keeps m = -inf, l = 0 (exp of -inf is 0 there).
 void online_softmax(const TilePos& t, float* st, float* m, float* l, float* alpha) {
   using W = Wide;
+  // Each query vector's max over the tile: one independent chain a vector (a vmaxps waits
+  // for the one before it in its chain; the columns past t.m are finite and unused).
+  constexpr int kVecs = kBlockM / W::kWidth;
+  W::V vmax[kVecs];
+  for (int x = 0; x < kVecs; ++x) vmax[x] = W::load(m + x * W::kWidth);
+  for (int64_t c = 0; c < t.n; ++c)
+    for (int x = 0; x < kVecs; ++x) vmax[x] = W::max(vmax[x], W::load(st + c * kBlockM + x * W::kWidth));
   for (int64_t r = 0; r < t.m; r += W::kWidth) {
     const W::V m_old = W::load(m + r);
-    W::V m_new = m_old;
-    for (int64_t c = 0; c < t.n; ++c) m_new = W::max(m_new, W::load(st + c * kBlockM + r));
+    const W::V m_new = vmax[r / W::kWidth];
     const W::V m_use = m_new == kNegInf ? W::V{} : m_new;  // keeps -inf - -inf out
     W::V sum{};
     for (int64_t c = 0; c < t.n; ++c) {
@@ -813,10 +819,14 @@ void softmax_cols_bf16(const AttentionFwdParams& p, const TilePos& t, int64_t n3
   const __m512i pairs = _mm512_load_si512(kPairs);
   const W::V c = W::splat(scale * kLog2e);
   const bool dropout = p.dropout_p > 0.f;
+  // Each query vector's max over the tile's keys, as online_softmax's: independent chains.
+  constexpr int kVecs = kBlockM / W::kWidth;
+  W::V vmax[kVecs];
+  for (auto& x : vmax) x = W::splat(kNegInf);
+  for (int64_t key = 0; key < t.n; ++key)
+    for (int x = 0; x < kVecs; ++x) vmax[x] = W::max(vmax[x], W::load(st + key * kBlockM + x * W::kWidth));
   for (int64_t r = 0; r < kBlockM; r += W::kWidth) {
-    W::V vmax = W::splat(kNegInf);
-    for (int64_t key = 0; key < t.n; ++key) vmax = W::max(vmax, W::load(st + key * kBlockM + r));
-    const W::V m_old = W::load(m + r), m_new = W::max(m_old, vmax * W::splat(scale));
+    const W::V m_old = W::load(m + r), m_new = W::max(m_old, vmax[r / W::kWidth] * W::splat(scale));
     const W::V m_use = m_new == kNegInf ? W::V{} : m_new;  // keeps -inf - -inf out
     const W::V m2 = m_use * W::splat(kLog2e);
     W::V sum{};
