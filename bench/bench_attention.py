@@ -21,7 +21,7 @@ if ON_GPU:  # the issue's target grid: bf16, D = 128, H * D = 2048, B * T = 16k
     DTYPES = [torch.bfloat16]
     PEERS = ["sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "flex"]
 else:
-    SHAPES = [(1, 8, 512, 64), (2, 4, 1024, 64)]
+    SHAPES = [(1, 8, 512, 64), (2, 4, 1024, 64), (1, 16, 1024, 128)]  # the last: a Llama head dim
     DTYPES = [torch.float32, torch.bfloat16]
     PEERS = ["sdpa", "flex"]
 
