@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from .models import GPT as FusedGPT
 from .reference import GPT
 
 
@@ -74,3 +75,19 @@ def train_gpt_on_stdlib(steps: int = 300, batch_size: int = 16, lr: float = 3e-3
         val_loss = model(x, y)[1].item()
     print(f"val loss {val_loss:.3f} after {steps} steps")
     return losses
+
+
+def train_fused_and_reference(steps: int = 300, seed: int = 0, backend: str | None = None,
+                              log_every: int = 25) -> tuple[list[float], list[float]]:
+    """gpt-tiny trained twice from one initialization on one batch stream: first
+    fusedformer.models.GPT on `backend` (None: the best one available), then the plain-PyTorch
+    reference; prints both runs and returns (fused losses, reference losses)."""
+    torch.manual_seed(seed)
+    reference = GPT.from_preset("gpt-tiny")
+    fused = FusedGPT.from_preset("gpt-tiny", backend=backend)
+    fused.load_state_dict(reference.state_dict())
+    print(f"-- fused ops (backend {backend or 'auto'}) --")
+    fused_losses = train_gpt_on_stdlib(steps, seed=seed, log_every=log_every, model=fused)
+    print("-- plain-PyTorch reference, same initialization and batches --")
+    reference_losses = train_gpt_on_stdlib(steps, seed=seed, log_every=log_every, model=reference)
+    return fused_losses, reference_losses
