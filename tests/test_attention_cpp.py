@@ -334,6 +334,64 @@ def test_bf16_without_amx(case, monkeypatch):
     test_rule("cpu", "cpu", torch.bfloat16, case)
 
 
+# (B, HQ, HKV, LQ, LK, D, causal, mask, scale): head dims the rule cases skip (200, 256, 33),
+# one key, key counts around the AMX tiles (127, 128, 129), negative and small scales.
+AMX_CASES = [
+    (1, 2, 1, 65, 1, 256, False, None, None),
+    (2, 4, 2, 129, 128, 200, True, "bool", None),
+    (1, 3, 1, 64, 129, 33, False, "float", -0.3),
+    (1, 2, 2, 5, 127, 128, True, None, 0.05),
+]
+
+
+@pytest.mark.parametrize("case", AMX_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_amx_within_twice_the_fma_error(case, monkeypatch):
+    """bf16 on AMX (fwd_amx, bwd_amx: bf16 P and dS) against the fp32 FMA kernels on the same
+    inputs: o, lse and every gradient within 2x the FMA path's error vs float64 plus 1e-4, and
+    finite exactly where the oracle is (a 66-case random sweep of shapes, masks and scales met
+    this bound everywhere). The floor is for one key: there the FMA path's dq and dk are exactly
+    0 and AMX's 1.6e-6 and 3.7e-6 (its P is 2^x to 8e-8, not exactly 1). Both paths are the FMA
+    one on a CPU without AMX."""
+    require_backend("attention", "cpu", "cpu")
+    from fusedformer.kernels.dispatch import extension
+
+    if "amx" not in extension()[0].build_info()["cpu_isa"]:
+        pytest.skip("built without AMX: both paths are the FMA kernels")
+    b, hq, hkv, lq, lk, d, causal, kind, scale = case
+    torch.manual_seed(lq + lk + d)
+    q = torch.randn(b, hq, lq, d).bfloat16()
+    k, v = (torch.randn(b, hkv, lk, d).bfloat16() for _ in range(2))
+    mask = {None: None, "bool": torch.rand(b, 1, lq, lk) > 0.3,
+            "float": torch.randn(1, hq, lq, lk).bfloat16()}[kind]
+    if kind == "bool":
+        mask[..., 0] = True
+    do = torch.randn(b, hq, lq, d).bfloat16()
+
+    def outputs(amx: str, dtype=torch.bfloat16):
+        monkeypatch.setenv("FUSEDFORMER_CPU_AMX", amx)
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        m = mask.to(dtype) if mask is not None and mask.is_floating_point() else mask
+        if dtype == torch.float64:
+            o, lse = reference.attention_ref(*leaves, m, 0.0, causal, scale, True, return_lse=True)
+        else:
+            o, lse = fusedformer.attention(*leaves, m, is_causal=causal, scale=scale, enable_gqa=True,
+                                           return_lse=True, backend="cpu")
+        return [o, lse, *torch.autograd.grad(o, leaves, do.to(dtype))]
+
+    failed = []
+    for name, amx, fma, truth in zip(("o", "lse", "dq", "dk", "dv"), outputs("1"), outputs("0"),
+                                     outputs("1", torch.float64)):
+        live = torch.isfinite(truth)
+        if not torch.equal(torch.isfinite(amx), live):
+            failed.append(f"{name}: finite elsewhere than the oracle")
+            continue
+        err_amx = (amx.double() - truth)[live].abs().max().item()
+        err_fma = (fma.double() - truth)[live].abs().max().item()
+        if err_amx > 2 * err_fma + 1e-4:
+            failed.append(f"{name}: AMX {err_amx:.3g} > 2 x FMA {err_fma:.3g} + 1e-4")
+    assert not failed, "; ".join(failed)
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("lq", [70, 3])  # the 16-bit forwards: bf16 on AMX where the CPU has it; decoding
