@@ -874,9 +874,9 @@ void fwd_amx(const AttentionFwdParams& p) {
     const int64_t bh = task / (lkp / kBlockN), j0 = task % (lkp / kBlockN) * kBlockN;
     const int64_t bi = bh / p.hkv, hk = bh % p.hkv, n = std::clamp<int64_t>(p.lk - j0, 0, kBlockN);
     stage_a_rows(K + bi * p.k_batch_stride + hk * p.k_head_stride + j0 * p.k_row_stride, p.k_row_stride, n,
-                   kBlockN, d, dk, k_rows.get() + bh * head_elems + j0 * dk);
+                 kBlockN, d, dk, k_rows.get() + bh * head_elems + j0 * dk);
     stage_at_rows(V + bi * p.v_batch_stride + hk * p.v_head_stride + j0 * p.v_row_stride, p.v_row_stride, n,
-                         kBlockN, d, dk, vt_rows.get() + bh * head_elems + j0, lkp);
+                  kBlockN, d, dk, vt_rows.get() + bh * head_elems + j0, lkp);
   }
 #pragma omp parallel
   {
