@@ -392,6 +392,28 @@ def test_amx_within_twice_the_fma_error(case, monkeypatch):
     assert not failed, "; ".join(failed)
 
 
+@pytest.mark.parametrize("case", [(1, 4, 1, 100, 130, 64, True), (2, 2, 2, 65, 200, 40, False),
+                                  (1, 3, 1, 5, 70, 128, False)], ids=lambda c: "-".join(map(str, c)))
+def test_bf16_backward_schedules_agree(case, monkeypatch):
+    """The bf16 backward's two schedules (FUSEDFORMER_CPU_BWD_SPLIT: one task per (batch, kv
+    head), or the split dK/dV and dQ passes for small grids) add every tile's products in the
+    same order: bitwise the same gradients, under the rule by test_rule either way."""
+    require_backend("attention", "cpu", "cpu")
+    b, hq, hkv, lq, lk, d, causal = case
+    torch.manual_seed(lq + lk)
+    q = torch.randn(b, hq, lq, d).bfloat16()
+    k, v = (torch.randn(b, hkv, lk, d).bfloat16() for _ in range(2))
+    do = torch.randn(b, hq, lq, d).bfloat16()
+    grads = []
+    for split in ("0", "1"):
+        monkeypatch.setenv("FUSEDFORMER_CPU_BWD_SPLIT", split)
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+        o = fusedformer.attention(*leaves, is_causal=causal, enable_gqa=True, backend="cpu")
+        grads.append(torch.autograd.grad(o, leaves, do))
+    for name, fused, split in zip(("dq", "dk", "dv"), *grads):
+        assert torch.equal(fused, split), name
+
+
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("lq", [70, 3])  # the 16-bit forwards: bf16 on AMX where the CPU has it; decoding

@@ -940,8 +940,10 @@ void fwd_amx(const AttentionFwdParams& p) {
 // ---- the bf16 backward on AMX
 //
 // bwd's loop (per (batch, kv head) task: each query head of the group, each (key block, query
-// block) tile, dK, dV and dQ summed in the task) with its five products on the tile unit, in
-// the GPU kernels' precision: bf16 operands, fp32 sums. Every tile is keys by queries, so the
+// block) tile, dK, dV and dQ summed in the task: bwd_amx_fused) with its five products on the
+// tile unit, in the GPU kernels' precision: bf16 operands, fp32 sums; for grids with fewer
+// (batch, kv head) pairs than threads, the GPU kernels' split into a dK/dV and a dQ pass
+// (bwd_amx_split), which sums every tile in the same order (bitwise the same gradients). Every tile is keys by queries, so the
 // per-query lse and Delta are vectors and each product's operands are staged once per call:
 //   Sᵀ  = K Qᵀ        A: K rows             B: Qᵀ tiles (Q rows transposed by pairs of d)
 //   dPᵀ = V dOᵀ       A: V rows             B: dOᵀ tiles
@@ -996,128 +998,263 @@ void bwd_amx_probs(const AttentionBwdParams& p, const TilePos& t, float c, const
     }
 }
 
-void bwd_amx(const AttentionBwdParams& p) {
-  static_assert(kBlockM == kBlockN && kBlockM % 32 == 0,
-                "square tiles of whole 32 x 32 AMX blocks (query blocks stage as key blocks do)");
-  const int64_t d = p.d, dk = (d + 31) / 32 * 32, ksteps = dk / 32, dtiles = dk / 16, group = p.hq / p.hkv;
-  const int64_t lqp = ceil_div(p.lq, kBlockM) * kBlockM, lkp = ceil_div(p.lk, kBlockN) * kBlockN;
-  const int64_t nqb = lqp / kBlockM, nkb = lkp / kBlockN;
-  // The scale rides in the exp, unless an additive mask needs scaled scores (or it is negative).
-  const bool fold_scale = p.mask.kind != MaskKind::kAdditive && p.scale > 0.f;
-  const uint16_t* Q = static_cast<const uint16_t*>(p.q);
-  const uint16_t* K = static_cast<const uint16_t*>(p.k);
-  const uint16_t* V = static_cast<const uint16_t*>(p.v);
-  const uint16_t* O = static_cast<const uint16_t*>(p.o);
-  const uint16_t* DO = static_cast<const uint16_t*>(p.do_);
+// The staged operands bwd_amx's tiles read, for one (batch, kv head) and one query head of it:
+// K and V rows and Kᵀ (lkp keys, dk), the query head's Qᵀ, dOᵀ, Q and dO tiles (lqp queries)
+// and its rows' lse · log2 e (+inf where absent or fully masked) and Delta.
+struct AmxBwdHead {
+  const uint16_t *k_rows, *v_rows, *kt_rows;
+  const uint32_t *qt_tiles, *gt_tiles, *q_tiles, *g_tiles;
+  const float *lse2, *delta;
+};
+
+// Sizes of bwd_amx's staged operands: dk (D rounded up to a k-step), ksteps of 32 and dtiles
+// of 16 columns of it, the lengths rounded up to whole tiles, and the softmax exponent's
+// multiplier c (see bwd_amx_probs).
+struct AmxBwdDims {
+  int64_t dk, ksteps, dtiles, lqp, lkp;
+  bool fold_scale;
+  float c;
+  explicit AmxBwdDims(const AttentionBwdParams& p)
+      : dk((p.d + 31) / 32 * 32), ksteps(dk / 32), dtiles(dk / 16), lqp(ceil_div(p.lq, kBlockM) * kBlockM),
+        lkp(ceil_div(p.lk, kBlockN) * kBlockN),
+        // The scale rides in the exp, unless an additive mask needs scaled scores (or it is negative).
+        fold_scale(p.mask.kind != MaskKind::kAdditive && p.scale > 0.f),
+        c((fold_scale ? p.scale : 1.f) * kLog2e) {}
+};
+
+// One tile's Sᵀ = K Qᵀ and dPᵀ = V dOᵀ into st and dpt, then its mask and bwd_amx_probs: pa, da
+// and db hold the tile's Pdᵀ and dSᵀ in bf16 for the products that follow.
+void bwd_amx_tile(const AttentionBwdParams& p, const TilePos& t, const AmxBwdDims& z, const AmxBwdHead& hd,
+                  float* st, float* dpt, uint16_t* pa, uint16_t* da, uint32_t* db) {
+  for (int64_t mi = 0; mi < kBlockN; mi += 32)
+    for (int64_t ni = 0; ni < kBlockM; ni += 32) {
+      const auto b_of = [&](const uint32_t* tiles) {
+        return [&, tiles](int j, int64_t ks) { return tiles + (((t.i0 + ni) / 16 + j) * z.ksteps + ks) * 256; };
+      };
+      amx_block<false>(
+          z.ksteps, [&](int i, int64_t ks) { return hd.k_rows + (t.j0 + mi + 16 * i) * z.dk + 32 * ks; }, z.dk * 2,
+          b_of(hd.qt_tiles), st + mi * kBlockM + ni, kBlockM);
+      amx_block<false>(
+          z.ksteps, [&](int i, int64_t ks) { return hd.v_rows + (t.j0 + mi + 16 * i) * z.dk + 32 * ks; }, z.dk * 2,
+          b_of(hd.gt_tiles), dpt + mi * kBlockM + ni, kBlockM);
+    }
+  if (!z.fold_scale)
+    for (int64_t x = 0; x < kBlockN * kBlockM; x += 16)
+      _mm512_storeu_ps(st + x, _mm512_mul_ps(_mm512_loadu_ps(st + x), _mm512_set1_ps(p.scale)));
+  mask_scores<bf16>(p.mask, p.is_causal, t, st, kKeysByQueries);
+  bwd_amx_probs(p, t, z.c, hd.lse2 + t.i0, hd.delta + t.i0, st, dpt, pa, da, db);
+}
+
+// dV (+)= Pdᵀ dO and dK (+)= dSᵀ Q for a tile's kBlockN keys: dv, dk point at the tile's first
+// key row (dk floats a row).
+void bwd_amx_dkdv(const TilePos& t, const AmxBwdDims& z, const AmxBwdHead& hd, const uint16_t* pa, const uint16_t* da,
+                  float* dv, float* dk) {
+  for (int64_t mi = 0; mi < kBlockN; mi += 32)
+    for (int64_t ei = 0; ei < z.dk; ei += 32) {
+      const auto b_of = [&](const uint32_t* tiles) {
+        return [&, tiles](int j, int64_t ks) { return tiles + ((t.i0 / 32 + ks) * z.dtiles + ei / 16 + j) * 256; };
+      };
+      amx_block<true>(
+          kBlockM / 32, [&](int i, int64_t ks) { return pa + (mi + 16 * i) * kBlockM + 32 * ks; }, kBlockM * 2,
+          b_of(hd.g_tiles), dv + mi * z.dk + ei, z.dk);
+      amx_block<true>(
+          kBlockM / 32, [&](int i, int64_t ks) { return da + (mi + 16 * i) * kBlockM + 32 * ks; }, kBlockM * 2,
+          b_of(hd.q_tiles), dk + mi * z.dk + ei, z.dk);
+    }
+}
+
+// dQᵀ (+)= Kᵀ dSᵀ for a tile's kBlockM queries: dq_t points at the tile's first query column
+// (ld floats a row of D).
+void bwd_amx_dq(const TilePos& t, const AmxBwdDims& z, const AmxBwdHead& hd, const uint32_t* db, float* dq_t,
+                int64_t ld) {
+  for (int64_t mi = 0; mi < z.dk; mi += 32)
+    for (int64_t ni = 0; ni < kBlockM; ni += 32)
+      amx_block<true>(
+          kBlockN / 32, [&](int i, int64_t ks) { return hd.kt_rows + (mi + 16 * i) * z.lkp + t.j0 + 32 * ks; },
+          z.lkp * 2, [&](int j, int64_t ks) { return db + (ks * (kBlockM / 16) + ni / 16 + j) * 256; },
+          dq_t + mi * ld + ni, ld);
+}
+
+// Stages the query-side operands of head h of batch bi (rows of q_head, o_head, g_head) into
+// hd's buffers: Qᵀ, dOᵀ, Q, dO tiles, and lse2, Delta (Delta also into p.delta).
+void bwd_amx_stage_queries(const AttentionBwdParams& p, const AmxBwdDims& z, int64_t bi, int64_t h, uint32_t* qt,
+                           uint32_t* gt, uint32_t* q, uint32_t* g, float* lse2, float* delta) {
+  const uint16_t* q_head = static_cast<const uint16_t*>(p.q) + bi * p.q_batch_stride + h * p.q_head_stride;
+  const uint16_t* o_head = static_cast<const uint16_t*>(p.o) + bi * p.o_batch_stride + h * p.o_head_stride;
+  const uint16_t* g_head = static_cast<const uint16_t*>(p.do_) + bi * p.do_batch_stride + h * p.do_head_stride;
+  for (int64_t i0 = 0; i0 < z.lqp; i0 += kBlockM) {
+    const int64_t n = std::clamp<int64_t>(p.lq - i0, 0, kBlockM), at = i0 * z.dk / 2;
+    stage_bt_tiles(q_head + i0 * p.q_row_stride, p.q_row_stride, n, p.d, z.ksteps, qt + at);
+    stage_bt_tiles(g_head + i0 * p.do_row_stride, p.do_row_stride, n, p.d, z.ksteps, gt + at);
+    stage_b_tiles(q_head + i0 * p.q_row_stride, p.q_row_stride, n, p.d, z.dtiles, q + at);
+    stage_b_tiles(g_head + i0 * p.do_row_stride, p.do_row_stride, n, p.d, z.dtiles, g + at);
+  }
+  const int64_t row0 = (bi * p.hq + h) * p.lq;
+  std::vector<float> o_row(p.d), g_row(p.d);
+  for (int64_t i = 0; i < z.lqp; ++i) {  // Delta_i = Σ_d dO_id O_id, in fp32 from the bf16 rows
+    float s = 0.f;
+    if (i < p.lq) {
+      convert_row(reinterpret_cast<const bf16*>(o_head + i * p.o_row_stride), p.d, o_row.data());
+      convert_row(reinterpret_cast<const bf16*>(g_head + i * p.do_row_stride), p.d, g_row.data());
+      for (int64_t e = 0; e < p.d; ++e) s += o_row[e] * g_row[e];
+      p.delta[row0 + i] = s;
+    }
+    delta[i] = s;
+    lse2[i] = i >= p.lq || p.lse[row0 + i] == kNegInf ? kPosInf : p.lse[row0 + i] * kLog2e;
+  }
+}
+
+// Stages the key-side operands of kv head hk of batch bi: K and V rows and Kᵀ.
+void bwd_amx_stage_keys(const AttentionBwdParams& p, const AmxBwdDims& z, int64_t bi, int64_t hk, uint16_t* k_rows,
+                        uint16_t* v_rows, uint16_t* kt_rows) {
+  const uint16_t* k_head = static_cast<const uint16_t*>(p.k) + bi * p.k_batch_stride + hk * p.k_head_stride;
+  const uint16_t* v_head = static_cast<const uint16_t*>(p.v) + bi * p.v_batch_stride + hk * p.v_head_stride;
+  stage_a_rows(k_head, p.k_row_stride, p.lk, z.lkp, p.d, z.dk, k_rows);
+  stage_a_rows(v_head, p.v_row_stride, p.lk, z.lkp, p.d, z.dk, v_rows);
+  stage_at_rows(k_head, p.k_row_stride, p.lk, z.lkp, p.d, z.dk, kt_rows, z.lkp);
+}
+
+// One task per (batch, kv head), as bwd: each query head of the group, each (key block, query
+// block) tile adding to dK, dV and dQ in the task. Five products a tile; B · HKV tasks.
+void bwd_amx_fused(const AttentionBwdParams& p) {
+  const AmxBwdDims z(p);
+  const int64_t group = p.hq / p.hkv, nqb = z.lqp / kBlockM, nkb = z.lkp / kBlockN;
 #pragma omp parallel
   {
     amx_configure();
     // One kv head's K and V rows, Kᵀ, and dK, dV; one query head's Qᵀ, dOᵀ, Q and dO tiles,
     // dQᵀ, lse2, Delta; one tile's Sᵀ, dPᵀ and bf16 Pdᵀ, dSᵀ (rows and tiles).
-    std::vector<uint16_t> k_rows(lkp * dk), v_rows(lkp * dk), kt_rows(dk * lkp);
-    std::vector<float> dk_acc(lkp * dk), dv_acc(lkp * dk), dq_t(dk * lqp), dq_rows(kBlockM * dk);
-    std::vector<uint32_t> qt_tiles(lqp * dk / 2), gt_tiles(lqp * dk / 2), q_tiles(lqp * dk / 2), g_tiles(lqp * dk / 2);
-    std::vector<float> lse2(lqp), delta(lqp), o_row(d), g_row(d), st(kBlockN * kBlockM), dpt(kBlockN * kBlockM);
+    std::vector<uint16_t> k_rows(z.lkp * z.dk), v_rows(z.lkp * z.dk), kt_rows(z.dk * z.lkp);
+    std::vector<float> dk_acc(z.lkp * z.dk), dv_acc(z.lkp * z.dk), dq_t(z.dk * z.lqp), dq_rows(kBlockM * z.dk);
+    std::vector<uint32_t> qt(z.lqp * z.dk / 2), gt(qt.size()), q(qt.size()), g(qt.size());
+    std::vector<float> lse2(z.lqp), delta(z.lqp), st(kBlockN * kBlockM), dpt(kBlockN * kBlockM);
     std::vector<uint16_t> pa(kBlockN * kBlockM), da(kBlockN * kBlockM);
     std::vector<uint32_t> db(kBlockN * kBlockM / 2);
-    const float c = (fold_scale ? p.scale : 1.f) * kLog2e;
+    const AmxBwdHead hd{k_rows.data(), v_rows.data(), kt_rows.data(), qt.data(), gt.data(), q.data(), g.data(),
+                        lse2.data(), delta.data()};
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < p.b * p.hkv; ++task) {
       const int64_t bi = task / p.hkv, hk = task % p.hkv;
-      const uint16_t* k_head = K + bi * p.k_batch_stride + hk * p.k_head_stride;
-      const uint16_t* v_head = V + bi * p.v_batch_stride + hk * p.v_head_stride;
-      stage_a_rows(k_head, p.k_row_stride, p.lk, lkp, d, dk, k_rows.data());
-      stage_a_rows(v_head, p.v_row_stride, p.lk, lkp, d, dk, v_rows.data());
-      stage_at_rows(k_head, p.k_row_stride, p.lk, lkp, d, dk, kt_rows.data(), lkp);
+      bwd_amx_stage_keys(p, z, bi, hk, k_rows.data(), v_rows.data(), kt_rows.data());
       std::fill(dk_acc.begin(), dk_acc.end(), 0.f);
       std::fill(dv_acc.begin(), dv_acc.end(), 0.f);
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-        const uint16_t* q_head = Q + bi * p.q_batch_stride + h * p.q_head_stride;
-        const uint16_t* o_head = O + bi * p.o_batch_stride + h * p.o_head_stride;
-        const uint16_t* g_head = DO + bi * p.do_batch_stride + h * p.do_head_stride;
-        for (int64_t i0 = 0; i0 < lqp; i0 += kBlockM) {
-          const int64_t n = std::clamp<int64_t>(p.lq - i0, 0, kBlockM);
-          stage_bt_tiles(q_head + i0 * p.q_row_stride, p.q_row_stride, n, d, ksteps, qt_tiles.data() + i0 * dk / 2);
-          stage_bt_tiles(g_head + i0 * p.do_row_stride, p.do_row_stride, n, d, ksteps, gt_tiles.data() + i0 * dk / 2);
-          stage_b_tiles(q_head + i0 * p.q_row_stride, p.q_row_stride, n, d, dtiles, q_tiles.data() + i0 * dk / 2);
-          stage_b_tiles(g_head + i0 * p.do_row_stride, p.do_row_stride, n, d, dtiles, g_tiles.data() + i0 * dk / 2);
-        }
-        const int64_t row0 = (bi * p.hq + h) * p.lq;
-        for (int64_t i = 0; i < lqp; ++i) {  // Delta_i = Σ_d dO_id O_id, in fp32 from the bf16 rows
-          float s = 0.f;
-          if (i < p.lq) {
-            convert_row(reinterpret_cast<const bf16*>(o_head + i * p.o_row_stride), d, o_row.data());
-            convert_row(reinterpret_cast<const bf16*>(g_head + i * p.do_row_stride), d, g_row.data());
-            for (int64_t e = 0; e < d; ++e) s += o_row[e] * g_row[e];
-            p.delta[row0 + i] = s;
-          }
-          delta[i] = s;
-          lse2[i] = i >= p.lq || p.lse[row0 + i] == kNegInf ? kPosInf : p.lse[row0 + i] * kLog2e;
-        }
+        bwd_amx_stage_queries(p, z, bi, h, qt.data(), gt.data(), q.data(), g.data(), lse2.data(), delta.data());
         std::fill(dq_t.begin(), dq_t.end(), 0.f);
-
         for (int64_t kb = 0; kb < nkb; ++kb) {
           TilePos t{bi, h, 0, 0, kb * kBlockN, std::min(kBlockN, p.lk - kb * kBlockN)};
           for (int64_t qb = p.is_causal ? t.j0 / kBlockM : 0; qb < nqb; ++qb) {
             t.i0 = qb * kBlockM;
             t.m = std::min(kBlockM, p.lq - t.i0);
-            for (int64_t mi = 0; mi < kBlockN; mi += 32)  // Sᵀ = K Qᵀ, dPᵀ = V dOᵀ
-              for (int64_t ni = 0; ni < kBlockM; ni += 32) {
-                const auto b_of = [&](const std::vector<uint32_t>& tiles) {
-                  return [&, base = tiles.data()](int j, int64_t ks) {
-                    return base + ((t.i0 + ni) / 16 + j) * ksteps * 256 + ks * 256;
-                  };
-                };
-                amx_block<false>(
-                    ksteps, [&](int i, int64_t ks) { return k_rows.data() + (t.j0 + mi + 16 * i) * dk + 32 * ks; },
-                    dk * 2, b_of(qt_tiles), st.data() + mi * kBlockM + ni, kBlockM);
-                amx_block<false>(
-                    ksteps, [&](int i, int64_t ks) { return v_rows.data() + (t.j0 + mi + 16 * i) * dk + 32 * ks; },
-                    dk * 2, b_of(gt_tiles), dpt.data() + mi * kBlockM + ni, kBlockM);
-              }
-            if (!fold_scale)
-              for (int64_t x = 0; x < kBlockN * kBlockM; x += 16)
-                _mm512_storeu_ps(st.data() + x, _mm512_mul_ps(_mm512_loadu_ps(st.data() + x), _mm512_set1_ps(p.scale)));
-            mask_scores<bf16>(p.mask, p.is_causal, t, st.data(), kKeysByQueries);
-            bwd_amx_probs(p, t, c, lse2.data() + t.i0, delta.data() + t.i0, st.data(), dpt.data(), pa.data(),
-                          da.data(), db.data());
-            for (int64_t mi = 0; mi < kBlockN; mi += 32)  // dV += Pdᵀ dO, dK += dSᵀ Q
-              for (int64_t ei = 0; ei < dk; ei += 32) {
-                const auto b_of = [&](const std::vector<uint32_t>& tiles) {
-                  return [&, base = tiles.data()](int j, int64_t ks) {
-                    return base + ((t.i0 / 32 + ks) * dtiles + ei / 16 + j) * 256;
-                  };
-                };
-                amx_block<true>(
-                    kBlockM / 32, [&](int i, int64_t ks) { return pa.data() + (mi + 16 * i) * kBlockM + 32 * ks; },
-                    kBlockM * 2, b_of(g_tiles), dv_acc.data() + (t.j0 + mi) * dk + ei, dk);
-                amx_block<true>(
-                    kBlockM / 32, [&](int i, int64_t ks) { return da.data() + (mi + 16 * i) * kBlockM + 32 * ks; },
-                    kBlockM * 2, b_of(q_tiles), dk_acc.data() + (t.j0 + mi) * dk + ei, dk);
-              }
-            for (int64_t mi = 0; mi < dk; mi += 32)  // dQᵀ += Kᵀ dSᵀ
-              for (int64_t ni = 0; ni < kBlockM; ni += 32)
-                amx_block<true>(
-                    kBlockN / 32,
-                    [&](int i, int64_t ks) { return kt_rows.data() + (mi + 16 * i) * lkp + t.j0 + 32 * ks; },
-                    lkp * 2, [&](int j, int64_t ks) { return db.data() + (ks * (kBlockM / 16) + ni / 16 + j) * 256; },
-                    dq_t.data() + mi * lqp + t.i0 + ni, lqp);
+            bwd_amx_tile(p, t, z, hd, st.data(), dpt.data(), pa.data(), da.data(), db.data());
+            bwd_amx_dkdv(t, z, hd, pa.data(), da.data(), dv_acc.data() + t.j0 * z.dk, dk_acc.data() + t.j0 * z.dk);
+            bwd_amx_dq(t, z, hd, db.data(), dq_t.data() + t.i0, z.lqp);
           }
         }
-        uint16_t* dq_head = static_cast<uint16_t*>(p.dq) + bi * p.dq_batch_stride + h * p.dq_head_stride;
+        bf16* dq_head = static_cast<bf16*>(p.dq) + bi * p.dq_batch_stride + h * p.dq_head_stride;
         for (int64_t i0 = 0; i0 < p.lq; i0 += kBlockM) {  // dQ = (dQᵀ)ᵀ · scale
-          transpose_tile(dq_t.data() + i0, lqp, dk, kBlockM, dq_rows.data(), dk);
-          store_rows(dq_rows.data(), dk, p.scale, std::min(kBlockM, p.lq - i0), d, i0, reinterpret_cast<bf16*>(dq_head),
-                     p.dq_row_stride);
+          transpose_tile(dq_t.data() + i0, z.lqp, z.dk, kBlockM, dq_rows.data(), z.dk);
+          store_rows(dq_rows.data(), z.dk, p.scale, std::min(kBlockM, p.lq - i0), p.d, i0, dq_head, p.dq_row_stride);
         }
       }
-      store_rows(dk_acc.data(), dk, p.scale, p.lk, d, 0,
+      store_rows(dk_acc.data(), z.dk, p.scale, p.lk, p.d, 0,
                  static_cast<bf16*>(p.dk) + bi * p.dk_batch_stride + hk * p.dk_head_stride, p.dk_row_stride);
-      store_rows(dv_acc.data(), dk, 1.f, p.lk, d, 0,
+      store_rows(dv_acc.data(), z.dk, 1.f, p.lk, p.d, 0,
                  static_cast<bf16*>(p.dv) + bi * p.dv_batch_stride + hk * p.dv_head_stride, p.dv_row_stride);
     }
     _tile_release();
   }
+}
+
+// For grids too small for the threads (B · HKV below them: MQA at batch 1, say), the GPU
+// kernels' split: every operand staged once per call, then a dK, dV pass with one task per
+// (batch, kv head, key block) and a dQ pass with one per (batch, query head, query block).
+// Both recompute a tile's Sᵀ, dPᵀ and P: seven products a tile instead of five, for
+// B · HKV · LK / kBlockN and B · HQ · LQ / kBlockM tasks instead of B · HKV.
+void bwd_amx_split(const AttentionBwdParams& p) {
+  const AmxBwdDims z(p);
+  const int64_t group = p.hq / p.hkv, nqb = z.lqp / kBlockM, nkb = z.lkp / kBlockN;
+  const size_t kv_elems = size_t(z.lkp * z.dk), q_elems = size_t(z.lqp * z.dk / 2);
+  std::vector<uint16_t> k_rows(p.b * p.hkv * kv_elems), v_rows(k_rows.size()), kt_rows(k_rows.size());
+  std::vector<uint32_t> qt(p.b * p.hq * q_elems), gt(qt.size()), q(qt.size()), g(qt.size());
+  std::vector<float> lse2(p.b * p.hq * z.lqp), delta(lse2.size());
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t task = 0; task < p.b * (p.hkv + p.hq); ++task) {  // staging: kv heads, then query heads
+    if (task < p.b * p.hkv) {
+      bwd_amx_stage_keys(p, z, task / p.hkv, task % p.hkv, k_rows.data() + task * kv_elems,
+                         v_rows.data() + task * kv_elems, kt_rows.data() + task * kv_elems);
+    } else {
+      const int64_t bh = task - p.b * p.hkv;
+      bwd_amx_stage_queries(p, z, bh / p.hq, bh % p.hq, qt.data() + bh * q_elems, gt.data() + bh * q_elems,
+                            q.data() + bh * q_elems, g.data() + bh * q_elems, lse2.data() + bh * z.lqp,
+                            delta.data() + bh * z.lqp);
+    }
+  }
+  const auto head = [&](int64_t bi, int64_t h) {
+    const int64_t bk = bi * p.hkv + h / group, bh = bi * p.hq + h;
+    return AmxBwdHead{k_rows.data() + bk * kv_elems, v_rows.data() + bk * kv_elems, kt_rows.data() + bk * kv_elems,
+                      qt.data() + bh * q_elems,      gt.data() + bh * q_elems,      q.data() + bh * q_elems,
+                      g.data() + bh * q_elems,       lse2.data() + bh * z.lqp,      delta.data() + bh * z.lqp};
+  };
+#pragma omp parallel
+  {
+    amx_configure();
+    std::vector<float> st(kBlockN * kBlockM), dpt(kBlockN * kBlockM), dk_acc(kBlockN * z.dk), dv_acc(kBlockN * z.dk);
+    std::vector<float> dq_t(z.dk * kBlockM), dq_rows(kBlockM * z.dk);
+    std::vector<uint16_t> pa(kBlockN * kBlockM), da(kBlockN * kBlockM);
+    std::vector<uint32_t> db(kBlockN * kBlockM / 2);
+#pragma omp for schedule(dynamic) nowait
+    for (int64_t task = 0; task < p.b * p.hkv * nkb; ++task) {  // dK, dV of one key block
+      const int64_t bi = task / (p.hkv * nkb), hk = task / nkb % p.hkv, kb = task % nkb;
+      TilePos t{bi, 0, 0, 0, kb * kBlockN, std::min(kBlockN, p.lk - kb * kBlockN)};
+      std::fill(dk_acc.begin(), dk_acc.end(), 0.f);
+      std::fill(dv_acc.begin(), dv_acc.end(), 0.f);
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        t.h = h;
+        const AmxBwdHead hd = head(bi, h);
+        for (int64_t qb = p.is_causal ? t.j0 / kBlockM : 0; qb < nqb; ++qb) {
+          t.i0 = qb * kBlockM;
+          t.m = std::min(kBlockM, p.lq - t.i0);
+          bwd_amx_tile(p, t, z, hd, st.data(), dpt.data(), pa.data(), da.data(), db.data());
+          bwd_amx_dkdv(t, z, hd, pa.data(), da.data(), dv_acc.data(), dk_acc.data());
+        }
+      }
+      store_rows(dk_acc.data(), z.dk, p.scale, t.n, p.d, t.j0,
+                 static_cast<bf16*>(p.dk) + bi * p.dk_batch_stride + hk * p.dk_head_stride, p.dk_row_stride);
+      store_rows(dv_acc.data(), z.dk, 1.f, t.n, p.d, t.j0,
+                 static_cast<bf16*>(p.dv) + bi * p.dv_batch_stride + hk * p.dv_head_stride, p.dv_row_stride);
+    }
+#pragma omp for schedule(dynamic)
+    for (int64_t task = 0; task < p.b * p.hq * nqb; ++task) {  // dQ of one query block
+      const int64_t bi = task / (p.hq * nqb), h = task / nqb % p.hq, qb = task % nqb;
+      TilePos t{bi, h, qb * kBlockM, std::min(kBlockM, p.lq - qb * kBlockM), 0, 0};
+      const AmxBwdHead hd = head(bi, h);
+      std::fill(dq_t.begin(), dq_t.end(), 0.f);
+      for (int64_t kb = 0; kb < key_blocks_end(p.is_causal, t.i0, t.m, p.lk); ++kb) {
+        t.j0 = kb * kBlockN;
+        t.n = std::min(kBlockN, p.lk - t.j0);
+        bwd_amx_tile(p, t, z, hd, st.data(), dpt.data(), pa.data(), da.data(), db.data());
+        bwd_amx_dq(t, z, hd, db.data(), dq_t.data(), kBlockM);
+      }
+      transpose_tile(dq_t.data(), kBlockM, z.dk, kBlockM, dq_rows.data(), z.dk);
+      store_rows(dq_rows.data(), z.dk, p.scale, t.m, p.d, t.i0,
+                 static_cast<bf16*>(p.dq) + bi * p.dq_batch_stride + h * p.dq_head_stride, p.dq_row_stride);
+    }
+    _tile_release();
+  }
+}
+
+// bwd_amx_split where B · HKV tasks would leave threads idle (FUSEDFORMER_CPU_BWD_SPLIT=1 or 0,
+// read at each call, forces either schedule), else bwd_amx_fused: the fewer products.
+void bwd_amx(const AttentionBwdParams& p) {
+  static_assert(kBlockM == kBlockN && kBlockM % 32 == 0,
+                "square tiles of whole 32 x 32 AMX blocks (query blocks stage as key blocks do)");
+  const char* env = std::getenv("FUSEDFORMER_CPU_BWD_SPLIT");
+  const bool split = env ? std::string(env) == "1" : p.b * p.hkv < omp_get_max_threads();
+  if (split)
+    bwd_amx_split(p);
+  else
+    bwd_amx_fused(p);
 }
 #endif
 
