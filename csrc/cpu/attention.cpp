@@ -943,8 +943,9 @@ void fwd_amx(const AttentionFwdParams& p) {
 // block) tile, dK, dV and dQ summed in the task: bwd_amx_fused) with its five products on the
 // tile unit, in the GPU kernels' precision: bf16 operands, fp32 sums; for grids with fewer
 // (batch, kv head) pairs than threads, the GPU kernels' split into a dK/dV and a dQ pass
-// (bwd_amx_split), which sums every tile in the same order (bitwise the same gradients). Every tile is keys by queries, so the
-// per-query lse and Delta are vectors and each product's operands are staged once per call:
+// (bwd_amx_split), which sums every tile in the same order (bitwise the same gradients).
+// Every tile is keys by queries, so the per-query lse and Delta are vectors, and each
+// product's operands are staged once (per task, or per call when split):
 //   Sᵀ  = K Qᵀ        A: K rows             B: Qᵀ tiles (Q rows transposed by pairs of d)
 //   dPᵀ = V dOᵀ       A: V rows             B: dOᵀ tiles
 //   Pᵀ, dSᵀ = P ∘ (dP - Delta) in fp32 (bwd_amx_probs), rounded to bf16
