@@ -392,18 +392,22 @@ def test_amx_within_twice_the_fma_error(case, monkeypatch):
     assert not failed, "; ".join(failed)
 
 
+@pytest.mark.parametrize("dtype,amx", [(torch.float32, "1"), (torch.float16, "1"), (torch.bfloat16, "1"),
+                                       (torch.bfloat16, "0")], ids=str)
 @pytest.mark.parametrize("case", [(1, 4, 1, 100, 130, 64, True), (2, 2, 2, 65, 200, 40, False),
                                   (1, 3, 1, 5, 70, 128, False)], ids=lambda c: "-".join(map(str, c)))
-def test_bf16_backward_schedules_agree(case, monkeypatch):
-    """The bf16 backward's two schedules (FUSEDFORMER_CPU_BWD_SPLIT: one task per (batch, kv
-    head), or the split dK/dV and dQ passes for small grids) add every tile's products in the
-    same order: bitwise the same gradients, under the rule by test_rule either way."""
+def test_backward_schedules_agree(dtype, amx, case, monkeypatch):
+    """The backward's two schedules (FUSEDFORMER_CPU_BWD_SPLIT: one task per (batch, kv head),
+    or the split dK/dV and dQ passes for small grids) add every tile's products in the same
+    order: bitwise the same gradients, for the fp32 FMA kernels (every dtype) and AMX (bf16);
+    under the rule by test_rule either way."""
     require_backend("attention", "cpu", "cpu")
+    monkeypatch.setenv("FUSEDFORMER_CPU_AMX", amx)
     b, hq, hkv, lq, lk, d, causal = case
     torch.manual_seed(lq + lk)
-    q = torch.randn(b, hq, lq, d).bfloat16()
-    k, v = (torch.randn(b, hkv, lk, d).bfloat16() for _ in range(2))
-    do = torch.randn(b, hq, lq, d).bfloat16()
+    q = torch.randn(b, hq, lq, d).to(dtype)
+    k, v = (torch.randn(b, hkv, lk, d).to(dtype) for _ in range(2))
+    do = torch.randn(b, hq, lq, d).to(dtype)
     grads = []
     for split in ("0", "1"):
         monkeypatch.setenv("FUSEDFORMER_CPU_BWD_SPLIT", split)

@@ -24,7 +24,9 @@
 // P from lse and adds its share to dV, dK and dQ: five tile products, no second pass (the
 // price: 4·LK·D + 5·LQ·D floats of scratch per thread, and B·HKV tasks to share out).
 // Every output element is summed by one task in a fixed order: deterministic, no atomics,
-// any thread count. bf16 on a CPU with AMX runs the same two loops with their products on the
+// any thread count. Where B·HKV tasks would leave threads idle (MQA at batch 1), the backward
+// splits as the GPU kernels do instead (bwd_split: a dK/dV pass over key blocks and a dQ pass
+// over query blocks, recomputing P and dS), summing in the same order: the same bits. bf16 on a CPU with AMX runs the same two loops with their products on the
 // tile unit (fwd_amx, bwd_amx, below).
 // Napkin math: fwd 4·B·HQ·LQ·LK·D flops (half when causal), bwd 2.5x that. One AVX2 core
 // peaks at 32 fp32 flops/cycle (two 8-wide FMA pipes); the micro-kernel's 6×16 block needs
@@ -1012,6 +1014,8 @@ struct AmxBwdHead {
 // of 16 columns of it, the lengths rounded up to whole tiles, and the softmax exponent's
 // multiplier c (see bwd_amx_probs).
 struct AmxBwdDims {
+  static_assert(kBlockM == kBlockN && kBlockM % 32 == 0,
+                "square tiles of whole 32 x 32 AMX blocks (query blocks stage as key blocks do)");
   int64_t dk, ksteps, dtiles, lqp, lkp;
   bool fold_scale;
   float c;
@@ -1245,18 +1249,6 @@ void bwd_amx_split(const AttentionBwdParams& p) {
   }
 }
 
-// bwd_amx_split where B · HKV tasks would leave threads idle (FUSEDFORMER_CPU_BWD_SPLIT=1 or 0,
-// read at each call, forces either schedule), else bwd_amx_fused: the fewer products.
-void bwd_amx(const AttentionBwdParams& p) {
-  static_assert(kBlockM == kBlockN && kBlockM % 32 == 0,
-                "square tiles of whole 32 x 32 AMX blocks (query blocks stage as key blocks do)");
-  const char* env = std::getenv("FUSEDFORMER_CPU_BWD_SPLIT");
-  const bool split = env ? std::string(env) == "1" : p.b * p.hkv < omp_get_max_threads();
-  if (split)
-    bwd_amx_split(p);
-  else
-    bwd_amx_fused(p);
-}
 #endif
 
 // Whether bf16 runs on the AMX kernels (fwd_amx, bwd_amx): a build and CPU with AMX whose tile
@@ -1309,72 +1301,100 @@ void probs_and_dscores(const AttentionBwdParams& p, const TilePos& t, const floa
   }
 }
 
+// One (batch, kv head)'s K and V, and one query head's q, dO (rows, lk or lq x dp), qᵀ, dOᵀ
+// (d x lqp), lse (+inf where every key is masked) and Delta, as bwd's tiles read them.
+struct BwdHead {
+  const float *k, *v, *q, *g, *qt, *gt, *lse, *delta;
+};
+
+// Loads K and V of kv head hk of batch bi into k, v (lk x dp fp32).
 template <typename T>
-void bwd(const AttentionBwdParams& p) {
+void bwd_load_keys(const AttentionBwdParams& p, int64_t dp, int64_t bi, int64_t hk, float* k, float* v) {
+  load_rows(static_cast<const T*>(p.k) + bi * p.k_batch_stride + hk * p.k_head_stride, p.k_row_stride, 0, p.lk, p.d,
+            dp, k);
+  load_rows(static_cast<const T*>(p.v) + bi * p.v_batch_stride + hk * p.v_head_stride, p.v_row_stride, 0, p.lk, p.d,
+            dp, v);
+}
+
+// Loads query head h of batch bi: q, dO rows (lq x dp), their transposes (d x lqp, zero past lq),
+// lse and Delta (lqp; Delta also into p.delta).
+template <typename T>
+void bwd_load_queries(const AttentionBwdParams& p, int64_t dp, int64_t lqp, int64_t bi, int64_t h, float* q, float* g,
+                      float* qt, float* gt, float* lse, float* delta) {
+  const T* q_head = static_cast<const T*>(p.q) + bi * p.q_batch_stride + h * p.q_head_stride;
+  const T* o_head = static_cast<const T*>(p.o) + bi * p.o_batch_stride + h * p.o_head_stride;
+  const T* g_head = static_cast<const T*>(p.do_) + bi * p.do_batch_stride + h * p.do_head_stride;
+  load_rows(q_head, p.q_row_stride, 0, p.lq, p.d, dp, q);
+  load_rows(g_head, p.do_row_stride, 0, p.lq, p.d, dp, g);
+  std::fill(qt, qt + p.d * lqp, 0.f);
+  std::fill(gt, gt + p.d * lqp, 0.f);
+  load_rows_transposed(q_head, p.q_row_stride, 0, p.lq, p.d, lqp, qt);
+  load_rows_transposed(g_head, p.do_row_stride, 0, p.lq, p.d, lqp, gt);
+  const int64_t row0 = (bi * p.hq + h) * p.lq;
+  std::fill(lse, lse + lqp, 0.f);
+  std::fill(delta, delta + lqp, 0.f);
+  std::vector<float> o_row(p.d);
+  for (int64_t i = 0; i < p.lq; ++i) {  // Delta_i = Σ_d dO_id O_id
+    convert_row(o_head + i * p.o_row_stride, p.d, o_row.data());
+    float s = 0.f;
+    for (int64_t e = 0; e < p.d; ++e) s += o_row[e] * g[i * dp + e];
+    delta[i] = p.delta[row0 + i] = s;
+    lse[i] = p.lse[row0 + i] == kNegInf ? kPosInf : p.lse[row0 + i];
+  }
+}
+
+// One tile's scores and dPᵀ = v dOᵀ, then probs_and_dscores: st <- Pd, dpt <- dS.
+template <typename T>
+void bwd_tile(const AttentionBwdParams& p, const TilePos& t, int64_t dp, int64_t lqp, const BwdHead& hd, float* st,
+              float* dpt) {
+  score_tile<T>(hd.k + t.j0 * dp, dp, hd.qt + t.i0, lqp, p.d, p.scale, p.mask, p.is_causal, t, st);
+  gemm_tile<false>(t.n, round_up_wide(t.m), p.d, hd.v + t.j0 * dp, dp, 1, hd.gt + t.i0, lqp, dpt, kBlockM);
+  probs_and_dscores(p, t, hd.lse + t.i0, hd.delta + t.i0, st, dpt);
+}
+
+// dV += Pdᵀ dO and dK += dSᵀ q of a tile (dv, dk at its first key row), and dQ += dS k (dq at
+// its first query row): each tile summed apart, then added (blocked summation keeps fp32
+// rounding at GEMM level: one running sum over all H·LQ rows measured 1.1e-5 max dv error at
+// fp32, 3.8x PyTorch's, LQ = 257, MQA, D = 128; blocked: 2.6e-6).
+void bwd_dkdv(const TilePos& t, int64_t dp, const BwdHead& hd, const float* st, const float* dpt, float* dv, float* dk) {
+  gemm_tile<true>(t.n, dp, t.m, st, kBlockM, 1, hd.g + t.i0 * dp, dp, dv, dp);
+  gemm_tile<true>(t.n, dp, t.m, dpt, kBlockM, 1, hd.q + t.i0 * dp, dp, dk, dp);
+}
+void bwd_dq(const TilePos& t, int64_t dp, const BwdHead& hd, const float* dpt, float* dq) {
+  gemm_tile<true>(t.m, dp, t.n, dpt, 1, kBlockM, hd.k + t.j0 * dp, dp, dq, dp);
+}
+
+// The fused schedule: one task per (batch, kv head), as the file's header describes.
+template <typename T>
+void bwd_fused(const AttentionBwdParams& p) {
   const int64_t d = p.d, dp = round_up_lanes(d), group = p.hq / p.hkv;
   const int64_t lqp = round_up_wide(p.lq), nqb = ceil_div(p.lq, kBlockM), nkb = ceil_div(p.lk, kBlockN);
-  const T* Q = static_cast<const T*>(p.q);
-  const T* K = static_cast<const T*>(p.k);
-  const T* V = static_cast<const T*>(p.v);
-  const T* O = static_cast<const T*>(p.o);
-  const T* DO = static_cast<const T*>(p.do_);
 #pragma omp parallel
   {
     // One kv head's k, v, dk, dv (lk, dp); one query head's q, dO, dq (lq, dp), their
-    // transposes qt, gt (d, lqp), its lse, Delta (lqp) and a row of O.
+    // transposes qt, gt (d, lqp), its lse, Delta (lqp).
     std::vector<float> k(p.lk * dp), v(p.lk * dp), dk(p.lk * dp), dv(p.lk * dp);
     std::vector<float> q(p.lq * dp), g(p.lq * dp), dq(p.lq * dp), qt(d * lqp), gt(d * lqp);
-    std::vector<float> lse(lqp), delta(lqp), o_row(d), st(kBlockN * kBlockM), dpt(kBlockN * kBlockM);
+    std::vector<float> lse(lqp), delta(lqp), st(kBlockN * kBlockM), dpt(kBlockN * kBlockM);
+    const BwdHead hd{k.data(), v.data(), q.data(), g.data(), qt.data(), gt.data(), lse.data(), delta.data()};
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < p.b * p.hkv; ++task) {
       const int64_t bi = task / p.hkv, hk = task % p.hkv;
-      load_rows(K + bi * p.k_batch_stride + hk * p.k_head_stride, p.k_row_stride, 0, p.lk, d, dp, k.data());
-      load_rows(V + bi * p.v_batch_stride + hk * p.v_head_stride, p.v_row_stride, 0, p.lk, d, dp, v.data());
+      bwd_load_keys<T>(p, dp, bi, hk, k.data(), v.data());
       std::fill(dk.begin(), dk.end(), 0.f);
       std::fill(dv.begin(), dv.end(), 0.f);
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-        const T* q_head = Q + bi * p.q_batch_stride + h * p.q_head_stride;
-        const T* o_head = O + bi * p.o_batch_stride + h * p.o_head_stride;
-        const T* g_head = DO + bi * p.do_batch_stride + h * p.do_head_stride;
-        load_rows(q_head, p.q_row_stride, 0, p.lq, d, dp, q.data());
-        load_rows(g_head, p.do_row_stride, 0, p.lq, d, dp, g.data());
-        std::fill(qt.begin(), qt.end(), 0.f);
-        std::fill(gt.begin(), gt.end(), 0.f);
-        load_rows_transposed(q_head, p.q_row_stride, 0, p.lq, d, lqp, qt.data());
-        load_rows_transposed(g_head, p.do_row_stride, 0, p.lq, d, lqp, gt.data());
+        bwd_load_queries<T>(p, dp, lqp, bi, h, q.data(), g.data(), qt.data(), gt.data(), lse.data(), delta.data());
         std::fill(dq.begin(), dq.end(), 0.f);
-        const int64_t row0 = (bi * p.hq + h) * p.lq;
-        std::fill(lse.begin(), lse.end(), 0.f);
-        std::fill(delta.begin(), delta.end(), 0.f);
-        for (int64_t i = 0; i < p.lq; ++i) {  // Delta_i = Σ_d dO_id O_id
-          convert_row(o_head + i * p.o_row_stride, d, o_row.data());
-          float s = 0.f;
-          for (int64_t e = 0; e < d; ++e) s += o_row[e] * g[i * dp + e];
-          delta[i] = p.delta[row0 + i] = s;
-          lse[i] = p.lse[row0 + i] == kNegInf ? kPosInf : p.lse[row0 + i];
-        }
-
         for (int64_t kb = 0; kb < nkb; ++kb) {
           TilePos t{bi, h, 0, 0, kb * kBlockN, std::min(kBlockN, p.lk - kb * kBlockN)};
-          const float* k_tile = k.data() + t.j0 * dp;
-          const float* v_tile = v.data() + t.j0 * dp;
           // Causal: query rows i < j0 see no key of this block; start at the block holding j0.
           for (int64_t qb = p.is_causal ? t.j0 / kBlockM : 0; qb < nqb; ++qb) {
             t.i0 = qb * kBlockM;
             t.m = std::min(kBlockM, p.lq - t.i0);
-            score_tile<T>(k_tile, dp, qt.data() + t.i0, lqp, d, p.scale, p.mask, p.is_causal, t, st.data());
-            gemm_tile<false>(t.n, round_up_wide(t.m), d, v_tile, dp, 1, gt.data() + t.i0, lqp,
-                             dpt.data(), kBlockM);  // dPᵀ = v dOᵀ
-            probs_and_dscores(p, t, lse.data() + t.i0, delta.data() + t.i0, st.data(), dpt.data());
-            // dV += Pdᵀ dO, dK += dSᵀ q, dQ += dS k: each tile summed apart, then added
-            // (blocked summation keeps fp32 rounding at GEMM level: one running sum over
-            // all H·LQ rows measured 1.1e-5 max dv error at fp32, 3.8x PyTorch's, LQ = 257,
-            // MQA, D = 128; blocked: 2.6e-6).
-            gemm_tile<true>(t.n, dp, t.m, st.data(), kBlockM, 1, g.data() + t.i0 * dp, dp,
-                            dv.data() + t.j0 * dp, dp);
-            gemm_tile<true>(t.n, dp, t.m, dpt.data(), kBlockM, 1, q.data() + t.i0 * dp, dp,
-                            dk.data() + t.j0 * dp, dp);
-            gemm_tile<true>(t.m, dp, t.n, dpt.data(), 1, kBlockM, k_tile, dp, dq.data() + t.i0 * dp, dp);
+            bwd_tile<T>(p, t, dp, lqp, hd, st.data(), dpt.data());
+            bwd_dkdv(t, dp, hd, st.data(), dpt.data(), dv.data() + t.j0 * dp, dk.data() + t.j0 * dp);
+            bwd_dq(t, dp, hd, dpt.data(), dq.data() + t.i0 * dp);
           }
         }
         store_rows(dq.data(), dp, p.scale, p.lq, d, 0,
@@ -1388,6 +1408,84 @@ void bwd(const AttentionBwdParams& p) {
   }
 }
 
+// The split schedule for grids with fewer (batch, kv head) pairs than threads:
+// every head loaded once a call, then a dK/dV pass (one task per (batch, kv head, key block))
+// and a dQ pass (one per (batch, query head, query block)), each recomputing its tiles' P and
+// dS; the same summation order as bwd_fused, so the same bits.
+template <typename T>
+void bwd_split(const AttentionBwdParams& p) {
+  const int64_t d = p.d, dp = round_up_lanes(d), group = p.hq / p.hkv;
+  const int64_t lqp = round_up_wide(p.lq), nqb = ceil_div(p.lq, kBlockM), nkb = ceil_div(p.lk, kBlockN);
+  const size_t kv_elems = size_t(p.lk * dp), q_elems = size_t(p.lq * dp), qt_elems = size_t(d * lqp);
+  std::vector<float> k(p.b * p.hkv * kv_elems), v(k.size());
+  std::vector<float> q(p.b * p.hq * q_elems), g(q.size()), qt(p.b * p.hq * qt_elems), gt(qt.size());
+  std::vector<float> lse(p.b * p.hq * lqp), delta(lse.size());
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t task = 0; task < p.b * (p.hkv + p.hq); ++task) {  // kv heads, then query heads
+    if (task < p.b * p.hkv) {
+      bwd_load_keys<T>(p, dp, task / p.hkv, task % p.hkv, k.data() + task * kv_elems, v.data() + task * kv_elems);
+    } else {
+      const int64_t bh = task - p.b * p.hkv;
+      bwd_load_queries<T>(p, dp, lqp, bh / p.hq, bh % p.hq, q.data() + bh * q_elems, g.data() + bh * q_elems,
+                          qt.data() + bh * qt_elems, gt.data() + bh * qt_elems, lse.data() + bh * lqp,
+                          delta.data() + bh * lqp);
+    }
+  }
+  const auto head = [&](int64_t bi, int64_t h) {
+    const int64_t bk = bi * p.hkv + h / group, bh = bi * p.hq + h;
+    return BwdHead{k.data() + bk * kv_elems,   v.data() + bk * kv_elems,   q.data() + bh * q_elems,
+                   g.data() + bh * q_elems,    qt.data() + bh * qt_elems,  gt.data() + bh * qt_elems,
+                   lse.data() + bh * lqp,      delta.data() + bh * lqp};
+  };
+#pragma omp parallel
+  {
+    std::vector<float> st(kBlockN * kBlockM), dpt(kBlockN * kBlockM), dk(kBlockN * dp), dv(kBlockN * dp);
+    std::vector<float> dq(kBlockM * dp);
+#pragma omp for schedule(dynamic) nowait
+    for (int64_t task = 0; task < p.b * p.hkv * nkb; ++task) {  // dK, dV of one key block
+      const int64_t bi = task / (p.hkv * nkb), hk = task / nkb % p.hkv, kb = task % nkb;
+      TilePos t{bi, 0, 0, 0, kb * kBlockN, std::min(kBlockN, p.lk - kb * kBlockN)};
+      std::fill(dk.begin(), dk.end(), 0.f);
+      std::fill(dv.begin(), dv.end(), 0.f);
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+        t.h = h;
+        const BwdHead hd = head(bi, h);
+        for (int64_t qb = p.is_causal ? t.j0 / kBlockM : 0; qb < nqb; ++qb) {
+          t.i0 = qb * kBlockM;
+          t.m = std::min(kBlockM, p.lq - t.i0);
+          bwd_tile<T>(p, t, dp, lqp, hd, st.data(), dpt.data());
+          bwd_dkdv(t, dp, hd, st.data(), dpt.data(), dv.data(), dk.data());
+        }
+      }
+      store_rows(dk.data(), dp, p.scale, t.n, d, t.j0,
+                 static_cast<T*>(p.dk) + bi * p.dk_batch_stride + hk * p.dk_head_stride, p.dk_row_stride);
+      store_rows(dv.data(), dp, 1.f, t.n, d, t.j0,
+                 static_cast<T*>(p.dv) + bi * p.dv_batch_stride + hk * p.dv_head_stride, p.dv_row_stride);
+    }
+#pragma omp for schedule(dynamic)
+    for (int64_t task = 0; task < p.b * p.hq * nqb; ++task) {  // dQ of one query block
+      const int64_t bi = task / (p.hq * nqb), h = task / nqb % p.hq, qb = task % nqb;
+      TilePos t{bi, h, qb * kBlockM, std::min(kBlockM, p.lq - qb * kBlockM), 0, 0};
+      const BwdHead hd = head(bi, h);
+      std::fill(dq.begin(), dq.end(), 0.f);
+      for (int64_t kb = 0; kb < key_blocks_end(p.is_causal, t.i0, t.m, p.lk); ++kb) {
+        t.j0 = kb * kBlockN;
+        t.n = std::min(kBlockN, p.lk - t.j0);
+        bwd_tile<T>(p, t, dp, lqp, hd, st.data(), dpt.data());
+        bwd_dq(t, dp, hd, dpt.data(), dq.data());
+      }
+      store_rows(dq.data(), dp, p.scale, t.m, d, t.i0,
+                 static_cast<T*>(p.dq) + bi * p.dq_batch_stride + h * p.dq_head_stride, p.dq_row_stride);
+    }
+  }
+}
+
+// Whether the backward takes the split schedule: FUSEDFORMER_CPU_BWD_SPLIT=1 or 0 (read at each
+// call) forces it either way; else where B · HKV tasks would leave threads idle.
+bool bwd_split_schedule(const AttentionBwdParams& p) {
+  const char* env = std::getenv("FUSEDFORMER_CPU_BWD_SPLIT");
+  return env ? std::string(env) == "1" : p.b * p.hkv < omp_get_max_threads();
+}
 
 }  // namespace
 
@@ -1411,10 +1509,17 @@ int64_t attention_fwd_num_splits_cpu(const AttentionFwdParams& p) {
   return attention_num_splits(blocks, ceil_div(p.lk, amx_forward(p) ? kAmxN : kBlockN), omp_get_max_threads());
 }
 void attention_bwd_cpu(const AttentionBwdParams& p) {
+  const bool split = bwd_split_schedule(p);
 #if defined(FUSEDFORMER_CPU_AMX)
-  if (amx_bf16(p.dtype)) return bwd_amx(p);
+  if (amx_bf16(p.dtype)) return split ? bwd_amx_split(p) : bwd_amx_fused(p);
 #endif
-  dispatch_dtype(p.dtype, [&](auto tag) { bwd<decltype(tag)>(p); });
+  dispatch_dtype(p.dtype, [&](auto tag) {
+    using T = decltype(tag);
+    if (split)
+      bwd_split<T>(p);
+    else
+      bwd_fused<T>(p);
+  });
 }
 
 }  // namespace fusedformer
