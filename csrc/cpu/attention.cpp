@@ -26,8 +26,9 @@
 // Every output element is summed by one task in a fixed order: deterministic, no atomics,
 // any thread count. Where B·HKV tasks would leave threads idle (MQA at batch 1), the backward
 // splits as the GPU kernels do instead (bwd_split: a dK/dV pass over key blocks and a dQ pass
-// over query blocks, recomputing P and dS), summing in the same order: the same bits. bf16 on a CPU with AMX runs the same two loops with their products on the
-// tile unit (fwd_amx, bwd_amx, below).
+// over query blocks, recomputing P and dS), summing in the same order: the same bits. bf16 on
+// a CPU with AMX runs the same loops with their products on the tile unit (fwd_amx,
+// bwd_amx_fused, bwd_amx_split, below).
 // Napkin math: fwd 4·B·HQ·LQ·LK·D flops (half when causal), bwd 2.5x that. One AVX2 core
 // peaks at 32 fp32 flops/cycle (two 8-wide FMA pipes); the micro-kernel's 6×16 block needs
 // 8 loads per 96 flops, so the tile products run near that peak and the rest (exp, the
@@ -612,11 +613,11 @@ void fwd_decode(const AttentionFwdParams& p) {
 //
 // On a CPU with AMX (Sapphire Rapids on), TDPBF16PS multiplies a 16 x 32 bf16 tile (A, rows
 // in memory) by a 32 x 16 one (B) into 16 x 16 fp32: 8192 products an instruction, the CPU's
-// tensor core, and what torch's own bf16 SDPA runs on (oneDNN). fwd and bwd above convert bf16
-// to fp32 for the FMA micro-GEMM (bf16 prefill 0.31x SDPA at 1 x 16 heads x 1024 x 128 causal);
-// fwd_amx and bwd_amx are the same two loops with bf16 operands and fp32 sums, as the GPU
-// kernels have them, and their tiles keys by queries as fwd's and bwd's: the softmax runs down
-// the keys on vectors of 16 queries, with no horizontal sums.
+// tensor core, and what torch's own bf16 SDPA runs on (oneDNN). fwd and the backward's
+// bwd_fused and bwd_split (below) convert bf16 to fp32 for the FMA micro-GEMM (bf16 prefill
+// 0.31x SDPA at 1 x 16 heads x 1024 x 128 causal); fwd_amx and bwd_amx_* are the same loops with
+// bf16 operands and fp32 sums, as the GPU kernels have them, and their tiles keys by queries as
+// the fp32 ones: the softmax runs down the keys on vectors of 16 queries, no horizontal sums.
 // A B tile holds pairs of rows interleaved ("VNNI": its row r holds rows 2r, 2r + 1 of its 16
 // columns), so every operand is staged once into its layout (stage_a_rows, stage_at_rows,
 // stage_b_tiles, stage_bt_tiles), zero past the real rows and columns, D rounded up to 32 (one
@@ -957,7 +958,7 @@ void fwd_amx(const AttentionFwdParams& p) {
 // with dK, dV (keys by d) and dQᵀ (d by queries) as fp32 C tiles in memory; dQᵀ is transposed
 // back as it is stored.
 
-// The tile math of bwd_amx from st = Sᵀ and dpt = dPᵀ (kBlockN x kBlockM fp32, keys by queries):
+// The tile math of the AMX backward from st = Sᵀ and dpt = dPᵀ (kBlockN x kBlockM fp32, keys by queries):
 // P = 2^(s · c - lse2) (c = scale · log2 e, or log2 e when st is scaled already; lse2 = lse ·
 // log2 e, +inf for a fully masked or absent query, whose P is then 0), then as bwd's
 // probs_and_dscores Pd = P ∘ keep / (1 - p_drop) and dS = P ∘ (dP ∘ keep / (1 - p_drop) - Delta),
@@ -1001,7 +1002,7 @@ void bwd_amx_probs(const AttentionBwdParams& p, const TilePos& t, float c, const
     }
 }
 
-// The staged operands bwd_amx's tiles read, for one (batch, kv head) and one query head of it:
+// The staged operands the AMX backward's tiles read, for one (batch, kv head) and one query head of it:
 // K and V rows and Kᵀ (lkp keys, dk), the query head's Qᵀ, dOᵀ, Q and dO tiles (lqp queries)
 // and its rows' lse · log2 e (+inf where absent or fully masked) and Delta.
 struct AmxBwdHead {
@@ -1010,7 +1011,7 @@ struct AmxBwdHead {
   const float *lse2, *delta;
 };
 
-// Sizes of bwd_amx's staged operands: dk (D rounded up to a k-step), ksteps of 32 and dtiles
+// Sizes of the AMX backward's staged operands: dk (D rounded up to a k-step), ksteps of 32 and dtiles
 // of 16 columns of it, the lengths rounded up to whole tiles, and the softmax exponent's
 // multiplier c (see bwd_amx_probs).
 struct AmxBwdDims {
@@ -1251,7 +1252,7 @@ void bwd_amx_split(const AttentionBwdParams& p) {
 
 #endif
 
-// Whether bf16 runs on the AMX kernels (fwd_amx, bwd_amx): a build and CPU with AMX whose tile
+// Whether bf16 runs on the AMX kernels (fwd_amx, bwd_amx_*): a build and CPU with AMX whose tile
 // state Linux grants, and FUSEDFORMER_CPU_AMX not 0 (read at each call: =0 keeps bf16 on the
 // fp32 FMA kernels, for comparison and as a way out).
 bool amx_bf16(DType dtype) {
@@ -1356,7 +1357,8 @@ void bwd_tile(const AttentionBwdParams& p, const TilePos& t, int64_t dp, int64_t
 // its first query row): each tile summed apart, then added (blocked summation keeps fp32
 // rounding at GEMM level: one running sum over all H·LQ rows measured 1.1e-5 max dv error at
 // fp32, 3.8x PyTorch's, LQ = 257, MQA, D = 128; blocked: 2.6e-6).
-void bwd_dkdv(const TilePos& t, int64_t dp, const BwdHead& hd, const float* st, const float* dpt, float* dv, float* dk) {
+void bwd_dkdv(const TilePos& t, int64_t dp, const BwdHead& hd, const float* st, const float* dpt, float* dv,
+              float* dk) {
   gemm_tile<true>(t.n, dp, t.m, st, kBlockM, 1, hd.g + t.i0 * dp, dp, dv, dp);
   gemm_tile<true>(t.n, dp, t.m, dpt, kBlockM, 1, hd.q + t.i0 * dp, dp, dk, dp);
 }
