@@ -21,7 +21,9 @@ if ON_GPU:  # the issue's target grid: bf16, D = 128, H * D = 2048, B * T = 16k
     DTYPES = [torch.bfloat16]
     PEERS = ["sdpa-flash", "sdpa-efficient", "sdpa-cudnn", "sdpa-math", "flex"]
 else:
-    SHAPES = [(1, 8, 512, 64), (2, 4, 1024, 64), (1, 16, 1024, 128)]  # the last: a Llama head dim
+    # (B, H, T, D), or (B, HQ, HKV, T, D) for GQA/MQA: a Llama head dim; MQA at batch 1 (the
+    # backward's split schedule)
+    SHAPES = [(1, 8, 512, 64), (2, 4, 1024, 64), (1, 16, 1024, 128), (1, 8, 1, 1024, 128)]
     DTYPES = [torch.float32, torch.bfloat16]
     PEERS = ["sdpa", "flex"]
 
@@ -47,7 +49,7 @@ def _flex(q, k, v, causal: bool):
         block_mask = _block_masks[t]
     if not torch.is_grad_enabled():  # the forward rows: on the CPU flex refuses inputs that need grad
         q, k, v = q.detach(), k.detach(), v.detach()
-    return _flex_compiled(q, k, v, block_mask=block_mask)
+    return _flex_compiled(q, k, v, block_mask=block_mask, enable_gqa=k.shape[1] != q.shape[1])
 
 
 def _attend(provider: str, q, k, v, causal: bool = False):
@@ -80,10 +82,11 @@ def _sdpa_context(provider: str):
 @pytest.mark.parametrize("shape", SHAPES, ids=str)
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 def test_attention(benchmark, provider, causal, dtype, shape, mode):
-    b, h, t, d = shape
+    b, h, hkv, t, d = shape if len(shape) == 5 else (shape[0], shape[1], shape[1], *shape[2:])
     if provider == "sdpa-math" and t > 4096:
         pytest.skip("the math backend materializes B*H*T*T scores")
-    q, k, v = (torch.randn(b, h, t, d, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(3))
+    q = torch.randn(b, h, t, d, device=DEVICE, dtype=dtype, requires_grad=True)
+    k, v = (torch.randn(b, hkv, t, d, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(2))
     do = torch.randn_like(q)
     flops = 4 * b * h * t * t * d * (0.5 if causal else 1.0) * (3.5 if mode == "fwd+bwd" else 1.0)
 
