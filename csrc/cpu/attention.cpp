@@ -177,6 +177,31 @@ std::pair<int64_t, int64_t> split_range(int64_t kb_end, int64_t split, int64_t s
   return {std::min(kb_end, split * per), std::min(kb_end, (split + 1) * per)};
 }
 
+// The backward's tile orders, shared by all its schedules so that they sum dK, dV and dQ in the
+// same order (the split schedules' bitwise agreement with the fused ones rests on it).
+// body(t) for key block kb's tiles with query head h: the query blocks from the causal diagonal on.
+template <typename F>
+void for_key_block_tiles(const AttentionBwdParams& p, int64_t bi, int64_t h, int64_t kb, F&& body) {
+  TilePos t{bi, h, 0, 0, kb * kBlockN, std::min(kBlockN, p.lk - kb * kBlockN)};
+  // Causal: query rows i < j0 see no key of this block; start at the block holding j0.
+  for (int64_t qb = p.is_causal ? t.j0 / kBlockM : 0; qb < ceil_div(p.lq, kBlockM); ++qb) {
+    t.i0 = qb * kBlockM;
+    t.m = std::min(kBlockM, p.lq - t.i0);
+    body(t);
+  }
+}
+
+// body(t) for query block qb of head h's tiles: the key blocks up to the causal diagonal.
+template <typename F>
+void for_query_block_tiles(const AttentionBwdParams& p, int64_t bi, int64_t h, int64_t qb, F&& body) {
+  TilePos t{bi, h, qb * kBlockM, std::min(kBlockM, p.lq - qb * kBlockM), 0, 0};
+  for (int64_t kb = 0; kb < key_blocks_end(p.is_causal, t.i0, t.m, p.lk); ++kb) {
+    t.j0 = kb * kBlockN;
+    t.n = std::min(kBlockN, p.lk - t.j0);
+    body(t);
+  }
+}
+
 // Split-KV's merge (the CUDA attention_fwd_combine_kernel): each query row's lse =
 // log Σ_s exp(lse_s) and o = Σ_s exp(lse_s - lse) o_s over its num_splits partial results;
 // ranges with no key (lse_s = -inf) weigh 0, a row with none keeps o = 0 and lse = -inf.
@@ -1124,7 +1149,7 @@ void bwd_amx_stage_keys(const AttentionBwdParams& p, const AmxBwdDims& z, int64_
 // block) tile adding to dK, dV and dQ in the task. Five products a tile; B · HKV tasks.
 void bwd_amx_fused(const AttentionBwdParams& p) {
   const AmxBwdDims z(p);
-  const int64_t group = p.hq / p.hkv, nqb = z.lqp / kBlockM, nkb = z.lkp / kBlockN;
+  const int64_t group = p.hq / p.hkv, nkb = z.lkp / kBlockN;
 #pragma omp parallel
   {
     amx_configure();
@@ -1147,16 +1172,12 @@ void bwd_amx_fused(const AttentionBwdParams& p) {
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         bwd_amx_stage_queries(p, z, bi, h, qt.data(), gt.data(), q.data(), g.data(), lse2.data(), delta.data());
         std::fill(dq_t.begin(), dq_t.end(), 0.f);
-        for (int64_t kb = 0; kb < nkb; ++kb) {
-          TilePos t{bi, h, 0, 0, kb * kBlockN, std::min(kBlockN, p.lk - kb * kBlockN)};
-          for (int64_t qb = p.is_causal ? t.j0 / kBlockM : 0; qb < nqb; ++qb) {
-            t.i0 = qb * kBlockM;
-            t.m = std::min(kBlockM, p.lq - t.i0);
+        for (int64_t kb = 0; kb < nkb; ++kb)
+          for_key_block_tiles(p, bi, h, kb, [&](const TilePos& t) {
             bwd_amx_tile(p, t, z, hd, st.data(), dpt.data(), pa.data(), da.data(), db.data());
             bwd_amx_dkdv(t, z, hd, pa.data(), da.data(), dv_acc.data() + t.j0 * z.dk, dk_acc.data() + t.j0 * z.dk);
             bwd_amx_dq(t, z, hd, db.data(), dq_t.data() + t.i0, z.lqp);
-          }
-        }
+          });
         bf16* dq_head = static_cast<bf16*>(p.dq) + bi * p.dq_batch_stride + h * p.dq_head_stride;
         for (int64_t i0 = 0; i0 < p.lq; i0 += kBlockM) {  // dQ = (dQᵀ)ᵀ · scale
           transpose_tile(dq_t.data() + i0, z.lqp, z.dk, kBlockM, dq_rows.data(), z.dk);
@@ -1212,38 +1233,33 @@ void bwd_amx_split(const AttentionBwdParams& p) {
 #pragma omp for schedule(dynamic) nowait
     for (int64_t task = 0; task < p.b * p.hkv * nkb; ++task) {  // dK, dV of one key block
       const int64_t bi = task / (p.hkv * nkb), hk = task / nkb % p.hkv, kb = task % nkb;
-      TilePos t{bi, 0, 0, 0, kb * kBlockN, std::min(kBlockN, p.lk - kb * kBlockN)};
+      const int64_t j0 = kb * kBlockN, n = std::min(kBlockN, p.lk - j0);
       std::fill(dk_acc.begin(), dk_acc.end(), 0.f);
       std::fill(dv_acc.begin(), dv_acc.end(), 0.f);
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-        t.h = h;
         const AmxBwdHead hd = head(bi, h);
-        for (int64_t qb = p.is_causal ? t.j0 / kBlockM : 0; qb < nqb; ++qb) {
-          t.i0 = qb * kBlockM;
-          t.m = std::min(kBlockM, p.lq - t.i0);
+        for_key_block_tiles(p, bi, h, kb, [&](const TilePos& t) {
           bwd_amx_tile(p, t, z, hd, st.data(), dpt.data(), pa.data(), da.data(), db.data());
           bwd_amx_dkdv(t, z, hd, pa.data(), da.data(), dv_acc.data(), dk_acc.data());
-        }
+        });
       }
-      store_rows(dk_acc.data(), z.dk, p.scale, t.n, p.d, t.j0,
+      store_rows(dk_acc.data(), z.dk, p.scale, n, p.d, j0,
                  static_cast<bf16*>(p.dk) + bi * p.dk_batch_stride + hk * p.dk_head_stride, p.dk_row_stride);
-      store_rows(dv_acc.data(), z.dk, 1.f, t.n, p.d, t.j0,
+      store_rows(dv_acc.data(), z.dk, 1.f, n, p.d, j0,
                  static_cast<bf16*>(p.dv) + bi * p.dv_batch_stride + hk * p.dv_head_stride, p.dv_row_stride);
     }
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < p.b * p.hq * nqb; ++task) {  // dQ of one query block
       const int64_t bi = task / (p.hq * nqb), h = task / nqb % p.hq, qb = task % nqb;
-      TilePos t{bi, h, qb * kBlockM, std::min(kBlockM, p.lq - qb * kBlockM), 0, 0};
+      const int64_t i0 = qb * kBlockM, m = std::min(kBlockM, p.lq - i0);
       const AmxBwdHead hd = head(bi, h);
       std::fill(dq_t.begin(), dq_t.end(), 0.f);
-      for (int64_t kb = 0; kb < key_blocks_end(p.is_causal, t.i0, t.m, p.lk); ++kb) {
-        t.j0 = kb * kBlockN;
-        t.n = std::min(kBlockN, p.lk - t.j0);
+      for_query_block_tiles(p, bi, h, qb, [&](const TilePos& t) {
         bwd_amx_tile(p, t, z, hd, st.data(), dpt.data(), pa.data(), da.data(), db.data());
         bwd_amx_dq(t, z, hd, db.data(), dq_t.data(), kBlockM);
-      }
+      });
       transpose_tile(dq_t.data(), kBlockM, z.dk, kBlockM, dq_rows.data(), z.dk);
-      store_rows(dq_rows.data(), z.dk, p.scale, t.m, p.d, t.i0,
+      store_rows(dq_rows.data(), z.dk, p.scale, m, p.d, i0,
                  static_cast<bf16*>(p.dq) + bi * p.dq_batch_stride + h * p.dq_head_stride, p.dq_row_stride);
     }
     _tile_release();
@@ -1370,7 +1386,7 @@ void bwd_dq(const TilePos& t, int64_t dp, const BwdHead& hd, const float* dpt, f
 template <typename T>
 void bwd_fused(const AttentionBwdParams& p) {
   const int64_t d = p.d, dp = round_up_lanes(d), group = p.hq / p.hkv;
-  const int64_t lqp = round_up_wide(p.lq), nqb = ceil_div(p.lq, kBlockM), nkb = ceil_div(p.lk, kBlockN);
+  const int64_t lqp = round_up_wide(p.lq), nkb = ceil_div(p.lk, kBlockN);
 #pragma omp parallel
   {
     // One kv head's k, v, dk, dv (lk, dp); one query head's q, dO, dq (lq, dp), their
@@ -1388,17 +1404,12 @@ void bwd_fused(const AttentionBwdParams& p) {
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
         bwd_load_queries<T>(p, dp, lqp, bi, h, q.data(), g.data(), qt.data(), gt.data(), lse.data(), delta.data());
         std::fill(dq.begin(), dq.end(), 0.f);
-        for (int64_t kb = 0; kb < nkb; ++kb) {
-          TilePos t{bi, h, 0, 0, kb * kBlockN, std::min(kBlockN, p.lk - kb * kBlockN)};
-          // Causal: query rows i < j0 see no key of this block; start at the block holding j0.
-          for (int64_t qb = p.is_causal ? t.j0 / kBlockM : 0; qb < nqb; ++qb) {
-            t.i0 = qb * kBlockM;
-            t.m = std::min(kBlockM, p.lq - t.i0);
+        for (int64_t kb = 0; kb < nkb; ++kb)
+          for_key_block_tiles(p, bi, h, kb, [&](const TilePos& t) {
             bwd_tile<T>(p, t, dp, lqp, hd, st.data(), dpt.data());
             bwd_dkdv(t, dp, hd, st.data(), dpt.data(), dv.data() + t.j0 * dp, dk.data() + t.j0 * dp);
             bwd_dq(t, dp, hd, dpt.data(), dq.data() + t.i0 * dp);
-          }
-        }
+          });
         store_rows(dq.data(), dp, p.scale, p.lq, d, 0,
                    static_cast<T*>(p.dq) + bi * p.dq_batch_stride + h * p.dq_head_stride, p.dq_row_stride);
       }
@@ -1446,37 +1457,32 @@ void bwd_split(const AttentionBwdParams& p) {
 #pragma omp for schedule(dynamic) nowait
     for (int64_t task = 0; task < p.b * p.hkv * nkb; ++task) {  // dK, dV of one key block
       const int64_t bi = task / (p.hkv * nkb), hk = task / nkb % p.hkv, kb = task % nkb;
-      TilePos t{bi, 0, 0, 0, kb * kBlockN, std::min(kBlockN, p.lk - kb * kBlockN)};
+      const int64_t j0 = kb * kBlockN, n = std::min(kBlockN, p.lk - j0);
       std::fill(dk.begin(), dk.end(), 0.f);
       std::fill(dv.begin(), dv.end(), 0.f);
       for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-        t.h = h;
         const BwdHead hd = head(bi, h);
-        for (int64_t qb = p.is_causal ? t.j0 / kBlockM : 0; qb < nqb; ++qb) {
-          t.i0 = qb * kBlockM;
-          t.m = std::min(kBlockM, p.lq - t.i0);
+        for_key_block_tiles(p, bi, h, kb, [&](const TilePos& t) {
           bwd_tile<T>(p, t, dp, lqp, hd, st.data(), dpt.data());
           bwd_dkdv(t, dp, hd, st.data(), dpt.data(), dv.data(), dk.data());
-        }
+        });
       }
-      store_rows(dk.data(), dp, p.scale, t.n, d, t.j0,
+      store_rows(dk.data(), dp, p.scale, n, d, j0,
                  static_cast<T*>(p.dk) + bi * p.dk_batch_stride + hk * p.dk_head_stride, p.dk_row_stride);
-      store_rows(dv.data(), dp, 1.f, t.n, d, t.j0,
+      store_rows(dv.data(), dp, 1.f, n, d, j0,
                  static_cast<T*>(p.dv) + bi * p.dv_batch_stride + hk * p.dv_head_stride, p.dv_row_stride);
     }
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < p.b * p.hq * nqb; ++task) {  // dQ of one query block
       const int64_t bi = task / (p.hq * nqb), h = task / nqb % p.hq, qb = task % nqb;
-      TilePos t{bi, h, qb * kBlockM, std::min(kBlockM, p.lq - qb * kBlockM), 0, 0};
+      const int64_t i0 = qb * kBlockM, m = std::min(kBlockM, p.lq - i0);
       const BwdHead hd = head(bi, h);
       std::fill(dq.begin(), dq.end(), 0.f);
-      for (int64_t kb = 0; kb < key_blocks_end(p.is_causal, t.i0, t.m, p.lk); ++kb) {
-        t.j0 = kb * kBlockN;
-        t.n = std::min(kBlockN, p.lk - t.j0);
+      for_query_block_tiles(p, bi, h, qb, [&](const TilePos& t) {
         bwd_tile<T>(p, t, dp, lqp, hd, st.data(), dpt.data());
         bwd_dq(t, dp, hd, dpt.data(), dq.data());
-      }
-      store_rows(dq.data(), dp, p.scale, t.m, d, t.i0,
+      });
+      store_rows(dq.data(), dp, p.scale, m, d, i0,
                  static_cast<T*>(p.dq) + bi * p.dq_batch_stride + h * p.dq_head_stride, p.dq_row_stride);
     }
   }
