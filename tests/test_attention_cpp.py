@@ -346,12 +346,13 @@ AMX_CASES = [
 
 @pytest.mark.parametrize("case", AMX_CASES, ids=lambda c: "-".join(map(str, c)))
 def test_amx_within_twice_the_fma_error(case, monkeypatch):
-    """bf16 on AMX (fwd_amx, bwd_amx: bf16 P and dS) against the fp32 FMA kernels on the same
-    inputs: o, lse and every gradient within 2x the FMA path's error vs float64 plus 1e-4, and
-    finite exactly where the oracle is (a 66-case random sweep of shapes, masks and scales met
-    this bound everywhere). The floor is for one key: there the FMA path's dq and dk are exactly
-    0 and AMX's 1.6e-6 and 3.7e-6 (its P is 2^x to 8e-8, not exactly 1). Both paths are the FMA
-    one on a CPU without AMX."""
+    """bf16 on AMX (fwd_amx, bwd_amx_*: bf16 P and dS) against the fp32 FMA kernels on the same
+    inputs: o, lse and every gradient within 2x the FMA path's error vs float64 plus 5e-5, and
+    finite exactly where the oracle is. The floor, measured: with one key the FMA path's dq and
+    dk are exactly 0 and AMX's 1.6e-6 and 3.7e-6 (its P is 2^x to 8e-8, not exactly 1); in a
+    66-case random sweep of shapes, masks and scales the tightest case needed 2.4e-5 (dq 9.9e-4
+    against the FMA path's 4.8e-4, D = 7, scale -0.3). Both paths are the FMA one on a CPU
+    without AMX."""
     require_backend("attention", "cpu", "cpu")
     from fusedformer.kernels.dispatch import extension
 
@@ -387,8 +388,8 @@ def test_amx_within_twice_the_fma_error(case, monkeypatch):
             continue
         err_amx = (amx.double() - truth)[live].abs().max().item()
         err_fma = (fma.double() - truth)[live].abs().max().item()
-        if err_amx > 2 * err_fma + 1e-4:
-            failed.append(f"{name}: AMX {err_amx:.3g} > 2 x FMA {err_fma:.3g} + 1e-4")
+        if err_amx > 2 * err_fma + 5e-5:
+            failed.append(f"{name}: AMX {err_amx:.3g} > 2 x FMA {err_fma:.3g} + 5e-5")
     assert not failed, "; ".join(failed)
 
 
