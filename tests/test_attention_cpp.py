@@ -393,30 +393,59 @@ def test_amx_within_twice_the_fma_error(case, monkeypatch):
     assert not failed, "; ".join(failed)
 
 
-@pytest.mark.parametrize("dtype,amx", [(torch.float32, "1"), (torch.float16, "1"), (torch.bfloat16, "1"),
-                                       (torch.bfloat16, "0")], ids=str)
-@pytest.mark.parametrize("case", [(1, 4, 1, 100, 130, 64, True), (2, 2, 2, 65, 200, 40, False),
-                                  (1, 3, 1, 5, 70, 128, False)], ids=lambda c: "-".join(map(str, c)))
-def test_backward_schedules_agree(dtype, amx, case, monkeypatch):
-    """The backward's two schedules (FUSEDFORMER_CPU_BWD_SPLIT: one task per (batch, kv head),
-    or the split dK/dV and dQ passes for small grids) add every tile's products in the same
-    order: bitwise the same gradients, for the fp32 FMA kernels (every dtype) and AMX (bf16);
-    under the rule by test_rule either way."""
-    require_backend("attention", "cpu", "cpu")
-    monkeypatch.setenv("FUSEDFORMER_CPU_AMX", amx)
+SCHEDULE_CASES = [(1, 4, 1, 100, 130, 64, True), (2, 2, 2, 65, 200, 40, False), (1, 3, 1, 5, 70, 128, False)]
+
+
+def _schedule_grads(case, dtype, schedule, monkeypatch):
+    """dq, dk, dv of `case` (B, HQ, HKV, LQ, LK, D, causal) on the cpu backend with the backward
+    forced to `schedule` (FUSEDFORMER_CPU_BWD_SCHEDULE), from inputs seeded by the case."""
     b, hq, hkv, lq, lk, d, causal = case
     torch.manual_seed(lq + lk)
     q = torch.randn(b, hq, lq, d).to(dtype)
     k, v = (torch.randn(b, hkv, lk, d).to(dtype) for _ in range(2))
     do = torch.randn(b, hq, lq, d).to(dtype)
-    grads = []
-    for split in ("0", "1"):
-        monkeypatch.setenv("FUSEDFORMER_CPU_BWD_SPLIT", split)
-        leaves = [t.clone().requires_grad_() for t in (q, k, v)]
-        o = fusedformer.attention(*leaves, is_causal=causal, enable_gqa=True, backend="cpu")
-        grads.append(torch.autograd.grad(o, leaves, do))
-    for name, fused, split in zip(("dq", "dk", "dv"), *grads):
-        assert torch.equal(fused, split), name
+    monkeypatch.setenv("FUSEDFORMER_CPU_BWD_SCHEDULE", schedule)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    o = fusedformer.attention(*leaves, is_causal=causal, enable_gqa=True, backend="cpu")
+    return torch.autograd.grad(o, leaves, do)
+
+
+@pytest.mark.parametrize("dtype,amx", [(torch.float32, "1"), (torch.float16, "1"), (torch.bfloat16, "1"),
+                                       (torch.bfloat16, "0")], ids=str)
+@pytest.mark.parametrize("case", SCHEDULE_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_backward_schedules_agree(dtype, amx, case, monkeypatch):
+    """The fused schedule (one task per (batch, kv head)) and the split one (dK/dV and dQ passes
+    for small grids) add every tile's products in the same order: bitwise the same gradients,
+    for the fp32 FMA kernels (every dtype) and AMX (bf16). The per-head schedule sums each head's
+    dK, dV apart before the group's sum, so its bits differ, but two of its runs agree bitwise
+    (no atomics); test_rule_per_schedule holds each schedule to the rule."""
+    require_backend("attention", "cpu", "cpu")
+    monkeypatch.setenv("FUSEDFORMER_CPU_AMX", amx)
+    fused, split, heads, again = (_schedule_grads(case, dtype, s, monkeypatch)
+                                  for s in ("fused", "split", "heads", "heads"))
+    for name, a, b, c, c2 in zip(("dq", "dk", "dv"), fused, split, heads, again):
+        assert torch.equal(a, b), name
+        assert torch.equal(c, c2), name
+
+
+@pytest.mark.parametrize("schedule", ["fused", "split", "heads"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_rule_per_schedule(schedule, dtype, case, monkeypatch):
+    """Each backward schedule, forced whatever the grid and thread count would choose, under
+    the rule on every rule case (bf16: on AMX where the CPU has it, which runs heads as split)."""
+    require_backend("attention", "cpu", "cpu")
+    monkeypatch.setenv("FUSEDFORMER_CPU_BWD_SCHEDULE", schedule)
+    test_rule("cpu", "cpu", dtype, case)
+
+
+def test_unknown_schedule_is_a_clear_error(monkeypatch):
+    require_backend("attention", "cpu", "cpu")
+    monkeypatch.setenv("FUSEDFORMER_CPU_BWD_SCHEDULE", "fastest")
+    q = torch.randn(1, 2, 8, 16, requires_grad=True)
+    o = fusedformer.attention(q, q, q, backend="cpu")
+    with pytest.raises(ValueError, match="FUSEDFORMER_CPU_BWD_SCHEDULE must be fused, split or heads, got 'fastest'"):
+        o.sum().backward()
 
 
 @pytest.mark.parametrize("backend,device", BACKENDS)

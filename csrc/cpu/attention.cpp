@@ -24,11 +24,13 @@
 // P from lse and adds its share to dV, dK and dQ: five tile products, no second pass (the
 // price: 4·LK·D + 5·LQ·D floats of scratch per thread, and B·HKV tasks to share out).
 // Every output element is summed by one task in a fixed order: deterministic, no atomics,
-// any thread count. Where B·HKV tasks would leave threads idle (MQA at batch 1), the backward
-// splits as the GPU kernels do instead (bwd_split: a dK/dV pass over key blocks and a dQ pass
-// over query blocks, recomputing P and dS), summing in the same order: the same bits. bf16 on
-// a CPU with AMX runs the same loops with their products on the tile unit (fwd_amx,
-// bwd_amx_fused, bwd_amx_split, below).
+// any thread count. Where B·HKV tasks would leave threads idle (MQA at batch 1), one of two
+// other schedules (bwd_schedule picks): bwd_heads, one task per (batch, query head) with its
+// own dK, dV partials summed over the group after, where B·HQ tasks fill the threads; else
+// bwd_split, the GPU kernels' split (a dK/dV pass over key blocks and a dQ pass over query
+// blocks, recomputing P and dS: seven products a tile), summing in fused's order: the same
+// bits. bf16 on a CPU with AMX runs the same loops with their products on the tile unit
+// (fwd_amx, bwd_amx_fused, bwd_amx_split, below).
 // Napkin math: fwd 4·B·HQ·LQ·LK·D flops (half when causal), bwd 2.5x that. One AVX2 core
 // peaks at 32 fp32 flops/cycle (two 8-wide FMA pipes); the micro-kernel's 6×16 block needs
 // 8 loads per 96 flops, so the tile products run near that peak and the rest (exp, the
@@ -1382,41 +1384,104 @@ void bwd_dq(const TilePos& t, int64_t dp, const BwdHead& hd, const float* dpt, f
   gemm_tile<true>(t.m, dp, t.n, dpt, 1, kBlockM, hd.k + t.j0 * dp, dp, dq, dp);
 }
 
+// Per-thread buffers of the fused and per-head schedules: one kv head's k, v (lk, dp); one query
+// head's q, dO, dq (lq, dp), their transposes qt, gt (d, lqp), its lse, Delta (lqp); one tile's
+// st, dpt.
+struct BwdBuffers {
+  std::vector<float> k, v, q, g, dq, qt, gt, lse, delta, st, dpt;
+  BwdBuffers(const AttentionBwdParams& p, int64_t dp, int64_t lqp)
+      : k(p.lk * dp), v(p.lk * dp), q(p.lq * dp), g(p.lq * dp), dq(p.lq * dp), qt(p.d * lqp), gt(p.d * lqp),
+        lse(lqp), delta(lqp), st(kBlockN * kBlockM), dpt(kBlockN * kBlockM) {}
+  BwdHead head() const {
+    return BwdHead{k.data(), v.data(), q.data(), g.data(), qt.data(), gt.data(), lse.data(), delta.data()};
+  }
+};
+
+// Query head h of batch bi, its kv head's k and v in buf: every tile adds to dk and dv (lk, dp)
+// and to dQ, which is stored.
+template <typename T>
+void bwd_query_head(const AttentionBwdParams& p, int64_t bi, int64_t h, BwdBuffers& buf, float* dk, float* dv) {
+  const int64_t dp = round_up_lanes(p.d), lqp = round_up_wide(p.lq);
+  bwd_load_queries<T>(p, dp, lqp, bi, h, buf.q.data(), buf.g.data(), buf.qt.data(), buf.gt.data(), buf.lse.data(),
+                      buf.delta.data());
+  std::fill(buf.dq.begin(), buf.dq.end(), 0.f);
+  const BwdHead hd = buf.head();
+  for (int64_t kb = 0; kb < ceil_div(p.lk, kBlockN); ++kb)
+    for_key_block_tiles(p, bi, h, kb, [&](const TilePos& t) {
+      bwd_tile<T>(p, t, dp, lqp, hd, buf.st.data(), buf.dpt.data());
+      bwd_dkdv(t, dp, hd, buf.st.data(), buf.dpt.data(), dv + t.j0 * dp, dk + t.j0 * dp);
+      bwd_dq(t, dp, hd, buf.dpt.data(), buf.dq.data() + t.i0 * dp);
+    });
+  store_rows(buf.dq.data(), dp, p.scale, p.lq, p.d, 0,
+             static_cast<T*>(p.dq) + bi * p.dq_batch_stride + h * p.dq_head_stride, p.dq_row_stride);
+}
+
+// Stores rows [j0, j0 + n) of kv head hk of batch bi's dk (· scale) and dv from fp32 rows of dp.
+template <typename T>
+void bwd_store_keys(const AttentionBwdParams& p, int64_t dp, int64_t bi, int64_t hk, int64_t j0, int64_t n,
+                    const float* dk, const float* dv) {
+  store_rows(dk, dp, p.scale, n, p.d, j0, static_cast<T*>(p.dk) + bi * p.dk_batch_stride + hk * p.dk_head_stride,
+             p.dk_row_stride);
+  store_rows(dv, dp, 1.f, n, p.d, j0, static_cast<T*>(p.dv) + bi * p.dv_batch_stride + hk * p.dv_head_stride,
+             p.dv_row_stride);
+}
+
 // The fused schedule: one task per (batch, kv head), as the file's header describes.
 template <typename T>
 void bwd_fused(const AttentionBwdParams& p) {
-  const int64_t d = p.d, dp = round_up_lanes(d), group = p.hq / p.hkv;
-  const int64_t lqp = round_up_wide(p.lq), nkb = ceil_div(p.lk, kBlockN);
+  const int64_t dp = round_up_lanes(p.d), group = p.hq / p.hkv;
 #pragma omp parallel
   {
-    // One kv head's k, v, dk, dv (lk, dp); one query head's q, dO, dq (lq, dp), their
-    // transposes qt, gt (d, lqp), its lse, Delta (lqp).
-    std::vector<float> k(p.lk * dp), v(p.lk * dp), dk(p.lk * dp), dv(p.lk * dp);
-    std::vector<float> q(p.lq * dp), g(p.lq * dp), dq(p.lq * dp), qt(d * lqp), gt(d * lqp);
-    std::vector<float> lse(lqp), delta(lqp), st(kBlockN * kBlockM), dpt(kBlockN * kBlockM);
-    const BwdHead hd{k.data(), v.data(), q.data(), g.data(), qt.data(), gt.data(), lse.data(), delta.data()};
+    BwdBuffers buf(p, dp, round_up_wide(p.lq));
+    std::vector<float> dk(p.lk * dp), dv(p.lk * dp);
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < p.b * p.hkv; ++task) {
       const int64_t bi = task / p.hkv, hk = task % p.hkv;
-      bwd_load_keys<T>(p, dp, bi, hk, k.data(), v.data());
+      bwd_load_keys<T>(p, dp, bi, hk, buf.k.data(), buf.v.data());
       std::fill(dk.begin(), dk.end(), 0.f);
       std::fill(dv.begin(), dv.end(), 0.f);
-      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-        bwd_load_queries<T>(p, dp, lqp, bi, h, q.data(), g.data(), qt.data(), gt.data(), lse.data(), delta.data());
-        std::fill(dq.begin(), dq.end(), 0.f);
-        for (int64_t kb = 0; kb < nkb; ++kb)
-          for_key_block_tiles(p, bi, h, kb, [&](const TilePos& t) {
-            bwd_tile<T>(p, t, dp, lqp, hd, st.data(), dpt.data());
-            bwd_dkdv(t, dp, hd, st.data(), dpt.data(), dv.data() + t.j0 * dp, dk.data() + t.j0 * dp);
-            bwd_dq(t, dp, hd, dpt.data(), dq.data() + t.i0 * dp);
-          });
-        store_rows(dq.data(), dp, p.scale, p.lq, d, 0,
-                   static_cast<T*>(p.dq) + bi * p.dq_batch_stride + h * p.dq_head_stride, p.dq_row_stride);
-      }
-      store_rows(dk.data(), dp, p.scale, p.lk, d, 0,
-                 static_cast<T*>(p.dk) + bi * p.dk_batch_stride + hk * p.dk_head_stride, p.dk_row_stride);
-      store_rows(dv.data(), dp, 1.f, p.lk, d, 0,
-                 static_cast<T*>(p.dv) + bi * p.dv_batch_stride + hk * p.dv_head_stride, p.dv_row_stride);
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) bwd_query_head<T>(p, bi, h, buf, dk.data(), dv.data());
+      bwd_store_keys<T>(p, dp, bi, hk, 0, p.lk, dk.data(), dv.data());
+    }
+  }
+}
+
+// The per-head schedule, for grids with fewer (batch, kv head) pairs than threads but enough
+// (batch, query head) pairs (MQA at batch 1 on a few cores): one task per (batch, query head),
+// bwd_fused's loop for one head, with that head's own dK, dV partials (2 · B · HQ · LK · D
+// floats of scratch); then the group's partials are summed in head order, one task per (batch,
+// kv head, key block). Five products a tile, as fused (the split schedule's recomputation costs
+// seven); deterministic, but not bitwise the fused schedule's sums (a head's tiles are summed
+// apart before they meet the others').
+template <typename T>
+void bwd_heads(const AttentionBwdParams& p) {
+  const int64_t dp = round_up_lanes(p.d), group = p.hq / p.hkv, nkb = ceil_div(p.lk, kBlockN);
+  const size_t head_elems = size_t(p.lk * dp);
+  std::vector<float> dk(p.b * p.hq * head_elems), dv(dk.size());
+#pragma omp parallel
+  {
+    BwdBuffers buf(p, dp, round_up_wide(p.lq));
+#pragma omp for schedule(dynamic)
+    for (int64_t task = 0; task < p.b * p.hq; ++task) {
+      const int64_t bi = task / p.hq, h = task % p.hq;
+      float *dk_h = dk.data() + task * head_elems, *dv_h = dv.data() + task * head_elems;
+      bwd_load_keys<T>(p, dp, bi, h / group, buf.k.data(), buf.v.data());
+      std::fill(dk_h, dk_h + head_elems, 0.f);
+      std::fill(dv_h, dv_h + head_elems, 0.f);
+      bwd_query_head<T>(p, bi, h, buf, dk_h, dv_h);
+    }
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < p.b * p.hkv * nkb; ++task) {  // the group's sums, into its first head's
+      const int64_t bi = task / (p.hkv * nkb), hk = task / nkb % p.hkv, j0 = task % nkb * kBlockN;
+      const int64_t n = std::min(kBlockN, p.lk - j0);
+      float* dk_sum = dk.data() + (bi * p.hq + hk * group) * head_elems + j0 * dp;
+      float* dv_sum = dv.data() + (bi * p.hq + hk * group) * head_elems + j0 * dp;
+      for (int64_t x = 1; x < group; ++x)
+        for (int64_t e = 0; e < n * dp; ++e) {
+          dk_sum[e] += dk_sum[x * head_elems + e];
+          dv_sum[e] += dv_sum[x * head_elems + e];
+        }
+      bwd_store_keys<T>(p, dp, bi, hk, j0, n, dk_sum, dv_sum);
     }
   }
 }
@@ -1467,10 +1532,7 @@ void bwd_split(const AttentionBwdParams& p) {
           bwd_dkdv(t, dp, hd, st.data(), dpt.data(), dv.data(), dk.data());
         });
       }
-      store_rows(dk.data(), dp, p.scale, n, d, j0,
-                 static_cast<T*>(p.dk) + bi * p.dk_batch_stride + hk * p.dk_head_stride, p.dk_row_stride);
-      store_rows(dv.data(), dp, 1.f, n, d, j0,
-                 static_cast<T*>(p.dv) + bi * p.dv_batch_stride + hk * p.dv_head_stride, p.dv_row_stride);
+      bwd_store_keys<T>(p, dp, bi, hk, j0, n, dk.data(), dv.data());
     }
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < p.b * p.hq * nqb; ++task) {  // dQ of one query block
@@ -1488,11 +1550,30 @@ void bwd_split(const AttentionBwdParams& p) {
   }
 }
 
-// Whether the backward takes the split schedule: FUSEDFORMER_CPU_BWD_SPLIT=1 or 0 (read at each
-// call) forces it either way; else where B · HKV tasks would leave threads idle.
-bool bwd_split_schedule(const AttentionBwdParams& p) {
-  const char* env = std::getenv("FUSEDFORMER_CPU_BWD_SPLIT");
-  return env ? std::string(env) == "1" : p.b * p.hkv < omp_get_max_threads();
+// The backward's schedules: fused (one task per (batch, kv head)), split (a dK/dV pass over key
+// blocks and a dQ pass over query blocks) and heads (one task per (batch, query head), dK and dV
+// summed over the group after).
+enum class BwdSchedule { kFused, kSplit, kHeads };
+
+// FUSEDFORMER_CPU_BWD_SCHEDULE=fused, split or heads (read at each call) forces a schedule (heads
+// runs as split on AMX, which has no per-head schedule). Else: fused while B · HKV tasks keep
+// every thread busy; below that, heads where its B · HQ tasks of five products a tile fill the
+// threads at least 5/7 as well as split's many tasks of seven do, and its partials take at most
+// 512 MiB; split otherwise.
+BwdSchedule bwd_schedule(const AttentionBwdParams& p) {
+  if (const char* env = std::getenv("FUSEDFORMER_CPU_BWD_SCHEDULE")) {
+    const std::string name(env);
+    if (name == "fused") return BwdSchedule::kFused;
+    if (name == "split") return BwdSchedule::kSplit;
+    if (name == "heads") return BwdSchedule::kHeads;
+    throw std::invalid_argument("FUSEDFORMER_CPU_BWD_SCHEDULE must be fused, split or heads, got '" + name + "'");
+  }
+  const int64_t threads = omp_get_max_threads(), tasks = p.b * p.hq;
+  if (p.b * p.hkv >= threads) return BwdSchedule::kFused;
+  const int64_t rounds = ceil_div(tasks, threads);
+  const double partial_bytes = 2.0 * sizeof(float) * double(tasks) * double(p.lk) * double(round_up_lanes(p.d));
+  return 7 * tasks >= 5 * threads * rounds && partial_bytes <= 512.0 * (1 << 20) ? BwdSchedule::kHeads
+                                                                                  : BwdSchedule::kSplit;
 }
 
 }  // namespace
@@ -1517,16 +1598,17 @@ int64_t attention_fwd_num_splits_cpu(const AttentionFwdParams& p) {
   return attention_num_splits(blocks, ceil_div(p.lk, amx_forward(p) ? kAmxN : kBlockN), omp_get_max_threads());
 }
 void attention_bwd_cpu(const AttentionBwdParams& p) {
-  const bool split = bwd_split_schedule(p);
+  const BwdSchedule schedule = bwd_schedule(p);
 #if defined(FUSEDFORMER_CPU_AMX)
-  if (amx_bf16(p.dtype)) return split ? bwd_amx_split(p) : bwd_amx_fused(p);
+  if (amx_bf16(p.dtype)) return schedule == BwdSchedule::kFused ? bwd_amx_fused(p) : bwd_amx_split(p);
 #endif
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
-    if (split)
-      bwd_split<T>(p);
-    else
-      bwd_fused<T>(p);
+    switch (schedule) {
+      case BwdSchedule::kFused: return bwd_fused<T>(p);
+      case BwdSchedule::kSplit: return bwd_split<T>(p);
+      case BwdSchedule::kHeads: return bwd_heads<T>(p);
+    }
   });
 }
 
