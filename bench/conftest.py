@@ -70,6 +70,19 @@ def _cpu_isa() -> str:
     return f"fusedformer {ours}, torch {torch.backends.cpu.get_cpu_capability()}"
 
 
+def _cpu_model() -> str:
+    """The CPU's model name from /proc/cpuinfo (the 2-core machines differ from session to
+    session: an AMX Xeon one day, an AMD EPYC without AMX the next), else what platform says."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 @functools.cache
 def machine() -> dict[str, str]:
     import importlib.metadata as md
@@ -82,7 +95,7 @@ def machine() -> dict[str, str]:
 
     return {
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({os.cpu_count()} cores)",
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_model(),
         "threads": str(torch.get_num_threads()),
         "torch": torch.__version__,
         "cuda": torch.version.cuda or "none",

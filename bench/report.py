@@ -103,7 +103,8 @@ def header(path: str, data: dict) -> list[str]:
     lines = [f"# {path}: {info.get('device', '?')}, torch {info.get('torch')}, triton {info.get('triton')}, "
              f"git {info.get('git')}, {data.get('datetime', '')}"]
     if "cpu_isa" in info or "malloc" in info:
-        lines.append(f"# threads {info.get('threads')}; {info.get('cpu_isa', '?')}; malloc: {info.get('malloc', '?')}")
+        lines.append(f"# {info.get('cpu', '?')}, threads {info.get('threads')}; {info.get('cpu_isa', '?')}; "
+                     f"malloc: {info.get('malloc', '?')}")
     return lines
 
 
