@@ -135,6 +135,9 @@ void attention_fwd_cpu(const AttentionFwdParams& p);
 // The num_splits that attention_fwd_cpu would run p's sizes with on this many OpenMP threads.
 int64_t attention_fwd_num_splits_cpu(const AttentionFwdParams& p);
 void attention_bwd_cpu(const AttentionBwdParams& p);
+// The units bf16 attention can run its products on here, as FUSEDFORMER_CPU_BF16 names them
+// ("fma", then "dpbf16" and "amx" where the build and CPU have them), comma-separated.
+std::string attention_cpu_bf16_units();
 
 #if defined(__CUDACC__) || defined(FUSEDFORMER_WITH_CUDA)
 void attention_fwd_cuda(const AttentionFwdParams& p, cudaStream_t stream);

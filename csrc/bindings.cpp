@@ -761,6 +761,7 @@ pybind11::dict build_info() {
   d["cuda_reason"] = FUSEDFORMER_CUDA_SKIP_REASON;
 #endif
   d["cpu_isa"] = built_isa();
+  d["cpu_bf16_units"] = fusedformer::attention_cpu_bf16_units();
 #ifdef _OPENMP
   d["openmp"] = true;
 #else

@@ -69,6 +69,11 @@ def test_info_reports_every_backend():
         assert info["cuda_matmul"] in ("wgmma (sm_90a)", "mma.sync")
     else:
         assert info["cuda_matmul"] == "n/a: " + info["backends"]["cuda"]["reason"]
+    if info["backends"]["cpu"]["available"]:
+        unit, units = info["cpu_bf16"].split(" ", 1)
+        assert unit in ("fma", "dpbf16", "amx") and units.startswith("(of fma") and units.endswith(f"{unit})")
+    else:
+        assert info["cpu_bf16"] == "n/a: " + info["backends"]["cpu"]["reason"]
     assert "reference" in fusedformer.available_backends()
 
 

@@ -308,7 +308,7 @@ def test_strided_inputs_and_expanded_grads(backend, device):
 def test_strides_change_nothing(backend, device, dtype):
     """The same values through the strided views of test_strided_inputs_and_expanded_grads and
     contiguous: bitwise the same output, lse and gradients (strides only move the reads; bf16
-    runs the AMX kernels on a CPU that has them, which stage their operands through strides)."""
+    runs the tile kernels on a CPU with AVX512_BF16, which stage their operands through strides)."""
     require_backend("attention", backend, device)
     b, hq, hkv, lq, lk, d = 2, 4, 2, 70, 97, 40
     q = torch.randn(b, lq, hq, d, device=device).to(dtype).transpose(1, 2)
@@ -325,13 +325,45 @@ def test_strides_change_nothing(backend, device, dtype):
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
-def test_bf16_without_amx(case, monkeypatch):
-    """FUSEDFORMER_CPU_AMX=0 keeps bf16 on the fp32 FMA forward and backward (the path of a CPU
-    without AMX, which this machine would otherwise never run for bf16): under the rule too. The
-    backward takes AMX for every query length, so the decoding-sized cases count here as well."""
+def test_bf16_on_the_fma_kernels(case, monkeypatch):
+    """FUSEDFORMER_CPU_BF16=fma keeps bf16 on the fp32 FMA forward and backward (the path of a
+    CPU without AVX512_BF16, which a machine with it would otherwise never run for bf16): under
+    the rule too. The backward takes the tile kernels for every query length, so the
+    decoding-sized cases count here as well."""
     require_backend("attention", "cpu", "cpu")
-    monkeypatch.setenv("FUSEDFORMER_CPU_AMX", "0")
+    monkeypatch.setenv("FUSEDFORMER_CPU_BF16", "fma")
     test_rule("cpu", "cpu", torch.bfloat16, case)
+
+
+def _bf16_units() -> list[str]:
+    from fusedformer.kernels.dispatch import extension
+
+    return extension()[0].build_info()["cpu_bf16_units"].split(", ")
+
+
+@pytest.mark.parametrize("unit", ["dpbf16", "amx"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_bf16_tile_units_under_the_rule(unit, case, monkeypatch):
+    """The tile kernels (fwd_amx, bwd_amx_*) on each unit that runs them, forced: AMX's tiles,
+    or vdpbf16ps on the same staged operands (the default on a CPU with AVX512_BF16 and no AMX)."""
+    require_backend("attention", "cpu", "cpu")
+    if unit not in _bf16_units():
+        pytest.skip(f"this build or CPU has no {unit} (has {', '.join(_bf16_units())})")
+    monkeypatch.setenv("FUSEDFORMER_CPU_BF16", unit)
+    test_rule("cpu", "cpu", torch.bfloat16, case)
+
+
+def test_bf16_unit_errors_are_clear(monkeypatch):
+    require_backend("attention", "cpu", "cpu")
+    q = torch.randn(1, 2, 70, 16, dtype=torch.bfloat16)
+    monkeypatch.setenv("FUSEDFORMER_CPU_BF16", "tensor-cores")
+    with pytest.raises(ValueError, match="FUSEDFORMER_CPU_BF16 must be fma, dpbf16 or amx, got 'tensor-cores'"):
+        fusedformer.attention(q, q, q, backend="cpu")
+    missing = [u for u in ("dpbf16", "amx") if u not in _bf16_units()]
+    for unit in missing:
+        monkeypatch.setenv("FUSEDFORMER_CPU_BF16", unit)
+        with pytest.raises(ValueError, match=f"FUSEDFORMER_CPU_BF16={unit}: this build or CPU lacks it"):
+            fusedformer.attention(q, q, q, backend="cpu")
 
 
 # (B, HQ, HKV, LQ, LK, D, causal, mask, scale): head dims the rule cases skip (200, 256, 33),
@@ -344,20 +376,18 @@ AMX_CASES = [
 ]
 
 
+@pytest.mark.parametrize("unit", ["dpbf16", "amx"])
 @pytest.mark.parametrize("case", AMX_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_amx_within_twice_the_fma_error(case, monkeypatch):
-    """bf16 on AMX (fwd_amx, bwd_amx_*: bf16 P and dS) against the fp32 FMA kernels on the same
-    inputs: o, lse and every gradient within 2x the FMA path's error vs float64 plus 5e-5, and
-    finite exactly where the oracle is. The floor, measured: with one key the FMA path's dq and
-    dk are exactly 0 and AMX's 1.6e-6 and 3.7e-6 (its P is 2^x to 8e-8, not exactly 1); in a
-    66-case random sweep of shapes, masks and scales the tightest case needed 2.4e-5 (dq 9.9e-4
-    against the FMA path's 4.8e-4, D = 7, scale -0.3). Both paths are the FMA one on a CPU
-    without AMX."""
+def test_tile_units_within_twice_the_fma_error(unit, case, monkeypatch):
+    """bf16 on the tile kernels (fwd_amx, bwd_amx_*: bf16 P and dS), on AMX or vdpbf16ps, against
+    the fp32 FMA kernels on the same inputs: o, lse and every gradient within 2x the FMA path's
+    error vs float64 plus 5e-5, and finite exactly where the oracle is. The floor, measured on
+    AMX: with one key the FMA path's dq and dk are exactly 0 and AMX's 1.6e-6 and 3.7e-6 (its P
+    is 2^x to 8e-8, not exactly 1); in a 66-case random sweep of shapes, masks and scales the
+    tightest case needed 2.4e-5 (dq 9.9e-4 against the FMA path's 4.8e-4, D = 7, scale -0.3)."""
     require_backend("attention", "cpu", "cpu")
-    from fusedformer.kernels.dispatch import extension
-
-    if "amx" not in extension()[0].build_info()["cpu_isa"]:
-        pytest.skip("built without AMX: both paths are the FMA kernels")
+    if unit not in _bf16_units():
+        pytest.skip(f"this build or CPU has no {unit} (has {', '.join(_bf16_units())})")
     b, hq, hkv, lq, lk, d, causal, kind, scale = case
     torch.manual_seed(lq + lk + d)
     q = torch.randn(b, hq, lq, d).bfloat16()
@@ -368,8 +398,8 @@ def test_amx_within_twice_the_fma_error(case, monkeypatch):
         mask[..., 0] = True
     do = torch.randn(b, hq, lq, d).bfloat16()
 
-    def outputs(amx: str, dtype=torch.bfloat16):
-        monkeypatch.setenv("FUSEDFORMER_CPU_AMX", amx)
+    def outputs(unit: str, dtype=torch.bfloat16):
+        monkeypatch.setenv("FUSEDFORMER_CPU_BF16", unit)
         leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
         m = mask.to(dtype) if mask is not None and mask.is_floating_point() else mask
         if dtype == torch.float64:
@@ -380,16 +410,16 @@ def test_amx_within_twice_the_fma_error(case, monkeypatch):
         return [o, lse, *torch.autograd.grad(o, leaves, do.to(dtype))]
 
     failed = []
-    for name, amx, fma, truth in zip(("o", "lse", "dq", "dk", "dv"), outputs("1"), outputs("0"),
-                                     outputs("1", torch.float64)):
+    for name, tiles, fma, truth in zip(("o", "lse", "dq", "dk", "dv"), outputs(unit), outputs("fma"),
+                                       outputs(unit, torch.float64)):
         live = torch.isfinite(truth)
-        if not torch.equal(torch.isfinite(amx), live):
+        if not torch.equal(torch.isfinite(tiles), live):
             failed.append(f"{name}: finite elsewhere than the oracle")
             continue
-        err_amx = (amx.double() - truth)[live].abs().max().item()
+        err_tiles = (tiles.double() - truth)[live].abs().max().item()
         err_fma = (fma.double() - truth)[live].abs().max().item()
-        if err_amx > 2 * err_fma + 5e-5:
-            failed.append(f"{name}: AMX {err_amx:.3g} > 2 x FMA {err_fma:.3g} + 5e-5")
+        if err_tiles > 2 * err_fma + 5e-5:
+            failed.append(f"{name}: {unit} {err_tiles:.3g} > 2 x FMA {err_fma:.3g} + 5e-5")
     assert not failed, "; ".join(failed)
 
 
@@ -410,17 +440,18 @@ def _schedule_grads(case, dtype, schedule, monkeypatch):
     return torch.autograd.grad(o, leaves, do)
 
 
-@pytest.mark.parametrize("dtype,amx", [(torch.float32, "1"), (torch.float16, "1"), (torch.bfloat16, "1"),
-                                       (torch.bfloat16, "0")], ids=str)
+@pytest.mark.parametrize("dtype,unit", [(torch.float32, None), (torch.float16, None), (torch.bfloat16, None),
+                                        (torch.bfloat16, "fma")], ids=str)
 @pytest.mark.parametrize("case", SCHEDULE_CASES, ids=lambda c: "-".join(map(str, c)))
-def test_backward_schedules_agree(dtype, amx, case, monkeypatch):
+def test_backward_schedules_agree(dtype, unit, case, monkeypatch):
     """The fused schedule (one task per (batch, kv head)) and the split one (dK/dV and dQ passes
     for small grids) add every tile's products in the same order: bitwise the same gradients,
-    for the fp32 FMA kernels (every dtype) and AMX (bf16). The per-head schedule sums each head's
+    for the fp32 FMA kernels (every dtype) and the bf16 tile kernels. The per-head schedule sums each head's
     dK, dV apart before the group's sum, so its bits differ, but two of its runs agree bitwise
     (no atomics); test_rule_per_schedule holds each schedule to the rule."""
     require_backend("attention", "cpu", "cpu")
-    monkeypatch.setenv("FUSEDFORMER_CPU_AMX", amx)
+    if unit:
+        monkeypatch.setenv("FUSEDFORMER_CPU_BF16", unit)
     fused, split, heads, again = (_schedule_grads(case, dtype, s, monkeypatch)
                                   for s in ("fused", "split", "heads", "heads"))
     for name, a, b, c, c2 in zip(("dq", "dk", "dv"), fused, split, heads, again):
@@ -433,7 +464,8 @@ def test_backward_schedules_agree(dtype, amx, case, monkeypatch):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_rule_per_schedule(schedule, dtype, case, monkeypatch):
     """Each backward schedule, forced whatever the grid and thread count would choose, under
-    the rule on every rule case (bf16: on AMX where the CPU has it, which runs heads as split)."""
+    the rule on every rule case (bf16: on the tile kernels where the CPU has them, which run
+    heads as split)."""
     require_backend("attention", "cpu", "cpu")
     monkeypatch.setenv("FUSEDFORMER_CPU_BWD_SCHEDULE", schedule)
     test_rule("cpu", "cpu", dtype, case)
@@ -450,7 +482,7 @@ def test_unknown_schedule_is_a_clear_error(monkeypatch):
 
 @pytest.mark.parametrize("backend,device", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
-@pytest.mark.parametrize("lq", [70, 3])  # the 16-bit forwards: bf16 on AMX where the CPU has it; decoding
+@pytest.mark.parametrize("lq", [70, 3])  # the 16-bit forwards: bf16 on the tile kernels where the CPU has them; decoding
 def test_fully_masked_rows_16bit(backend, device, dtype, lq):
     """16-bit inputs, rows with every key masked (bool, all -inf float, causal with a padded first
     key): o == 0 and lse == -inf there, every output and gradient finite, the live rows' lse
@@ -487,7 +519,7 @@ def test_fully_masked_rows_16bit(backend, device, dtype, lq):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 def test_dropout_16bit_under_the_rule(backend, device, dtype, causal):
-    """16-bit forward with dropout (on the CPU, bf16 runs the AMX forward where the CPU has it):
+    """16-bit forward with dropout (on the CPU, bf16 runs the tile forward where the CPU has it):
     o against PyTorch's same-dtype ops fed the kernels' keep-mask, both against float64."""
     require_backend("attention", backend, device)
     b, hq, hkv, lq, lk, d, p, seed = 2, 4, 2, 77, 300, 40, 0.3, 20261203

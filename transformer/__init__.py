@@ -85,7 +85,22 @@ def info() -> dict[str, Any]:
         "backend": get_backend(),
         "backends": backends,
         "cuda_matmul": _cuda_matmul(backends["cuda"]),
+        "cpu_bf16": _cpu_bf16(backends["cpu"]),
     }
+
+
+def _cpu_bf16(status: dict[str, Any]) -> str:
+    """The unit the cpu backend's bf16 attention runs its products on by default (the last of
+    the build's and CPU's units: fma, the fp32 kernels; dpbf16, AVX512_BF16; amx, the tile unit)
+    and the ones FUSEDFORMER_CPU_BF16 may pick, or why there are none; status: backend_status()'s
+    entry for cpu."""
+    if not status["available"]:
+        return f"n/a: {status['reason']}"
+    from .kernels.dispatch import extension
+
+    ext, _ = extension()
+    units = ext.build_info()["cpu_bf16_units"]
+    return f"{units.split(', ')[-1]} (of {units})"
 
 
 def _cuda_matmul(status: dict[str, Any]) -> str:

@@ -39,7 +39,7 @@ def cmd_info(_args: argparse.Namespace) -> int:
     import fusedformer
 
     info = fusedformer.info()
-    for key in ("fusedformer", "python", "torch", "torch_cuda", "triton", "device", "backend", "cuda_matmul"):
+    for key in ("fusedformer", "python", "torch", "torch_cuda", "triton", "device", "backend", "cuda_matmul", "cpu_bf16"):
         print(f"{key:>12}: {info[key]}")
     print()
     print(f"{'backend':<10} {'available':<10} {'ops':<36} why not")

@@ -29,8 +29,9 @@
 // own dK, dV partials summed over the group after, where B·HQ tasks fill the threads; else
 // bwd_split, the GPU kernels' split (a dK/dV pass over key blocks and a dQ pass over query
 // blocks, recomputing P and dS: seven products a tile), summing in fused's order: the same
-// bits. bf16 on a CPU with AMX runs the same loops with their products on the tile unit
-// (fwd_amx, bwd_amx_fused, bwd_amx_split, below).
+// bits. bf16 on a CPU with AVX512_BF16 runs the same loops with bf16 products on AMX's tile
+// layouts (fwd_amx, bwd_amx_fused, bwd_amx_split, below): on the AMX tile unit where the CPU has
+// one, else by vdpbf16ps.
 // Napkin math: fwd 4·B·HQ·LQ·LK·D flops (half when causal), bwd 2.5x that. One AVX2 core
 // peaks at 32 fp32 flops/cycle (two 8-wide FMA pipes); the micro-kernel's 6×16 block needs
 // 8 loads per 96 flops, so the tile products run near that peak and the rest (exp, the
@@ -38,9 +39,14 @@
 #include "../attention.h"
 
 #include <omp.h>
-// The bf16 forward on the AMX tile unit (fwd_amx) is built where the compiler targets AMX and
-// AVX512_BF16 (setup.py adds both on a CPU that has them).
-#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+// The bf16 kernels on AMX's tile layouts (fwd_amx, bwd_amx_*) are built where the compiler
+// targets AVX512_BF16 (setup.py adds it, and AMX, on a CPU that has them). Their products run on
+// the AMX tile unit where the build and the CPU have it, else as vdpbf16ps on the same staged
+// tiles (amx_block).
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+#define FUSEDFORMER_CPU_BF16_TILES 1
+#endif
+#if defined(FUSEDFORMER_CPU_BF16_TILES) && defined(__AMX_TILE__) && defined(__AMX_BF16__)
 #define FUSEDFORMER_CPU_AMX 1
 #include <sys/syscall.h>
 #include <unistd.h>
@@ -636,7 +642,7 @@ void fwd_decode(const AttentionFwdParams& p) {
   if (splits > 1) combine_splits<T>(p);
 }
 
-// ---- bf16 on AMX: the products on the tile unit -------------------------------------------
+// ---- bf16 on AMX's tiles: the products on the tile unit, or by vdpbf16ps ------------------
 //
 // On a CPU with AMX (Sapphire Rapids on), TDPBF16PS multiplies a 16 x 32 bf16 tile (A, rows
 // in memory) by a 32 x 16 one (B) into 16 x 16 fp32: 8192 products an instruction, the CPU's
@@ -650,21 +656,45 @@ void fwd_decode(const AttentionFwdParams& p) {
 // stage_b_tiles, stage_bt_tiles), zero past the real rows and columns, D rounded up to 32 (one
 // k-step). Every product is four 16 x 16 C
 // tiles at a time (amx_block: 2 A and 2 B tiles a k-step, the eight tile registers all used).
+// A CPU with AVX512_BF16 and no AMX (AMD Zen 4, say) runs the same kernels with amx_block's
+// product by vdpbf16ps (32 products of bf16 pairs an instruction; dpbf16_block), which reads
+// the same staged tiles: measured on a 2-core AMD EPYC, 1 x 16 x 1024 x 128 non-causal bf16 fwd
+// 29.8 ms and fwd+bwd 107 ms, against 69.1 and 202 on the FMA kernels (SDPA 59.2 and 186).
 //
 // Keys a tile of the AMX forward: two kBlockN blocks, so that each load and store of the
 // accumulator tiles (in memory) carries four k-steps of P V, not two. (Four blocks, 256 keys,
 // measured no faster, and causal wastes more on the diagonal: 1024 causal 11.4 ms.)
 constexpr int64_t kAmxN = 128;
+
+constexpr bool bf16_tile_kernels_built() {
+#if defined(FUSEDFORMER_CPU_BF16_TILES)
+  return true;
+#else
+  return false;
+#endif
+}
 constexpr float kLog2e = 1.44269504088896341f;  // the AMX kernels' exps are powers of 2
 
-#if defined(FUSEDFORMER_CPU_AMX)
+// The units bf16 attention can run its products on, as FUSEDFORMER_CPU_BF16 names them: the
+// fp32 FMA kernels (the bf16 inputs converted), vdpbf16ps on the tile layouts, the AMX tiles.
+enum class Bf16Unit { kFma, kDpbf16, kAmx };
 
-// Whether this process may use the tile registers: Linux grants their state on request
+// Whether this process may use the AMX tile registers: Linux grants their state on request
 // (arch_prctl ARCH_REQ_XCOMP_PERM for XFEATURE_XTILEDATA), and refuses on a CPU without AMX.
 bool amx_usable() {
+#if defined(FUSEDFORMER_CPU_AMX)
   static const bool granted = syscall(SYS_arch_prctl, 0x1023, 18) == 0;
   return granted;
+#else
+  return false;
+#endif
 }
+
+#if defined(FUSEDFORMER_CPU_BF16_TILES)
+
+// Whether the calling thread's amx_block calls run on the AMX tiles (else vdpbf16ps): set for
+// a parallel region's span by TileUnit.
+thread_local bool t_amx_tiles = false;
 
 // Palette 1 with all eight tiles 16 rows of 64 bytes; loaded by each thread that uses them.
 void amx_configure() {
@@ -675,14 +705,72 @@ void amx_configure() {
   } config{};
   config.palette = 1;
   for (int t = 0; t < 8; ++t) config.colsb[t] = 64, config.rows[t] = 16;
+#if defined(FUSEDFORMER_CPU_AMX)
   _tile_loadconfig(&config);
+#endif
+}
+
+// A thread's tile unit for one parallel region: AMX (its tiles configured here, released at
+// the end) or vdpbf16ps.
+class TileUnit {
+ public:
+  explicit TileUnit(Bf16Unit unit) {
+    t_amx_tiles = unit == Bf16Unit::kAmx;
+    if (t_amx_tiles) amx_configure();
+  }
+  ~TileUnit() {
+#if defined(FUSEDFORMER_CPU_AMX)
+    if (t_amx_tiles) _tile_release();
+#endif
+    t_amx_tiles = false;
+  }
+  TileUnit(const TileUnit&) = delete;
+  TileUnit& operator=(const TileUnit&) = delete;
+};
+
+// amx_block's product by vdpbf16ps from the same staged operands. An A row's k-step is 16 pairs
+// of bf16 and a B tile's row kp holds pair kp of each of its 16 columns, so for each kp one
+// broadcast A pair times one B row is what the tile instruction sums: C row m += A(m, pair kp) ·
+// B(pair kp, 16 columns). Eight rows by the block's 32 columns a pass: 16 accumulators, two B
+// rows loaded per pair and reused by the eight rows.
+template <bool kAccumulate, typename FA, typename FB>
+inline void dpbf16_block(int64_t ksteps, FA&& a, int64_t lda, FB&& b, float* c, int64_t ldc) {
+  constexpr int kRows = 8;
+  for (int i = 0; i < 2; ++i)
+    for (int r0 = 0; r0 < 16; r0 += kRows) {
+      float* c_rows = c + (16 * i + r0) * ldc;
+      __m512 acc[kRows][2];
+      for (int r = 0; r < kRows; ++r)
+        for (int j = 0; j < 2; ++j)
+          acc[r][j] = kAccumulate ? _mm512_loadu_ps(c_rows + r * ldc + 16 * j) : _mm512_setzero_ps();
+      for (int64_t ks = 0; ks < ksteps; ++ks) {
+        const char* a_rows = reinterpret_cast<const char*>(a(i, ks)) + r0 * lda;
+        const uint32_t *b0 = b(0, ks), *b1 = b(1, ks);
+        for (int kp = 0; kp < 16; ++kp) {
+          const __m512bh bv0 = (__m512bh)_mm512_loadu_si512(b0 + 16 * kp);
+          const __m512bh bv1 = (__m512bh)_mm512_loadu_si512(b1 + 16 * kp);
+          for (int r = 0; r < kRows; ++r) {
+            int32_t pair;
+            std::memcpy(&pair, a_rows + r * lda + 4 * kp, sizeof pair);
+            const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], av, bv0);
+            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], av, bv1);
+          }
+        }
+      }
+      for (int r = 0; r < kRows; ++r)
+        for (int j = 0; j < 2; ++j) _mm512_storeu_ps(c_rows + r * ldc + 16 * j, acc[r][j]);
+    }
 }
 
 // C (32 x 32 fp32 at c, ldc floats a row) = (kAccumulate: C +) Σ_{ks < ksteps} A_ks B_ks, as
 // four 16 x 16 C tiles (registers 0-3): a(i, ks) the 16 A rows 16i.. of k-step ks (lda bytes
-// apart), b(j, ks) the 1 KiB B tile of columns 16j.. of k-step ks.
+// apart), b(j, ks) the 1 KiB B tile of columns 16j.. of k-step ks. On vdpbf16ps where the
+// thread's unit is not AMX (dpbf16_block).
 template <bool kAccumulate, typename FA, typename FB>
 inline void amx_block(int64_t ksteps, FA&& a, int64_t lda, FB&& b, float* c, int64_t ldc) {
+#if defined(FUSEDFORMER_CPU_AMX)
+  if (!t_amx_tiles) return dpbf16_block<kAccumulate>(ksteps, a, lda, b, c, ldc);
   const int64_t ldc_bytes = ldc * int64_t(sizeof(float));
   if constexpr (kAccumulate) {
     _tile_loadd(0, c, ldc_bytes);
@@ -709,6 +797,9 @@ inline void amx_block(int64_t ksteps, FA&& a, int64_t lda, FB&& b, float* c, int
   _tile_stored(1, c + 16, ldc_bytes);
   _tile_stored(2, c + 16 * ldc, ldc_bytes);
   _tile_stored(3, c + 16 * ldc + 16, ldc_bytes);
+#else
+  dpbf16_block<kAccumulate>(ksteps, a, lda, b, c, ldc);
+#endif
 }
 
 // A 16 x 16 matrix of 32-bit elements, one row a register, transposed in place: 64 shuffles
@@ -883,7 +974,7 @@ void softmax_cols_bf16(const AttentionFwdParams& p, const TilePos& t, int64_t n3
 //   mask, causal diagonal, online softmax down the keys, P in bf16 (softmax_cols_bf16)
 //   accᵀ = accᵀ diag(alpha) + Vᵀ Pᵀ   A: Vᵀ rows (staged per call)   B: Pᵀ tiles
 // with accᵀ (D by queries, fp32) in memory as the C tiles, transposed back as it is stored.
-void fwd_amx(const AttentionFwdParams& p) {
+void fwd_amx(const AttentionFwdParams& p, Bf16Unit unit) {
   using W = Wide;
   const int64_t d = p.d, dk = (d + 31) / 32 * 32, ksteps = dk / 32, group = p.hq / p.hkv;
   const int64_t nqb = ceil_div(p.lq, kBlockM), splits = p.num_splits, lkp = ceil_div(p.lk, kAmxN) * kAmxN;
@@ -910,7 +1001,7 @@ void fwd_amx(const AttentionFwdParams& p) {
   }
 #pragma omp parallel
   {
-    amx_configure();
+    const TileUnit tile_unit(unit);
     // Per task: Qᵀ tiles, Sᵀ (kAmxN x kBlockM fp32), Pᵀ tiles, accᵀ (dk x kBlockM fp32) and
     // acc's rows, and m, l, alpha of the queries.
     std::vector<uint32_t> qt_tiles(kBlockM * dk / 2), pt_tiles(kAmxN * kBlockM / 2);
@@ -962,12 +1053,11 @@ void fwd_amx(const AttentionFwdParams& p) {
       transpose_tile(acc_t.data(), kBlockM, dk, kBlockM, acc.data(), dk);
       store_range<bf16>(p, split, t.bi, t.h, t.i0, t.m, acc.data(), dk, m.data(), l.data());
     }
-    _tile_release();
   }
   if (splits > 1) combine_splits<bf16>(p);
 }
 
-// ---- the bf16 backward on AMX
+// ---- the bf16 backward on AMX's tiles
 //
 // bwd's loop (per (batch, kv head) task: each query head of the group, each (key block, query
 // block) tile, dK, dV and dQ summed in the task: bwd_amx_fused) with its five products on the
@@ -1149,12 +1239,12 @@ void bwd_amx_stage_keys(const AttentionBwdParams& p, const AmxBwdDims& z, int64_
 
 // One task per (batch, kv head), as bwd: each query head of the group, each (key block, query
 // block) tile adding to dK, dV and dQ in the task. Five products a tile; B · HKV tasks.
-void bwd_amx_fused(const AttentionBwdParams& p) {
+void bwd_amx_fused(const AttentionBwdParams& p, Bf16Unit unit) {
   const AmxBwdDims z(p);
   const int64_t group = p.hq / p.hkv, nkb = z.lkp / kBlockN;
 #pragma omp parallel
   {
-    amx_configure();
+    const TileUnit tile_unit(unit);
     // One kv head's K and V rows, Kᵀ, and dK, dV; one query head's Qᵀ, dOᵀ, Q and dO tiles,
     // dQᵀ, lse2, Delta; one tile's Sᵀ, dPᵀ and bf16 Pdᵀ, dSᵀ (rows and tiles).
     std::vector<uint16_t> k_rows(z.lkp * z.dk), v_rows(z.lkp * z.dk), kt_rows(z.dk * z.lkp);
@@ -1191,7 +1281,6 @@ void bwd_amx_fused(const AttentionBwdParams& p) {
       store_rows(dv_acc.data(), z.dk, 1.f, p.lk, p.d, 0,
                  static_cast<bf16*>(p.dv) + bi * p.dv_batch_stride + hk * p.dv_head_stride, p.dv_row_stride);
     }
-    _tile_release();
   }
 }
 
@@ -1200,7 +1289,7 @@ void bwd_amx_fused(const AttentionBwdParams& p) {
 // (batch, kv head, key block) and a dQ pass with one per (batch, query head, query block).
 // Both recompute a tile's Sᵀ, dPᵀ and P: seven products a tile instead of five, for
 // B · HKV · LK / kBlockN and B · HQ · LQ / kBlockM tasks instead of B · HKV.
-void bwd_amx_split(const AttentionBwdParams& p) {
+void bwd_amx_split(const AttentionBwdParams& p, Bf16Unit unit) {
   const AmxBwdDims z(p);
   const int64_t group = p.hq / p.hkv, nqb = z.lqp / kBlockM, nkb = z.lkp / kBlockN;
   const size_t kv_elems = size_t(z.lkp * z.dk), q_elems = size_t(z.lqp * z.dk / 2);
@@ -1227,7 +1316,7 @@ void bwd_amx_split(const AttentionBwdParams& p) {
   };
 #pragma omp parallel
   {
-    amx_configure();
+    const TileUnit tile_unit(unit);
     std::vector<float> st(kBlockN * kBlockM), dpt(kBlockN * kBlockM), dk_acc(kBlockN * z.dk), dv_acc(kBlockN * z.dk);
     std::vector<float> dq_t(z.dk * kBlockM), dq_rows(kBlockM * z.dk);
     std::vector<uint16_t> pa(kBlockN * kBlockM), da(kBlockN * kBlockM);
@@ -1264,28 +1353,32 @@ void bwd_amx_split(const AttentionBwdParams& p) {
       store_rows(dq_rows.data(), z.dk, p.scale, m, p.d, i0,
                  static_cast<bf16*>(p.dq) + bi * p.dq_batch_stride + h * p.dq_head_stride, p.dq_row_stride);
     }
-    _tile_release();
   }
 }
 
 #endif
 
-// Whether bf16 runs on the AMX kernels (fwd_amx, bwd_amx_*): a build and CPU with AMX whose tile
-// state Linux grants, and FUSEDFORMER_CPU_AMX not 0 (read at each call: =0 keeps bf16 on the
-// fp32 FMA kernels, for comparison and as a way out).
-bool amx_bf16(DType dtype) {
-#if defined(FUSEDFORMER_CPU_AMX)
-  const char* env = std::getenv("FUSEDFORMER_CPU_AMX");
-  return dtype == DType::kBFloat16 && !(env && std::string(env) == "0") && amx_usable();
-#else
-  (void)dtype;
-  return false;
-#endif
+// The unit a dtype's attention runs on: fp32 and fp16 on the FMA kernels; bf16 on the best
+// that the build and CPU offer (AMX, else vdpbf16ps, else FMA), or the one FUSEDFORMER_CPU_BF16
+// (fma, dpbf16 or amx; read at each call) names: for comparison, and as a way out.
+Bf16Unit bf16_unit(DType dtype) {
+  if (dtype != DType::kBFloat16) return Bf16Unit::kFma;
+  const bool tiles = bf16_tile_kernels_built(), amx = tiles && amx_usable();
+  const char* env = std::getenv("FUSEDFORMER_CPU_BF16");
+  if (!env) return amx ? Bf16Unit::kAmx : tiles ? Bf16Unit::kDpbf16 : Bf16Unit::kFma;
+  const std::string name(env);
+  if (name == "fma") return Bf16Unit::kFma;
+  if (name == "dpbf16" && tiles) return Bf16Unit::kDpbf16;
+  if (name == "amx" && amx) return Bf16Unit::kAmx;
+  if (name == "dpbf16" || name == "amx")
+    throw std::invalid_argument("FUSEDFORMER_CPU_BF16=" + name + ": this build or CPU lacks it (available: " +
+                                attention_cpu_bf16_units() + ")");
+  throw std::invalid_argument("FUSEDFORMER_CPU_BF16 must be fma, dpbf16 or amx, got '" + name + "'");
 }
 
-// The forward takes AMX for more than a few query rows (fwd_decode's dot products read each
-// key once for a handful of rows; tiles of 64 would be mostly padding).
-bool amx_forward(const AttentionFwdParams& p) { return !few_queries(p.lq) && amx_bf16(p.dtype); }
+// The forward takes the tile kernels for more than a few query rows (fwd_decode's dot products
+// read each key once for a handful of rows; tiles of 64 would be mostly padding).
+bool amx_forward(const AttentionFwdParams& p) { return !few_queries(p.lq) && bf16_unit(p.dtype) != Bf16Unit::kFma; }
 
 // The backward's per-tile math. From the scores st and dpt = V dOᵀ (both (n, kBlockM), keys
 // by queries) and the lse and Delta of the tile's query columns, overwrite
@@ -1578,15 +1671,20 @@ BwdSchedule bwd_schedule(const AttentionBwdParams& p) {
 
 }  // namespace
 
+std::string attention_cpu_bf16_units() {
+  return std::string("fma") + (bf16_tile_kernels_built() ? ", dpbf16" : "") +
+         (bf16_tile_kernels_built() && amx_usable() ? ", amx" : "");
+}
+
 void attention_fwd_cpu(const AttentionFwdParams& p) {
   check_num_splits(p, "attention_fwd (cpu)");
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
     if (few_queries(p.lq))
       fwd_decode<T>(p);
-#if defined(FUSEDFORMER_CPU_AMX)
+#if defined(FUSEDFORMER_CPU_BF16_TILES)
     else if (amx_forward(p))
-      fwd_amx(p);
+      fwd_amx(p, bf16_unit(p.dtype));
 #endif
     else
       fwd<T>(p);
@@ -1599,8 +1697,9 @@ int64_t attention_fwd_num_splits_cpu(const AttentionFwdParams& p) {
 }
 void attention_bwd_cpu(const AttentionBwdParams& p) {
   const BwdSchedule schedule = bwd_schedule(p);
-#if defined(FUSEDFORMER_CPU_AMX)
-  if (amx_bf16(p.dtype)) return schedule == BwdSchedule::kFused ? bwd_amx_fused(p) : bwd_amx_split(p);
+#if defined(FUSEDFORMER_CPU_BF16_TILES)
+  if (const Bf16Unit unit = bf16_unit(p.dtype); unit != Bf16Unit::kFma)
+    return schedule == BwdSchedule::kFused ? bwd_amx_fused(p, unit) : bwd_amx_split(p, unit);
 #endif
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
