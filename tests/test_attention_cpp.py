@@ -464,8 +464,7 @@ def test_backward_schedules_agree(dtype, unit, case, monkeypatch):
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
 def test_rule_per_schedule(schedule, dtype, case, monkeypatch):
     """Each backward schedule, forced whatever the grid and thread count would choose, under
-    the rule on every rule case (bf16: on the tile kernels where the CPU has them, which run
-    heads as split)."""
+    the rule on every rule case (bf16: on the tile kernels where the CPU has them)."""
     require_backend("attention", "cpu", "cpu")
     monkeypatch.setenv("FUSEDFORMER_CPU_BWD_SCHEDULE", schedule)
     test_rule("cpu", "cpu", dtype, case)

@@ -210,6 +210,36 @@ void for_query_block_tiles(const AttentionBwdParams& p, int64_t bi, int64_t h, i
   }
 }
 
+// The backward's dK, dV stores: rows [j0, j0 + n) of kv head hk of batch bi, dk (· scale) and dv,
+// from fp32 rows of ld.
+template <typename T>
+void bwd_store_keys(const AttentionBwdParams& p, int64_t ld, int64_t bi, int64_t hk, int64_t j0, int64_t n,
+                    const float* dk, const float* dv) {
+  store_rows(dk, ld, p.scale, n, p.d, j0, static_cast<T*>(p.dk) + bi * p.dk_batch_stride + hk * p.dk_head_stride,
+             p.dk_row_stride);
+  store_rows(dv, ld, 1.f, n, p.d, j0, static_cast<T*>(p.dv) + bi * p.dv_batch_stride + hk * p.dv_head_stride,
+             p.dv_row_stride);
+}
+
+// The per-head schedules' sums: for task (batch, kv head, key block), its group's dK and dV
+// partials (each head's head_elems floats, rows of ld) added in head order into the first
+// head's, then stored.
+template <typename T>
+void sum_group_partials(const AttentionBwdParams& p, int64_t ld, int64_t group, size_t head_elems, int64_t task,
+                        float* dk, float* dv) {
+  const int64_t nkb = ceil_div(p.lk, kBlockN);
+  const int64_t bi = task / (p.hkv * nkb), hk = task / nkb % p.hkv, j0 = task % nkb * kBlockN;
+  const int64_t n = std::min(kBlockN, p.lk - j0);
+  float* dk_sum = dk + (bi * p.hq + hk * group) * head_elems + j0 * ld;
+  float* dv_sum = dv + (bi * p.hq + hk * group) * head_elems + j0 * ld;
+  for (int64_t x = 1; x < group; ++x)
+    for (int64_t e = 0; e < n * ld; ++e) {
+      dk_sum[e] += dk_sum[x * head_elems + e];
+      dv_sum[e] += dv_sum[x * head_elems + e];
+    }
+  bwd_store_keys<T>(p, ld, bi, hk, j0, n, dk_sum, dv_sum);
+}
+
 // Split-KV's merge (the CUDA attention_fwd_combine_kernel): each query row's lse =
 // log Σ_s exp(lse_s) and o = Σ_s exp(lse_s - lse) o_s over its num_splits partial results;
 // ranges with no key (lse_s = -inf) weigh 0, a row with none keeps o = 0 and lse = -inf.
@@ -1062,8 +1092,9 @@ void fwd_amx(const AttentionFwdParams& p, Bf16Unit unit) {
 // bwd's loop (per (batch, kv head) task: each query head of the group, each (key block, query
 // block) tile, dK, dV and dQ summed in the task: bwd_amx_fused) with its five products on the
 // tile unit, in the GPU kernels' precision: bf16 operands, fp32 sums; for grids with fewer
-// (batch, kv head) pairs than threads, the GPU kernels' split into a dK/dV and a dQ pass
-// (bwd_amx_split), which sums every tile in the same order (bitwise the same gradients).
+// (batch, kv head) pairs than threads, bwd's other two schedules: per query head with dK, dV
+// partials (bwd_amx_heads), or the GPU kernels' split into a dK/dV and a dQ pass
+// (bwd_amx_split), which sums every tile in fused's order (bitwise the same gradients).
 // Every tile is keys by queries, so the per-query lse and Delta are vectors, and each
 // product's operands are staged once (per task, or per call when split):
 //   Sᵀ  = K Qᵀ        A: K rows             B: Qᵀ tiles (Q rows transposed by pairs of d)
@@ -1237,50 +1268,92 @@ void bwd_amx_stage_keys(const AttentionBwdParams& p, const AmxBwdDims& z, int64_
   stage_at_rows(k_head, p.k_row_stride, p.lk, z.lkp, p.d, z.dk, kt_rows, z.lkp);
 }
 
+// Per-thread buffers of the fused and per-head tile schedules: one kv head's K and V rows and
+// Kᵀ; one query head's Qᵀ, dOᵀ, Q and dO tiles, lse2, Delta, dQᵀ and dQ rows; one tile's Sᵀ,
+// dPᵀ and bf16 Pdᵀ, dSᵀ (rows and tiles).
+struct AmxBwdBuffers {
+  std::vector<uint16_t> k_rows, v_rows, kt_rows;
+  std::vector<uint32_t> qt, gt, q, g;
+  std::vector<float> lse2, delta, dq_t, dq_rows, st, dpt;
+  std::vector<uint16_t> pa, da;
+  std::vector<uint32_t> db;
+  explicit AmxBwdBuffers(const AmxBwdDims& z)
+      : k_rows(z.lkp * z.dk), v_rows(z.lkp * z.dk), kt_rows(z.dk * z.lkp), qt(z.lqp * z.dk / 2), gt(qt.size()),
+        q(qt.size()), g(qt.size()), lse2(z.lqp), delta(z.lqp), dq_t(z.dk * z.lqp), dq_rows(kBlockM * z.dk),
+        st(kBlockN * kBlockM), dpt(kBlockN * kBlockM), pa(kBlockN * kBlockM), da(kBlockN * kBlockM),
+        db(kBlockN * kBlockM / 2) {}
+  AmxBwdHead head() const {
+    return AmxBwdHead{k_rows.data(), v_rows.data(), kt_rows.data(), qt.data(),    gt.data(),
+                      q.data(),      g.data(),      lse2.data(),    delta.data()};
+  }
+};
+
+// Query head h of batch bi on the tiles, its kv head staged in buf: every tile adds to dk and dv
+// (lkp rows of z.dk fp32) and to dQᵀ, which is stored.
+void bwd_amx_query_head(const AttentionBwdParams& p, const AmxBwdDims& z, int64_t bi, int64_t h, AmxBwdBuffers& buf,
+                        float* dk, float* dv) {
+  bwd_amx_stage_queries(p, z, bi, h, buf.qt.data(), buf.gt.data(), buf.q.data(), buf.g.data(), buf.lse2.data(),
+                        buf.delta.data());
+  std::fill(buf.dq_t.begin(), buf.dq_t.end(), 0.f);
+  const AmxBwdHead hd = buf.head();
+  for (int64_t kb = 0; kb < z.lkp / kBlockN; ++kb)
+    for_key_block_tiles(p, bi, h, kb, [&](const TilePos& t) {
+      bwd_amx_tile(p, t, z, hd, buf.st.data(), buf.dpt.data(), buf.pa.data(), buf.da.data(), buf.db.data());
+      bwd_amx_dkdv(t, z, hd, buf.pa.data(), buf.da.data(), dv + t.j0 * z.dk, dk + t.j0 * z.dk);
+      bwd_amx_dq(t, z, hd, buf.db.data(), buf.dq_t.data() + t.i0, z.lqp);
+    });
+  bf16* dq_head = static_cast<bf16*>(p.dq) + bi * p.dq_batch_stride + h * p.dq_head_stride;
+  for (int64_t i0 = 0; i0 < p.lq; i0 += kBlockM) {  // dQ = (dQᵀ)ᵀ · scale
+    transpose_tile(buf.dq_t.data() + i0, z.lqp, z.dk, kBlockM, buf.dq_rows.data(), z.dk);
+    store_rows(buf.dq_rows.data(), z.dk, p.scale, std::min(kBlockM, p.lq - i0), p.d, i0, dq_head, p.dq_row_stride);
+  }
+}
+
 // One task per (batch, kv head), as bwd: each query head of the group, each (key block, query
 // block) tile adding to dK, dV and dQ in the task. Five products a tile; B · HKV tasks.
 void bwd_amx_fused(const AttentionBwdParams& p, Bf16Unit unit) {
   const AmxBwdDims z(p);
-  const int64_t group = p.hq / p.hkv, nkb = z.lkp / kBlockN;
+  const int64_t group = p.hq / p.hkv;
 #pragma omp parallel
   {
     const TileUnit tile_unit(unit);
-    // One kv head's K and V rows, Kᵀ, and dK, dV; one query head's Qᵀ, dOᵀ, Q and dO tiles,
-    // dQᵀ, lse2, Delta; one tile's Sᵀ, dPᵀ and bf16 Pdᵀ, dSᵀ (rows and tiles).
-    std::vector<uint16_t> k_rows(z.lkp * z.dk), v_rows(z.lkp * z.dk), kt_rows(z.dk * z.lkp);
-    std::vector<float> dk_acc(z.lkp * z.dk), dv_acc(z.lkp * z.dk), dq_t(z.dk * z.lqp), dq_rows(kBlockM * z.dk);
-    std::vector<uint32_t> qt(z.lqp * z.dk / 2), gt(qt.size()), q(qt.size()), g(qt.size());
-    std::vector<float> lse2(z.lqp), delta(z.lqp), st(kBlockN * kBlockM), dpt(kBlockN * kBlockM);
-    std::vector<uint16_t> pa(kBlockN * kBlockM), da(kBlockN * kBlockM);
-    std::vector<uint32_t> db(kBlockN * kBlockM / 2);
-    const AmxBwdHead hd{k_rows.data(), v_rows.data(), kt_rows.data(), qt.data(), gt.data(), q.data(), g.data(),
-                        lse2.data(), delta.data()};
+    AmxBwdBuffers buf(z);
+    std::vector<float> dk(z.lkp * z.dk), dv(z.lkp * z.dk);
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < p.b * p.hkv; ++task) {
       const int64_t bi = task / p.hkv, hk = task % p.hkv;
-      bwd_amx_stage_keys(p, z, bi, hk, k_rows.data(), v_rows.data(), kt_rows.data());
-      std::fill(dk_acc.begin(), dk_acc.end(), 0.f);
-      std::fill(dv_acc.begin(), dv_acc.end(), 0.f);
-      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-        bwd_amx_stage_queries(p, z, bi, h, qt.data(), gt.data(), q.data(), g.data(), lse2.data(), delta.data());
-        std::fill(dq_t.begin(), dq_t.end(), 0.f);
-        for (int64_t kb = 0; kb < nkb; ++kb)
-          for_key_block_tiles(p, bi, h, kb, [&](const TilePos& t) {
-            bwd_amx_tile(p, t, z, hd, st.data(), dpt.data(), pa.data(), da.data(), db.data());
-            bwd_amx_dkdv(t, z, hd, pa.data(), da.data(), dv_acc.data() + t.j0 * z.dk, dk_acc.data() + t.j0 * z.dk);
-            bwd_amx_dq(t, z, hd, db.data(), dq_t.data() + t.i0, z.lqp);
-          });
-        bf16* dq_head = static_cast<bf16*>(p.dq) + bi * p.dq_batch_stride + h * p.dq_head_stride;
-        for (int64_t i0 = 0; i0 < p.lq; i0 += kBlockM) {  // dQ = (dQᵀ)ᵀ · scale
-          transpose_tile(dq_t.data() + i0, z.lqp, z.dk, kBlockM, dq_rows.data(), z.dk);
-          store_rows(dq_rows.data(), z.dk, p.scale, std::min(kBlockM, p.lq - i0), p.d, i0, dq_head, p.dq_row_stride);
-        }
-      }
-      store_rows(dk_acc.data(), z.dk, p.scale, p.lk, p.d, 0,
-                 static_cast<bf16*>(p.dk) + bi * p.dk_batch_stride + hk * p.dk_head_stride, p.dk_row_stride);
-      store_rows(dv_acc.data(), z.dk, 1.f, p.lk, p.d, 0,
-                 static_cast<bf16*>(p.dv) + bi * p.dv_batch_stride + hk * p.dv_head_stride, p.dv_row_stride);
+      bwd_amx_stage_keys(p, z, bi, hk, buf.k_rows.data(), buf.v_rows.data(), buf.kt_rows.data());
+      std::fill(dk.begin(), dk.end(), 0.f);
+      std::fill(dv.begin(), dv.end(), 0.f);
+      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) bwd_amx_query_head(p, z, bi, h, buf, dk.data(), dv.data());
+      bwd_store_keys<bf16>(p, z.dk, bi, hk, 0, p.lk, dk.data(), dv.data());
     }
+  }
+}
+
+// The per-head schedule on the tiles (bwd_heads's, which says when and why): one task per
+// (batch, query head) with its own dK, dV partials, then the group's sums.
+void bwd_amx_heads(const AttentionBwdParams& p, Bf16Unit unit) {
+  const AmxBwdDims z(p);
+  const int64_t group = p.hq / p.hkv, nkb = ceil_div(p.lk, kBlockN);
+  const size_t head_elems = size_t(z.lkp * z.dk);
+  std::vector<float> dk(p.b * p.hq * head_elems), dv(dk.size());
+#pragma omp parallel
+  {
+    const TileUnit tile_unit(unit);
+    AmxBwdBuffers buf(z);
+#pragma omp for schedule(dynamic)
+    for (int64_t task = 0; task < p.b * p.hq; ++task) {
+      const int64_t bi = task / p.hq, h = task % p.hq;
+      float *dk_h = dk.data() + task * head_elems, *dv_h = dv.data() + task * head_elems;
+      bwd_amx_stage_keys(p, z, bi, h / group, buf.k_rows.data(), buf.v_rows.data(), buf.kt_rows.data());
+      std::fill(dk_h, dk_h + head_elems, 0.f);
+      std::fill(dv_h, dv_h + head_elems, 0.f);
+      bwd_amx_query_head(p, z, bi, h, buf, dk_h, dv_h);
+    }
+#pragma omp for schedule(static)
+    for (int64_t task = 0; task < p.b * p.hkv * nkb; ++task)
+      sum_group_partials<bf16>(p, z.dk, group, head_elems, task, dk.data(), dv.data());
   }
 }
 
@@ -1334,10 +1407,7 @@ void bwd_amx_split(const AttentionBwdParams& p, Bf16Unit unit) {
           bwd_amx_dkdv(t, z, hd, pa.data(), da.data(), dv_acc.data(), dk_acc.data());
         });
       }
-      store_rows(dk_acc.data(), z.dk, p.scale, n, p.d, j0,
-                 static_cast<bf16*>(p.dk) + bi * p.dk_batch_stride + hk * p.dk_head_stride, p.dk_row_stride);
-      store_rows(dv_acc.data(), z.dk, 1.f, n, p.d, j0,
-                 static_cast<bf16*>(p.dv) + bi * p.dv_batch_stride + hk * p.dv_head_stride, p.dv_row_stride);
+      bwd_store_keys<bf16>(p, z.dk, bi, hk, j0, n, dk_acc.data(), dv_acc.data());
     }
 #pragma omp for schedule(dynamic)
     for (int64_t task = 0; task < p.b * p.hq * nqb; ++task) {  // dQ of one query block
@@ -1509,16 +1579,6 @@ void bwd_query_head(const AttentionBwdParams& p, int64_t bi, int64_t h, BwdBuffe
              static_cast<T*>(p.dq) + bi * p.dq_batch_stride + h * p.dq_head_stride, p.dq_row_stride);
 }
 
-// Stores rows [j0, j0 + n) of kv head hk of batch bi's dk (· scale) and dv from fp32 rows of dp.
-template <typename T>
-void bwd_store_keys(const AttentionBwdParams& p, int64_t dp, int64_t bi, int64_t hk, int64_t j0, int64_t n,
-                    const float* dk, const float* dv) {
-  store_rows(dk, dp, p.scale, n, p.d, j0, static_cast<T*>(p.dk) + bi * p.dk_batch_stride + hk * p.dk_head_stride,
-             p.dk_row_stride);
-  store_rows(dv, dp, 1.f, n, p.d, j0, static_cast<T*>(p.dv) + bi * p.dv_batch_stride + hk * p.dv_head_stride,
-             p.dv_row_stride);
-}
-
 // The fused schedule: one task per (batch, kv head), as the file's header describes.
 template <typename T>
 void bwd_fused(const AttentionBwdParams& p) {
@@ -1564,18 +1624,8 @@ void bwd_heads(const AttentionBwdParams& p) {
       bwd_query_head<T>(p, bi, h, buf, dk_h, dv_h);
     }
 #pragma omp for schedule(static)
-    for (int64_t task = 0; task < p.b * p.hkv * nkb; ++task) {  // the group's sums, into its first head's
-      const int64_t bi = task / (p.hkv * nkb), hk = task / nkb % p.hkv, j0 = task % nkb * kBlockN;
-      const int64_t n = std::min(kBlockN, p.lk - j0);
-      float* dk_sum = dk.data() + (bi * p.hq + hk * group) * head_elems + j0 * dp;
-      float* dv_sum = dv.data() + (bi * p.hq + hk * group) * head_elems + j0 * dp;
-      for (int64_t x = 1; x < group; ++x)
-        for (int64_t e = 0; e < n * dp; ++e) {
-          dk_sum[e] += dk_sum[x * head_elems + e];
-          dv_sum[e] += dv_sum[x * head_elems + e];
-        }
-      bwd_store_keys<T>(p, dp, bi, hk, j0, n, dk_sum, dv_sum);
-    }
+    for (int64_t task = 0; task < p.b * p.hkv * nkb; ++task)
+      sum_group_partials<T>(p, dp, group, head_elems, task, dk.data(), dv.data());
   }
 }
 
@@ -1648,8 +1698,8 @@ void bwd_split(const AttentionBwdParams& p) {
 // summed over the group after).
 enum class BwdSchedule { kFused, kSplit, kHeads };
 
-// FUSEDFORMER_CPU_BWD_SCHEDULE=fused, split or heads (read at each call) forces a schedule (heads
-// runs as split on AMX, which has no per-head schedule). Else: fused while B · HKV tasks keep
+// FUSEDFORMER_CPU_BWD_SCHEDULE=fused, split or heads (read at each call) forces a schedule, for
+// the FMA and the tile kernels alike. Else: fused while B · HKV tasks keep
 // every thread busy; below that, heads where its B · HQ tasks of five products a tile fill the
 // threads at least 5/7 as well as split's many tasks of seven do, and its partials take at most
 // 512 MiB; split otherwise.
@@ -1698,8 +1748,13 @@ int64_t attention_fwd_num_splits_cpu(const AttentionFwdParams& p) {
 void attention_bwd_cpu(const AttentionBwdParams& p) {
   const BwdSchedule schedule = bwd_schedule(p);
 #if defined(FUSEDFORMER_CPU_BF16_TILES)
-  if (const Bf16Unit unit = bf16_unit(p.dtype); unit != Bf16Unit::kFma)
-    return schedule == BwdSchedule::kFused ? bwd_amx_fused(p, unit) : bwd_amx_split(p, unit);
+  if (const Bf16Unit unit = bf16_unit(p.dtype); unit != Bf16Unit::kFma) {
+    switch (schedule) {
+      case BwdSchedule::kFused: return bwd_amx_fused(p, unit);
+      case BwdSchedule::kSplit: return bwd_amx_split(p, unit);
+      case BwdSchedule::kHeads: return bwd_amx_heads(p, unit);
+    }
+  }
 #endif
   dispatch_dtype(p.dtype, [&](auto tag) {
     using T = decltype(tag);
