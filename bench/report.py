@@ -108,8 +108,9 @@ def header(path: str, data: dict) -> list[str]:
     return lines
 
 
-def main(path: str) -> None:
-    data = load(path)
+def main(path: str, data: dict | None = None) -> None:
+    """Prints the table of the run at path (data: that run, if already loaded)."""
+    data = data if data is not None else load(path)
     print("\n".join(header(path, data)))
     ceil = ceilings(data["benchmarks"])
     if ceil:
@@ -209,9 +210,10 @@ def chart(title: str, subtitle: list[str], shapes: dict[str, dict[str, Row]], co
     return "\n".join(out) + "\n"
 
 
-def plot(path: str, out_dir: str) -> list[str]:
-    """Writes one SVG per (benchmark, mode, dtype) of the run under out_dir; returns the paths."""
-    data = load(path)
+def plot(path: str, out_dir: str, data: dict | None = None) -> list[str]:
+    """Writes one SVG per (benchmark, mode, dtype) of the run at path (data: that run, if
+    already loaded) under out_dir; returns the paths."""
+    data = data if data is not None else load(path)
     ceil = ceilings(data["benchmarks"])
     groups = grouped(data["benchmarks"])
     providers = sorted({p for rows in groups.values() for p in rows})
@@ -222,7 +224,8 @@ def plot(path: str, out_dir: str) -> list[str]:
             continue  # the ceilings are the dashed lines
         charts[(name, mode, dtype)][shape] = rows
     info = data.get("machine_info", {})
-    subtitle = [f"{info.get('device', '?')}, torch {info.get('torch')}, triton {info.get('triton')}, "
+    cpu = f" ({info['cpu']})" if str(info.get("device", "")).startswith("cpu") and info.get("cpu") else ""
+    subtitle = [f"{info.get('device', '?')}{cpu}, torch {info.get('torch')}, triton {info.get('triton')}, "
                 f"git {info.get('git')}",
                 f"{os.path.basename(path)}, {str(data.get('datetime', ''))[:16]}; bar labels: speed vs torch/SDPA"]
     os.makedirs(out_dir, exist_ok=True)
@@ -242,7 +245,8 @@ if __name__ == "__main__":
     parser.add_argument("path", help="pytest-benchmark JSON or a bench.jsonl")
     parser.add_argument("--plot", metavar="DIR", help="also write one SVG chart per benchmark into DIR")
     args = parser.parse_args()
-    main(args.path)
+    run = load(args.path)
+    main(args.path, run)
     if args.plot:
-        for target in plot(args.path, args.plot):
+        for target in plot(args.path, args.plot, run):
             print(f"# wrote {target}", file=sys.stderr)  # stdout stays the table, for > run.txt
