@@ -439,6 +439,41 @@ __device__ __forceinline__ bool tile_interior(const P& p, int64_t i0, int64_t j0
   return p.mask.kind == MaskKind::kNone && j0 + cols <= p.lk && (!p.is_causal || j0 + cols - 1 <= i0);
 }
 
+// Which (query head, query row) each row of a forward block is. Unpacked: the block's one head
+// h, row r = query r (rows past LQ are padding: zero Q, never stored). Packed (kPack, GQA
+// decoding, FlashAttention-3's PackGQA): the rows of a block are the (head of the group, query)
+// pairs of one kv head, r = (head - h) · LQ + query with h the group's first head, so that the
+// group's heads read each K and V tile once and a one-row query fills a tile with group rows;
+// rows past group · LQ are padding (query LQ: out of range, never stored).
+template <bool kPack>
+struct QueryRows {
+  static constexpr bool kPacked = kPack;
+  int64_t h, lq, rows;  // the head (packed: the group's first), LQ, and the rows (packed: group · LQ)
+  __device__ __forceinline__ int64_t head(int64_t r) const {
+    if constexpr (kPack) return h + min(r, rows - 1) / lq;
+    else return h;
+  }
+  __device__ __forceinline__ int64_t query(int64_t r) const {
+    if constexpr (kPack) return r < rows ? r % lq : lq;
+    else return r;
+  }
+};
+
+// Rows [r0, r0 + kRows) of a packed block's queries into the shared Q tile (RowLayout), element
+// by element (a decoding block's few rows come from group heads; zero past the rows and d).
+template <typename T, int kRows, int kD, int kThreads>
+__device__ __forceinline__ void load_packed_queries(T* dst, const AttentionFwdParams& p, int64_t bi,
+                                                    const QueryRows<true>& qr, int64_t r0) {
+  const T* q_batch = static_cast<const T*>(p.q) + bi * p.q_batch_stride;
+  for (int idx = threadIdx.x; idx < kRows * kD; idx += kThreads) {
+    const int r = idx / kD, c = idx % kD;
+    const int64_t row = r0 + r;
+    dst[RowLayout<T, kD>::offset(r, c)] =
+        row < qr.rows && c < p.d ? q_batch[qr.head(row) * p.q_head_stride + qr.query(row) * p.q_row_stride + c]
+                                 : from_f<T>(0.f);
+  }
+}
+
 // Philox keep bit of score (bi, h, i, j) (csrc/philox.h), out of line: inlined into every
 // element of the unrolled tiles it multiplied code size and compile time, and it only runs
 // when dropout_p > 0.
@@ -504,12 +539,12 @@ __device__ __forceinline__ void store_slab(const float (&acc)[kD / 8][4], const 
 // row sums l advance, alpha is the factor by which the output accumulators must be rescaled
 // (rescale_rows) before this block's P V is added, and s leaves as the probabilities (after
 // dropout) that multiply V. The 4 lanes of a quad share rows g and g + 8 of each m-tile.
-// kSN: 8-column tiles of the score slab (kBN / 8).
-template <typename T, int kMT, int kSN>
+// kSN: 8-column tiles of the score slab (kBN / 8). qr: the rows' heads and queries.
+template <typename T, int kMT, int kSN, typename QR>
 __device__ __forceinline__ void online_softmax_step(float (&s)[kMT][kSN][4], float (&alpha)[kMT][2],
                                                     float (&m)[kMT][2], float (&l)[kMT][2],
                                                     const AttentionFwdParams& p, bool interior, int64_t bi,
-                                                    int64_t h, int64_t row0, int64_t j0, int lane) {
+                                                    const QR& qr, int64_t row0, int64_t j0, int lane) {
   using U = ExpUnits<T>;
   constexpr int kBN = 8 * kSN;
   const int g = lane >> 2, t = lane & 3;
@@ -523,7 +558,8 @@ __device__ __forceinline__ void online_softmax_step(float (&s)[kMT][kSN][4], flo
       for (int e = 0; e < 4; ++e)
         s[mt][nt][e] = interior ? s[mt][nt][e] * scale_u
                                 : U::kPerNat * masked_score<T>(s[mt][nt][e], p.mask, p.scale, p.is_causal, p.lq, p.lk,
-                                                               bi, h, row0 + 16 * mt + g + 8 * (e >> 1),
+                                                               bi, qr.head(row0 + 16 * mt + g + 8 * (e >> 1)),
+                                                               qr.query(row0 + 16 * mt + g + 8 * (e >> 1)),
                                                                j0 + nt * 8 + 2 * t + (e & 1));
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt)
@@ -537,7 +573,7 @@ __device__ __forceinline__ void online_softmax_step(float (&s)[kMT][kSN][4], flo
       alpha[mt][r] = U::exp(m[mt][r] - m_use);  // 0 when m = -inf
       m[mt][r] = m_new;
       l[mt][r] *= alpha[mt][r];  // this lane's partial row sum, reduced over the quad at the end
-      const int64_t i = row0 + 16 * mt + g + 8 * r;
+      const int64_t h = qr.head(row0 + 16 * mt + g + 8 * r), i = qr.query(row0 + 16 * mt + g + 8 * r);
 #pragma unroll
       for (int nt = 0; nt < kBN / 8; ++nt)
 #pragma unroll
@@ -566,10 +602,53 @@ __device__ __forceinline__ void rescale_rows(float (&acc)[kMT][kAN][4], const fl
 // The forward's epilogue for a warp's kMT m-tiles: o = acc / l (· 1 / (1 - p) with dropout) and
 // lse = m + log l in nats; a row whose every key was masked gets o = 0 and lse = -inf. With
 // split-KV, split's o (fp32) and lse go to o_accum and lse_accum for attention_fwd_combine_kernel.
+// qr: the rows' heads and queries (packed rows: store_packed_fwd_rows).
+// store_fwd_rows for packed rows: each row's own head and query, element by element.
 template <typename T, int kMT, int kAN>
+__device__ __forceinline__ void store_packed_fwd_rows(const AttentionFwdParams& p, const float (&acc)[kMT][kAN][4],
+                                                      const float (&m)[kMT][2], const float (&l)[kMT][2], int64_t bi,
+                                                      const QueryRows<true>& qr, int64_t row0, int64_t split,
+                                                      int lane) {
+  const int g = lane >> 2, t = lane & 3;
+  const float rp = p.dropout_p > 0.f ? 1.f / (1.f - p.dropout_p) : 1.f;
+  const bool partial = p.num_splits > 1;
+#pragma unroll
+  for (int mt = 0; mt < kMT; ++mt)
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float sum = quad_sum(l[mt][r]);  // every lane takes part in the shuffles
+      const int64_t row = row0 + 16 * mt + g + 8 * r;
+      if (row >= qr.rows) continue;
+      const bool empty = m[mt][r] == -kInf;
+      const float mul = empty ? 0.f : rp / sum;
+      const int64_t h = qr.head(row), i = qr.query(row);
+      const int64_t stat = ((split * p.b + bi) * p.hq + h) * p.lq + i;  // (split, bi, h, i) of the workspace
+      if (t == 0)
+        (partial ? p.lse_accum[stat] : p.lse[(bi * p.hq + h) * p.lq + i]) =
+            empty ? -kInf : m[mt][r] * ExpUnits<T>::kNatPer + __logf(sum);
+      T* o_row = static_cast<T*>(p.o) + bi * p.o_batch_stride + h * p.o_head_stride + i * p.o_row_stride;
+#pragma unroll
+      for (int nt = 0; nt < kAN; ++nt)
+#pragma unroll
+        for (int c = 0; c < 2; ++c) {
+          const int col = nt * 8 + 2 * t + c;
+          if (col >= p.d) continue;
+          const float v = acc[mt][nt][2 * r + c] * mul;
+          if (partial) p.o_accum[stat * p.d + col] = v;
+          else o_row[col] = from_f<T>(v);
+        }
+    }
+}
+
+template <typename T, int kMT, int kAN, typename QR>
 __device__ __forceinline__ void store_fwd_rows(const AttentionFwdParams& p, const float (&acc)[kMT][kAN][4],
                                                const float (&m)[kMT][2], const float (&l)[kMT][2], int64_t bi,
-                                               int64_t h, int64_t row0, int64_t split, int lane) {
+                                               const QR& qr, int64_t row0, int64_t split, int lane) {
+  if constexpr (QR::kPacked) {
+    store_packed_fwd_rows<T>(p, acc, m, l, bi, qr, row0, split, lane);
+    return;
+  }
+  const int64_t h = qr.h;
   const int g = lane >> 2, t = lane & 3;
   const float rp = p.dropout_p > 0.f ? 1.f / (1.f - p.dropout_p) : 1.f;
   const bool partial = p.num_splits > 1;
@@ -630,7 +709,9 @@ __global__ void attention_fwd_combine_kernel(const AttentionFwdParams p) {
 // ---------------------------------------------------------------------------------------
 // Forward
 
-template <typename T, int kD>
+// kPack: the block's rows are a kv head's group of query heads (QueryRows; blockIdx.y is the
+// kv head), for GQA decoding.
+template <typename T, int kD, bool kPack = false>
 __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
     attention_fwd_kernel(const AttentionFwdParams p) {
   using Tr = Traits<T, kD>;
@@ -644,13 +725,15 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
   float* scratch = reinterpret_cast<float*>(sV + kStages * kBN * kS) + warp * Tr::kScratchWarpFloats;
 
   const int64_t qb = blockIdx.x / p.num_splits, split = blockIdx.x % p.num_splits;
-  const int64_t h = blockIdx.y, bi = blockIdx.z, hk = h / (p.hq / p.hkv);
-  const int64_t i0 = qb * kBM;
-  const T* q_head = static_cast<const T*>(p.q) + bi * p.q_batch_stride + h * p.q_head_stride;
+  const int64_t bi = blockIdx.z, group = p.hq / p.hkv, hk = kPack ? blockIdx.y : blockIdx.y / group;
+  const QueryRows<kPack> qr{kPack ? hk * group : int64_t(blockIdx.y), p.lq, kPack ? group * p.lq : p.lq};
+  const int64_t i0 = qb * kBM;  // the block's first row (packed: of the group's rows)
   const T* k_head = static_cast<const T*>(p.k) + bi * p.k_batch_stride + hk * p.k_head_stride;
   const T* v_head = static_cast<const T*>(p.v) + bi * p.v_batch_stride + hk * p.v_head_stride;
   const auto load_block = kv_tile_loader<T, kD, kBN, Tr::kThreads>(p, k_head, v_head, sK, sV);
-  const KeyRange keys = split_key_blocks(p, i0, kBM, kBN, split);
+  // The key blocks and interior tiles of the block's queries: packed, every query 0 .. LQ - 1.
+  const int64_t q0 = kPack ? 0 : i0;
+  const KeyRange keys = split_key_blocks(p, q0, kPack ? int(p.lq) : kBM, kBN, split);
   const int64_t steps = keys.end - keys.begin;
   auto load_kv = [&](int64_t n, int stage) { load_block(keys.begin + n, stage); };  // step n's key block
 
@@ -660,8 +743,13 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
   float m[kMT][2], l[kMT][2];  // rows g and g + 8 of each m-tile
 #pragma unroll
   for (int mt = 0; mt < kMT; ++mt) m[mt][0] = m[mt][1] = -kInf, l[mt][0] = l[mt][1] = 0.f;
-  load_tile<T, kBM, kD, Tr::kThreads>(sQ, q_head, p.q_row_stride, i0, p.lq, p.d,
-                                          rows_16b_aligned(q_head, p.q_row_stride));
+  if constexpr (kPack) {
+    load_packed_queries<T, kBM, kD, Tr::kThreads>(sQ, p, bi, qr, i0);
+  } else {
+    const T* q_head = static_cast<const T*>(p.q) + bi * p.q_batch_stride + qr.h * p.q_head_stride;
+    load_tile<T, kBM, kD, Tr::kThreads>(sQ, q_head, p.q_row_stride, i0, p.lq, p.d,
+                                        rows_16b_aligned(q_head, p.q_row_stride));
+  }
   if (steps > 0) load_kv(0, 0);
   cp_async_commit();
   for (int64_t n = 0; n < steps; ++n) {
@@ -673,13 +761,13 @@ __global__ void __launch_bounds__(Traits<T, kD>::kThreads)
     float s[kMT][kBN / 8][4] = {};
     gemm_nt<T, kD, kBN, kS, kMT>(s, sQ + (row0 - i0) * kS, tK, lane);
     float alpha[kMT][2];
-    online_softmax_step<T>(s, alpha, m, l, p, tile_interior(p, i0, j0, kBN), bi, h, row0, j0, lane);
+    online_softmax_step<T>(s, alpha, m, l, p, tile_interior(p, q0, j0, kBN), bi, qr, row0, j0, lane);
     rescale_rows(acc, alpha);
     gemm_rs_nn<T, kBN, kD, kS, kMT>(acc, s, tV, scratch, lane);
   }
   cp_async_wait<0>();  // none pending at exit (no step leaves Q's copies unwaited)
 
-  store_fwd_rows<T>(p, acc, m, l, bi, h, row0, split, lane);
+  store_fwd_rows<T>(p, acc, m, l, bi, qr, row0, split, lane);
 }
 
 // ---------------------------------------------------------------------------------------
@@ -771,6 +859,7 @@ __global__ void __launch_bounds__(WgmmaFwd<T, kD>::kThreads, 1)
 
   const int64_t qb = blockIdx.x / p.num_splits, split = blockIdx.x % p.num_splits;
   const int64_t h = blockIdx.y, bi = blockIdx.z, hk = h / (p.hq / p.hkv);
+  const QueryRows<false> qr{h, p.lq, p.lq};
   const int64_t i0 = qb * kBM;
   const T* q_head = static_cast<const T*>(p.q) + bi * p.q_batch_stride + h * p.q_head_stride;
   const T* k_head = static_cast<const T*>(p.k) + bi * p.k_batch_stride + hk * p.k_head_stride;
@@ -830,7 +919,7 @@ __global__ void __launch_bounds__(WgmmaFwd<T, kD>::kThreads, 1)
   if (kb1 > kb0) {
     float s[1][kBN / 8][4];
     wgmma_sync_batch([&] { issue_scores(s[0], kb0); }, s[0]);
-    online_softmax_step<T>(s, alpha, m, l, p, tile_interior(p, i0, kb0 * kBN, kBN), bi, h, row0, kb0 * kBN, lane);
+    online_softmax_step<T>(s, alpha, m, l, p, tile_interior(p, i0, kb0 * kBN, kBN), bi, qr, row0, kb0 * kBN, lane);
     pack_a_fragments<T>(s[0], pa);
   }
   for (int64_t kb = kb0 + 1; kb < kb1; ++kb) {
@@ -850,7 +939,7 @@ __global__ void __launch_bounds__(WgmmaFwd<T, kD>::kThreads, 1)
     wgmma_commit();
     wgmma_wait<1>();  // S_kb; the P V of block kb - 1 may still run
     wgmma_fence_operands(s[0]);
-    online_softmax_step<T>(s, alpha, m, l, p, tile_interior(p, i0, j0, kBN), bi, h, row0, j0, lane);
+    online_softmax_step<T>(s, alpha, m, l, p, tile_interior(p, i0, j0, kBN), bi, qr, row0, j0, lane);
     wgmma_wait<0>();
     wgmma_fence_operands(acc[0]);
     rescale_rows(acc, alpha);
@@ -862,7 +951,7 @@ __global__ void __launch_bounds__(WgmmaFwd<T, kD>::kThreads, 1)
   }
   cp_async_wait<0>();  // none pending at exit
 
-  store_fwd_rows<T>(p, acc, m, l, bi, h, row0, split, lane);
+  store_fwd_rows<T>(p, acc, m, l, bi, qr, row0, split, lane);
 #else
   __trap();  // launched only where the binary is sm_90a code
 #endif
@@ -1464,24 +1553,44 @@ void dispatch(const P& p, F&& f) {
   dispatch_cuda_dtype(p.dtype, by_dim);
 }
 
+// Whether the forward packs the query heads of a kv head into one block's rows (QueryRows):
+// GQA/MQA with at most kAttentionPackGqaMaxLq query rows (decoding, speculative steps), where an
+// unpacked block would hold a few rows of one head and each of the group's heads would read the
+// same K and V. FUSEDFORMER_CUDA_PACK_GQA=0 turns it off.
+constexpr int64_t kAttentionPackGqaMaxLq = 16;
+bool pack_gqa(const AttentionFwdParams& p) {
+  const char* env = std::getenv("FUSEDFORMER_CUDA_PACK_GQA");
+  return p.hkv < p.hq && p.lq <= kAttentionPackGqaMaxLq && !(env && std::string(env) == "0");
+}
+
 // Calls f(T{}, kernel, tiles) with the forward kernel p runs on the current device (the wgmma one
-// where the binary is sm_90a code), its launch shape and its tile.
+// where the binary is sm_90a code; packed GQA decoding on the mma.sync one), its launch shape,
+// its tile, and whether its rows are packed (then blockIdx.y is a kv head and a block's rows are
+// of the group · LQ).
 struct FwdLaunch {
   int threads, smem, block_m, block_n;
   const char* name;
+  bool packed = false;
+  // The grid's rows and heads (blockIdx.x's query blocks cover rows; blockIdx.y takes heads).
+  int64_t rows(const AttentionFwdParams& p) const { return packed ? p.hq / p.hkv * p.lq : p.lq; }
+  int64_t heads(const AttentionFwdParams& p) const { return packed ? p.hkv : p.hq; }
 };
 template <typename F>
 void dispatch_fwd(const AttentionFwdParams& p, F&& f) {
   dispatch(p, [&](auto tag, auto dim) {
     using T = decltype(tag);
     constexpr int kD = decltype(dim)::value;
+    using Tr = Traits<T, kD>;
+    if (pack_gqa(p))  // a few rows a head: memory-bound on K and V, which the mma.sync tiles read once
+      return f(T{}, attention_fwd_kernel<T, kD, true>,
+               FwdLaunch{Tr::kThreads, int(Tr::kFwdSmem), Tr::kFwdBlockM, Tr::kFwdBlockN,
+                         "attention_fwd_kernel (packed GQA)", true});
     if constexpr (WgmmaFwd<T, kD>::kSupported) {
       using C = WgmmaFwd<T, kD>;
       if (wgmma_allowed() && binary_is_sm90(attention_fwd_wgmma_kernel<T, kD>))
         return f(T{}, attention_fwd_wgmma_kernel<T, kD>,
                  FwdLaunch{C::kThreads, int(C::kSmem), C::kBM, C::kBN, "attention_fwd_wgmma_kernel"});
     }
-    using Tr = Traits<T, kD>;
     f(T{}, attention_fwd_kernel<T, kD>,
       FwdLaunch{Tr::kThreads, int(Tr::kFwdSmem), Tr::kFwdBlockM, Tr::kFwdBlockN, "attention_fwd_kernel"});
   });
@@ -1494,7 +1603,7 @@ void attention_fwd_cuda(const AttentionFwdParams& p, cudaStream_t stream) {
   check_num_splits(p, "attention_fwd (cuda)");
   dispatch_fwd(p, [&](auto tag, auto kernel, const FwdLaunch& k) {
     using T = decltype(tag);
-    const dim3 grid(unsigned(ceil_div(p.lq, k.block_m) * p.num_splits), unsigned(p.hq), unsigned(p.b));
+    const dim3 grid(unsigned(ceil_div(k.rows(p), k.block_m) * p.num_splits), unsigned(k.heads(p)), unsigned(p.b));
     launch(kernel, grid, k.threads, k.smem, stream, k.name, p);
     if (p.num_splits > 1) {
       constexpr int kCombineWarps = 8;
@@ -1510,7 +1619,7 @@ int64_t attention_fwd_num_splits_cuda(const AttentionFwdParams& p) {
   check_cuda(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
   int64_t splits = 1;
   dispatch_fwd(p, [&](auto, auto, const FwdLaunch& k) {
-    splits = attention_num_splits(p.b * p.hq * ceil_div(p.lq, k.block_m), ceil_div(p.lk, k.block_n), sms);
+    splits = attention_num_splits(p.b * k.heads(p) * ceil_div(k.rows(p), k.block_m), ceil_div(p.lk, k.block_n), sms);
   });
   return splits;
 }

@@ -185,7 +185,9 @@ void run(const Case& c) {
 // 30, 36 in aligned rows) and the element-wise path (rows off 16 bytes: d = 1, 20, 33, 100);
 // interior tiles (no mask, below the diagonal) with two m-tiles a warp in 16-bit. Every 16-bit
 // case runs on both emulated devices: on the sm_90a one, D = 64 and 128 (d = 33 .. 64 and
-// 97 .. 128) take the wgmma forward, and the others show that the dispatch falls back.
+// 97 .. 128) take the wgmma forward, and the others show that the dispatch falls back. GQA with
+// at most 16 query rows takes the packed forward (QueryRows) on both devices, and so do the
+// earlier cases of that shape (1 x 2 x 1 x 1 x 700, 1 x 2 x 1 x 3 x 530).
 using M = Mask;
 const bool registered = [] {
   auto add = [](auto tag, Case c) {
@@ -235,6 +237,18 @@ const bool registered = [] {
   add(0.f, {1, 2, 2, 40, 260, 40, false, M::kBoolRows, 0.2f, 0, 0, 4});
   add(f16, {1, 2, 1, 33, 200, 128, false, M::kAdditive, 0.f, 0, 0, 2});
   add(bf, {1, 1, 1, 5, 70, 256, false, M::kNone, 0.f, 0, 0, 5});
+  // Packed GQA (LQ <= 16 with GQA/MQA: a block's rows are a kv head's group of query heads):
+  // MQA with one query row and with 16 (8 heads: a 128-row group, two blocks where a block
+  // holds 64), GQA with a per-head additive mask (each packed row reads its own head's row) and
+  // rows whose keys are all masked, causal with LQ < LK (top-left: only the first keys count),
+  // dropout (each row's keep bits by its own head), and split-KV over packed blocks.
+  add(0.f, {2, 8, 1, 1, 300, 64, false, M::kKeyPadding, 0.f});
+  add(bf, {1, 8, 1, 16, 90, 128, false, M::kNone, 0.f});
+  add(f16, {1, 6, 2, 5, 77, 40, false, M::kAdditive, 0.f});
+  add(bf, {2, 4, 2, 3, 70, 64, true, M::kBoolRows, 0.f});
+  add(0.f, {1, 4, 1, 7, 130, 32, true, M::kNone, 0.2f});
+  add(bf, {1, 8, 2, 2, 900, 80, false, M::kKeyPadding, 0.1f, 0, 0, 0});
+  add(f16, {2, 4, 1, 4, 260, 256, false, M::kAdditive, 0.f, 0, 0, 3});
   return true;
 }();
 
