@@ -726,6 +726,7 @@ bool amx_usable() {
 // a parallel region's span by TileUnit.
 thread_local bool t_amx_tiles = false;
 
+#if defined(FUSEDFORMER_CPU_AMX)
 // Palette 1 with all eight tiles 16 rows of 64 bytes; loaded by each thread that uses them.
 void amx_configure() {
   struct {
@@ -735,18 +736,19 @@ void amx_configure() {
   } config{};
   config.palette = 1;
   for (int t = 0; t < 8; ++t) config.colsb[t] = 64, config.rows[t] = 16;
-#if defined(FUSEDFORMER_CPU_AMX)
   _tile_loadconfig(&config);
-#endif
 }
+#endif
 
 // A thread's tile unit for one parallel region: AMX (its tiles configured here, released at
-// the end) or vdpbf16ps.
+// the end; bf16_unit picks AMX only in a build that has it) or vdpbf16ps.
 class TileUnit {
  public:
   explicit TileUnit(Bf16Unit unit) {
     t_amx_tiles = unit == Bf16Unit::kAmx;
+#if defined(FUSEDFORMER_CPU_AMX)
     if (t_amx_tiles) amx_configure();
+#endif
   }
   ~TileUnit() {
 #if defined(FUSEDFORMER_CPU_AMX)
