@@ -5,7 +5,9 @@ has CUDA; they are syntax-checked here against the c10/cuda headers that the CPU
 
 The check is for errors (C++, CUDA and inline-PTX through ptxas), not for code quality, so it
 compiles at -O0 (measured on the 2-core CI machine: ffn.cu 121 s of CPU at -O3 vs 75 s at -O0)
-and runs all files at once, one process per core. setup.py builds with -O3. One check reads the
+and runs every (file, arch) at once, one process per core: one nvcc per arch, so that
+attention.cu, the long pole, splits over both cores (on the 2-core AMD dev machine its one
+two-arch compile took 118 s while the other core finished the rest). setup.py builds with -O3. One check reads the
 machine code: the sm_90a attention and FFN kernels' products must be warpgroup MMA (HGMMA) in the
 sm_90a cubin and absent from the sm_80 one (cuobjdump, as shipped with CUDA or with the triton wheel).
 
@@ -43,14 +45,17 @@ def _cuobjdump() -> str | None:
     return str(bundled) if bundled.exists() else None
 
 
-def _compile(cu: pathlib.Path, out_dir: pathlib.Path) -> subprocess.CompletedProcess:
-    cmd = [NVCC, "-c", str(cu), "-o", str(out_dir / (cu.stem + ".o")), "-std=c++17", "-O0",
+ARCHS = ("80", "90a")
+
+
+def _compile(cu: pathlib.Path, out_dir: pathlib.Path, arch: str) -> subprocess.CompletedProcess:
+    obj = out_dir / f"{cu.stem}.sm_{arch}.o"
+    cmd = [NVCC, "-c", str(cu), "-o", str(obj), "-std=c++17", "-O0",
            "-Xptxas", "-O0", f"-I{ROOT / 'csrc'}", "--expt-relaxed-constexpr",
-           "-DFUSEDFORMER_WITH_CUDA=1",
-           "-gencode=arch=compute_80,code=sm_80", "-gencode=arch=compute_90a,code=sm_90a"]
+           "-DFUSEDFORMER_WITH_CUDA=1", f"-gencode=arch=compute_{arch},code=sm_{arch}"]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     proc.args = " ".join(cmd)
-    proc.obj = out_dir / (cu.stem + ".o")
+    proc.obj = obj
     return proc
 
 
@@ -74,26 +79,32 @@ def _check_bindings() -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def compiled(tmp_path_factory) -> dict[str, subprocess.CompletedProcess]:
+def compiled(tmp_path_factory) -> dict[str, list[subprocess.CompletedProcess]]:
+    """File name -> its compiles, one per arch of ARCHS (bindings.cpp: its one syntax check)."""
     out_dir = tmp_path_factory.mktemp("nvcc")
     with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
-        futures = {cu.name: pool.submit(_compile, cu, out_dir) for cu in CU_FILES}
+        # attention.cu first: the longest, so that the short files fill the other core after it starts
+        order = sorted(CU_FILES, key=lambda cu: cu.name != "attention.cu")
+        futures = {(cu.name, arch): pool.submit(_compile, cu, out_dir, arch) for cu in order for arch in ARCHS}
         if HAS_C10_CUDA:
-            futures["bindings.cpp"] = pool.submit(_check_bindings)
-        return {name: f.result() for name, f in futures.items()}
+            futures[("bindings.cpp", "")] = pool.submit(_check_bindings)
+        results: dict[str, list[subprocess.CompletedProcess]] = {}
+        for (name, _), future in futures.items():
+            results.setdefault(name, []).append(future.result())
+        return results
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH or in $CUDA_HOME")
 @pytest.mark.parametrize("cu", CU_FILES, ids=[p.name for p in CU_FILES])
 def test_cuda_source_compiles(cu, compiled):
-    proc = compiled[cu.name]
-    assert proc.returncode == 0, f"{proc.args}\n{proc.stdout}\n{proc.stderr}"
+    for proc in compiled[cu.name]:
+        assert proc.returncode == 0, f"{proc.args}\n{proc.stdout}\n{proc.stderr}"
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH or in $CUDA_HOME")
 @pytest.mark.skipif(not HAS_C10_CUDA, reason="this torch install ships no c10/cuda headers")
 def test_bindings_cuda_branches_compile(compiled):
-    proc = compiled["bindings.cpp"]
+    (proc,) = compiled["bindings.cpp"]
     assert proc.returncode == 0, f"{proc.args}\n{proc.stdout}\n{proc.stderr}"
 
 
@@ -137,16 +148,32 @@ def _sass_instructions(obj: pathlib.Path, opcode: str, match: str) -> dict[tuple
     return counts
 
 
+@pytest.fixture(scope="module")
+def wgmma_sass(compiled) -> dict[str, dict[tuple[str, str], int]]:
+    """attention.cu and ffn.cu -> (arch, kernel) -> HGMMA count of their *wgmma* kernels, over
+    both arch objects, the four SASS dumps run at once (each is seconds of cuobjdump)."""
+    files = ("attention.cu", "ffn.cu")
+    for name in files:
+        for proc in compiled[name]:
+            assert proc.returncode == 0, proc.stderr
+    with concurrent.futures.ThreadPoolExecutor(max_workers=os.cpu_count() or 2) as pool:
+        dumps = {(name, proc.obj): pool.submit(_sass_instructions, proc.obj, "HGMMA", "wgmma")
+                 for name in files for proc in compiled[name]}
+        counts: dict[str, dict[tuple[str, str], int]] = {name: {} for name in files}
+        for (name, _), future in dumps.items():
+            counts[name].update(future.result())
+        return counts
+
+
 @pytest.mark.skipif(NVCC is None, reason="nvcc not found on PATH or in $CUDA_HOME")
 @pytest.mark.skipif(_cuobjdump() is None, reason="no cuobjdump (CUDA toolkit or triton wheel)")
 @pytest.mark.parametrize("cu,kernels", [("attention.cu", (3 + 2 + 2) * 2), ("ffn.cu", 6 * 2)],
                          ids=["attention", "ffn"])
-def test_wgmma_kernels_are_warpgroup_mma_on_sm90a_only(compiled, cu, kernels):
+def test_wgmma_kernels_are_warpgroup_mma_on_sm90a_only(wgmma_sass, cu, kernels):
     """attention: the forward at D = 64, 128, 256 and dK/dV and dQ at D = 64, 128, x bf16,
     fp16; ffn: the GEMM's six (epilogue, layout) instantiations x bf16, fp16. Each in both
     cubins."""
-    assert compiled[cu].returncode == 0, compiled[cu].stderr
-    wgmma = _sass_instructions(compiled[cu].obj, "HGMMA", "wgmma")
+    wgmma = wgmma_sass[cu]
     assert len(wgmma) == kernels * 2, sorted(wgmma)
     for (arch, kernel), n in wgmma.items():
         if arch == "sm_90a":
