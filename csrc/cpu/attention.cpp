@@ -210,6 +210,34 @@ void for_query_block_tiles(const AttentionBwdParams& p, int64_t bi, int64_t h, i
   }
 }
 
+// The split schedules' task lists (bwd_split, bwd_amx_split). split_staging: stage_keys(bk) for
+// each (batch, kv head) bk = bi · HKV + hk, then stage_queries(bh) for each (batch, query head)
+// bh = bi · HQ + h, in one parallel loop. split_passes, inside a parallel region: key_block(bi,
+// hk, kb, j0, n) for each (batch, kv head, key block) of keys [j0, j0 + n), then query_block(bi,
+// h, qb, i0, m) for each (batch, query head, query block) of queries [i0, i0 + m).
+template <typename SK, typename SQ>
+void split_staging(const AttentionBwdParams& p, SK&& stage_keys, SQ&& stage_queries) {
+#pragma omp parallel for schedule(dynamic)
+  for (int64_t task = 0; task < p.b * (p.hkv + p.hq); ++task) {
+    if (task < p.b * p.hkv) stage_keys(task);
+    else stage_queries(task - p.b * p.hkv);
+  }
+}
+template <typename KB, typename QB>
+void split_passes(const AttentionBwdParams& p, KB&& key_block, QB&& query_block) {
+  const int64_t nkb = ceil_div(p.lk, kBlockN), nqb = ceil_div(p.lq, kBlockM);
+#pragma omp for schedule(dynamic) nowait
+  for (int64_t task = 0; task < p.b * p.hkv * nkb; ++task) {
+    const int64_t kb = task % nkb, j0 = kb * kBlockN;
+    key_block(task / (p.hkv * nkb), task / nkb % p.hkv, kb, j0, std::min(kBlockN, p.lk - j0));
+  }
+#pragma omp for schedule(dynamic)
+  for (int64_t task = 0; task < p.b * p.hq * nqb; ++task) {
+    const int64_t qb = task % nqb, i0 = qb * kBlockM;
+    query_block(task / (p.hq * nqb), task / nqb % p.hq, qb, i0, std::min(kBlockM, p.lq - i0));
+  }
+}
+
 // The backward's dK, dV stores: rows [j0, j0 + n) of kv head hk of batch bi, dk (· scale) and dv,
 // from fp32 rows of ld.
 template <typename T>
@@ -1366,23 +1394,22 @@ void bwd_amx_heads(const AttentionBwdParams& p, Bf16Unit unit) {
 // B · HKV · LK / kBlockN and B · HQ · LQ / kBlockM tasks instead of B · HKV.
 void bwd_amx_split(const AttentionBwdParams& p, Bf16Unit unit) {
   const AmxBwdDims z(p);
-  const int64_t group = p.hq / p.hkv, nqb = z.lqp / kBlockM, nkb = z.lkp / kBlockN;
+  const int64_t group = p.hq / p.hkv;
   const size_t kv_elems = size_t(z.lkp * z.dk), q_elems = size_t(z.lqp * z.dk / 2);
   std::vector<uint16_t> k_rows(p.b * p.hkv * kv_elems), v_rows(k_rows.size()), kt_rows(k_rows.size());
   std::vector<uint32_t> qt(p.b * p.hq * q_elems), gt(qt.size()), q(qt.size()), g(qt.size());
   std::vector<float> lse2(p.b * p.hq * z.lqp), delta(lse2.size());
-#pragma omp parallel for schedule(dynamic)
-  for (int64_t task = 0; task < p.b * (p.hkv + p.hq); ++task) {  // staging: kv heads, then query heads
-    if (task < p.b * p.hkv) {
-      bwd_amx_stage_keys(p, z, task / p.hkv, task % p.hkv, k_rows.data() + task * kv_elems,
-                         v_rows.data() + task * kv_elems, kt_rows.data() + task * kv_elems);
-    } else {
-      const int64_t bh = task - p.b * p.hkv;
-      bwd_amx_stage_queries(p, z, bh / p.hq, bh % p.hq, qt.data() + bh * q_elems, gt.data() + bh * q_elems,
-                            q.data() + bh * q_elems, g.data() + bh * q_elems, lse2.data() + bh * z.lqp,
-                            delta.data() + bh * z.lqp);
-    }
-  }
+  split_staging(
+      p,
+      [&](int64_t bk) {
+        bwd_amx_stage_keys(p, z, bk / p.hkv, bk % p.hkv, k_rows.data() + bk * kv_elems, v_rows.data() + bk * kv_elems,
+                           kt_rows.data() + bk * kv_elems);
+      },
+      [&](int64_t bh) {
+        bwd_amx_stage_queries(p, z, bh / p.hq, bh % p.hq, qt.data() + bh * q_elems, gt.data() + bh * q_elems,
+                              q.data() + bh * q_elems, g.data() + bh * q_elems, lse2.data() + bh * z.lqp,
+                              delta.data() + bh * z.lqp);
+      });
   const auto head = [&](int64_t bi, int64_t h) {
     const int64_t bk = bi * p.hkv + h / group, bh = bi * p.hq + h;
     return AmxBwdHead{k_rows.data() + bk * kv_elems, v_rows.data() + bk * kv_elems, kt_rows.data() + bk * kv_elems,
@@ -1396,35 +1423,31 @@ void bwd_amx_split(const AttentionBwdParams& p, Bf16Unit unit) {
     std::vector<float> dq_t(z.dk * kBlockM), dq_rows(kBlockM * z.dk);
     std::vector<uint16_t> pa(kBlockN * kBlockM), da(kBlockN * kBlockM);
     std::vector<uint32_t> db(kBlockN * kBlockM / 2);
-#pragma omp for schedule(dynamic) nowait
-    for (int64_t task = 0; task < p.b * p.hkv * nkb; ++task) {  // dK, dV of one key block
-      const int64_t bi = task / (p.hkv * nkb), hk = task / nkb % p.hkv, kb = task % nkb;
-      const int64_t j0 = kb * kBlockN, n = std::min(kBlockN, p.lk - j0);
-      std::fill(dk_acc.begin(), dk_acc.end(), 0.f);
-      std::fill(dv_acc.begin(), dv_acc.end(), 0.f);
-      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-        const AmxBwdHead hd = head(bi, h);
-        for_key_block_tiles(p, bi, h, kb, [&](const TilePos& t) {
-          bwd_amx_tile(p, t, z, hd, st.data(), dpt.data(), pa.data(), da.data(), db.data());
-          bwd_amx_dkdv(t, z, hd, pa.data(), da.data(), dv_acc.data(), dk_acc.data());
+    split_passes(
+        p,
+        [&](int64_t bi, int64_t hk, int64_t kb, int64_t j0, int64_t n) {  // dK, dV of one key block
+          std::fill(dk_acc.begin(), dk_acc.end(), 0.f);
+          std::fill(dv_acc.begin(), dv_acc.end(), 0.f);
+          for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+            const AmxBwdHead hd = head(bi, h);
+            for_key_block_tiles(p, bi, h, kb, [&](const TilePos& t) {
+              bwd_amx_tile(p, t, z, hd, st.data(), dpt.data(), pa.data(), da.data(), db.data());
+              bwd_amx_dkdv(t, z, hd, pa.data(), da.data(), dv_acc.data(), dk_acc.data());
+            });
+          }
+          bwd_store_keys<bf16>(p, z.dk, bi, hk, j0, n, dk_acc.data(), dv_acc.data());
+        },
+        [&](int64_t bi, int64_t h, int64_t qb, int64_t i0, int64_t m) {  // dQ of one query block
+          const AmxBwdHead hd = head(bi, h);
+          std::fill(dq_t.begin(), dq_t.end(), 0.f);
+          for_query_block_tiles(p, bi, h, qb, [&](const TilePos& t) {
+            bwd_amx_tile(p, t, z, hd, st.data(), dpt.data(), pa.data(), da.data(), db.data());
+            bwd_amx_dq(t, z, hd, db.data(), dq_t.data(), kBlockM);
+          });
+          transpose_tile(dq_t.data(), kBlockM, z.dk, kBlockM, dq_rows.data(), z.dk);
+          store_rows(dq_rows.data(), z.dk, p.scale, m, p.d, i0,
+                     static_cast<bf16*>(p.dq) + bi * p.dq_batch_stride + h * p.dq_head_stride, p.dq_row_stride);
         });
-      }
-      bwd_store_keys<bf16>(p, z.dk, bi, hk, j0, n, dk_acc.data(), dv_acc.data());
-    }
-#pragma omp for schedule(dynamic)
-    for (int64_t task = 0; task < p.b * p.hq * nqb; ++task) {  // dQ of one query block
-      const int64_t bi = task / (p.hq * nqb), h = task / nqb % p.hq, qb = task % nqb;
-      const int64_t i0 = qb * kBlockM, m = std::min(kBlockM, p.lq - i0);
-      const AmxBwdHead hd = head(bi, h);
-      std::fill(dq_t.begin(), dq_t.end(), 0.f);
-      for_query_block_tiles(p, bi, h, qb, [&](const TilePos& t) {
-        bwd_amx_tile(p, t, z, hd, st.data(), dpt.data(), pa.data(), da.data(), db.data());
-        bwd_amx_dq(t, z, hd, db.data(), dq_t.data(), kBlockM);
-      });
-      transpose_tile(dq_t.data(), kBlockM, z.dk, kBlockM, dq_rows.data(), z.dk);
-      store_rows(dq_rows.data(), z.dk, p.scale, m, p.d, i0,
-                 static_cast<bf16*>(p.dq) + bi * p.dq_batch_stride + h * p.dq_head_stride, p.dq_row_stride);
-    }
   }
 }
 
@@ -1637,23 +1660,21 @@ void bwd_heads(const AttentionBwdParams& p) {
 // dS; the same summation order as bwd_fused, so the same bits.
 template <typename T>
 void bwd_split(const AttentionBwdParams& p) {
-  const int64_t d = p.d, dp = round_up_lanes(d), group = p.hq / p.hkv;
-  const int64_t lqp = round_up_wide(p.lq), nqb = ceil_div(p.lq, kBlockM), nkb = ceil_div(p.lk, kBlockN);
+  const int64_t d = p.d, dp = round_up_lanes(d), group = p.hq / p.hkv, lqp = round_up_wide(p.lq);
   const size_t kv_elems = size_t(p.lk * dp), q_elems = size_t(p.lq * dp), qt_elems = size_t(d * lqp);
   std::vector<float> k(p.b * p.hkv * kv_elems), v(k.size());
   std::vector<float> q(p.b * p.hq * q_elems), g(q.size()), qt(p.b * p.hq * qt_elems), gt(qt.size());
   std::vector<float> lse(p.b * p.hq * lqp), delta(lse.size());
-#pragma omp parallel for schedule(dynamic)
-  for (int64_t task = 0; task < p.b * (p.hkv + p.hq); ++task) {  // kv heads, then query heads
-    if (task < p.b * p.hkv) {
-      bwd_load_keys<T>(p, dp, task / p.hkv, task % p.hkv, k.data() + task * kv_elems, v.data() + task * kv_elems);
-    } else {
-      const int64_t bh = task - p.b * p.hkv;
-      bwd_load_queries<T>(p, dp, lqp, bh / p.hq, bh % p.hq, q.data() + bh * q_elems, g.data() + bh * q_elems,
-                          qt.data() + bh * qt_elems, gt.data() + bh * qt_elems, lse.data() + bh * lqp,
-                          delta.data() + bh * lqp);
-    }
-  }
+  split_staging(
+      p,
+      [&](int64_t bk) {
+        bwd_load_keys<T>(p, dp, bk / p.hkv, bk % p.hkv, k.data() + bk * kv_elems, v.data() + bk * kv_elems);
+      },
+      [&](int64_t bh) {
+        bwd_load_queries<T>(p, dp, lqp, bh / p.hq, bh % p.hq, q.data() + bh * q_elems, g.data() + bh * q_elems,
+                            qt.data() + bh * qt_elems, gt.data() + bh * qt_elems, lse.data() + bh * lqp,
+                            delta.data() + bh * lqp);
+      });
   const auto head = [&](int64_t bi, int64_t h) {
     const int64_t bk = bi * p.hkv + h / group, bh = bi * p.hq + h;
     return BwdHead{k.data() + bk * kv_elems,   v.data() + bk * kv_elems,   q.data() + bh * q_elems,
@@ -1664,34 +1685,30 @@ void bwd_split(const AttentionBwdParams& p) {
   {
     std::vector<float> st(kBlockN * kBlockM), dpt(kBlockN * kBlockM), dk(kBlockN * dp), dv(kBlockN * dp);
     std::vector<float> dq(kBlockM * dp);
-#pragma omp for schedule(dynamic) nowait
-    for (int64_t task = 0; task < p.b * p.hkv * nkb; ++task) {  // dK, dV of one key block
-      const int64_t bi = task / (p.hkv * nkb), hk = task / nkb % p.hkv, kb = task % nkb;
-      const int64_t j0 = kb * kBlockN, n = std::min(kBlockN, p.lk - j0);
-      std::fill(dk.begin(), dk.end(), 0.f);
-      std::fill(dv.begin(), dv.end(), 0.f);
-      for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-        const BwdHead hd = head(bi, h);
-        for_key_block_tiles(p, bi, h, kb, [&](const TilePos& t) {
-          bwd_tile<T>(p, t, dp, lqp, hd, st.data(), dpt.data());
-          bwd_dkdv(t, dp, hd, st.data(), dpt.data(), dv.data(), dk.data());
+    split_passes(
+        p,
+        [&](int64_t bi, int64_t hk, int64_t kb, int64_t j0, int64_t n) {  // dK, dV of one key block
+          std::fill(dk.begin(), dk.end(), 0.f);
+          std::fill(dv.begin(), dv.end(), 0.f);
+          for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
+            const BwdHead hd = head(bi, h);
+            for_key_block_tiles(p, bi, h, kb, [&](const TilePos& t) {
+              bwd_tile<T>(p, t, dp, lqp, hd, st.data(), dpt.data());
+              bwd_dkdv(t, dp, hd, st.data(), dpt.data(), dv.data(), dk.data());
+            });
+          }
+          bwd_store_keys<T>(p, dp, bi, hk, j0, n, dk.data(), dv.data());
+        },
+        [&](int64_t bi, int64_t h, int64_t qb, int64_t i0, int64_t m) {  // dQ of one query block
+          const BwdHead hd = head(bi, h);
+          std::fill(dq.begin(), dq.end(), 0.f);
+          for_query_block_tiles(p, bi, h, qb, [&](const TilePos& t) {
+            bwd_tile<T>(p, t, dp, lqp, hd, st.data(), dpt.data());
+            bwd_dq(t, dp, hd, dpt.data(), dq.data());
+          });
+          store_rows(dq.data(), dp, p.scale, m, d, i0,
+                     static_cast<T*>(p.dq) + bi * p.dq_batch_stride + h * p.dq_head_stride, p.dq_row_stride);
         });
-      }
-      bwd_store_keys<T>(p, dp, bi, hk, j0, n, dk.data(), dv.data());
-    }
-#pragma omp for schedule(dynamic)
-    for (int64_t task = 0; task < p.b * p.hq * nqb; ++task) {  // dQ of one query block
-      const int64_t bi = task / (p.hq * nqb), h = task / nqb % p.hq, qb = task % nqb;
-      const int64_t i0 = qb * kBlockM, m = std::min(kBlockM, p.lq - i0);
-      const BwdHead hd = head(bi, h);
-      std::fill(dq.begin(), dq.end(), 0.f);
-      for_query_block_tiles(p, bi, h, qb, [&](const TilePos& t) {
-        bwd_tile<T>(p, t, dp, lqp, hd, st.data(), dpt.data());
-        bwd_dq(t, dp, hd, dpt.data(), dq.data());
-      });
-      store_rows(dq.data(), dp, p.scale, m, d, i0,
-                 static_cast<T*>(p.dq) + bi * p.dq_batch_stride + h * p.dq_head_stride, p.dq_row_stride);
-    }
   }
 }
 
