@@ -22,8 +22,9 @@ the cp.async pipeline into row tiles and k tiles, and the scalar loads), with an
 biases, dropout 0 and 0.2, shapes off the tile multiples.
 The attention and ffn drivers run every 16-bit case twice, on an emulated sm_80 device (the
 mma.sync kernels) and an emulated sm_90a one (the wgmma kernels, tests/cuda_emu/wgmma.h).
-Measured on the 2-core CI machine (2026-12-03): 43 s for the whole module, most of it the
-attention driver's two orders.
+Measured on the 2-core AMD dev machine (2026-12-03): the attention driver's four runs (two
+orders, two shards) 156 s of CPU with glibc's swapcontext and libgcc's fp16 conversion, 44 s with
+fibers.h's own switch and cuda_shim.h's fp16 table; the module about 35 s.
 """
 import concurrent.futures
 import os

@@ -135,10 +135,21 @@ inline __nv_bfloat16 __float2bfloat16_rn(float f) {
   u += 0x7fffu + ((u >> 16) & 1u);  // round to nearest, ties to even
   return {uint16_t(u >> 16)};
 }
+// fp16 -> fp32 from a table of all 65536 values: exact, and without F16C (the emulator builds
+// for any x86-64) GCC converts a _Float16 by a libgcc call, which was 20% of the attention
+// driver's run time.
 inline float __half2float(__half v) {
-  _Float16 h;
-  memcpy(&h, &v.bits, 2);
-  return float(h);
+  static const std::vector<float> table = [] {
+    std::vector<float> t(65536);
+    for (uint32_t bits = 0; bits < 65536; ++bits) {
+      const uint16_t b = uint16_t(bits);
+      _Float16 h;
+      memcpy(&h, &b, 2);
+      t[bits] = float(h);
+    }
+    return t;
+  }();
+  return table[v.bits];
 }
 inline __half __float2half_rn(float f) {
   const _Float16 h = static_cast<_Float16>(f);  // IEEE round to nearest even

@@ -1,4 +1,4 @@
-// The threads of one CUDA block as cooperative fibers (ucontext), for tests/cuda_emu.
+// The threads of one CUDA block as cooperative fibers, for tests/cuda_emu.
 //
 // Every thread of a block runs the real kernel body on its own stack. A thread runs until it
 // reaches a barrier (__syncthreads, __syncwarp, or a warp-collective such as a shuffle or an
@@ -15,9 +15,15 @@
 // Not emulated: anything finer than that. Threads between two barriers never overlap here, so
 // a data race between two barriers shows up only when the scheduling orders give different
 // results; the memory model (visibility without a barrier, volatile, fences) is not modelled.
+//
+// The switch between fibers: on x86-64 a few instructions of our own (fiber_switch below), since
+// glibc's swapcontext makes a sigprocmask system call on every switch, which was 40% of the
+// attention driver's run time; elsewhere ucontext.
 #pragma once
 
+#if !defined(__x86_64__)
 #include <ucontext.h>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -36,8 +42,72 @@ constexpr int kWarpSize = 32;
 enum class Order { kForward = 0, kReverse = 1, kRandom = 2 };
 inline Order order = Order::kForward;
 
-struct Thread {
+#if defined(__x86_64__)
+// fiber_switch(save, load): pushes the callee-saved registers and the SSE and x87 control words
+// on the current stack, stores the stack pointer in *save, and resumes the fiber whose stack
+// pointer is `load` by the reverse steps (the System V ABI leaves every other register to the
+// caller). A new fiber's stack is laid out as such a save would leave it (start_stack below).
+extern "C" void emu_fiber_switch(void** save, void* load);
+asm(R"(
+  .text
+  .p2align 4
+  .type emu_fiber_switch, @function
+emu_fiber_switch:
+  pushq %rbp
+  pushq %rbx
+  pushq %r12
+  pushq %r13
+  pushq %r14
+  pushq %r15
+  subq $8, %rsp
+  stmxcsr (%rsp)
+  fnstcw 4(%rsp)
+  movq %rsp, (%rdi)
+  movq %rsi, %rsp
+  ldmxcsr (%rsp)
+  fldcw 4(%rsp)
+  addq $8, %rsp
+  popq %r15
+  popq %r14
+  popq %r13
+  popq %r12
+  popq %rbx
+  popq %rbp
+  ret
+  .size emu_fiber_switch, .-emu_fiber_switch
+)");
+
+struct Context {
+  void* sp = nullptr;
+};
+inline void switch_to(Context& save, const Context& load) { emu_fiber_switch(&save.sp, load.sp); }
+
+// The stack pointer of a fiber that starts in entry(): entry's address where fiber_switch's
+// `ret` finds it (16-byte aligned, so entry starts as if called), below it six zeroed callee-saved
+// registers and the control words in force now.
+inline void* start_stack(std::vector<char>& stack, void (*entry)()) {
+  auto top = reinterpret_cast<uintptr_t>(stack.data() + stack.size()) & ~uintptr_t(15);
+  auto* slot = reinterpret_cast<uint64_t*>(top) - 2;  // slot[1]: a null return address for entry
+  slot[1] = 0;
+  slot[0] = reinterpret_cast<uint64_t>(entry);
+  uint64_t* sp = slot - 7;
+  for (int i = 1; i < 7; ++i) sp[i] = 0;
+  uint32_t mxcsr;
+  uint16_t fpucw;
+  asm volatile("stmxcsr %0\n\tfnstcw %1" : "=m"(mxcsr), "=m"(fpucw));
+  std::memcpy(sp, &mxcsr, 4);
+  std::memcpy(reinterpret_cast<char*>(sp) + 4, &fpucw, 2);
+  return sp;
+}
+#else
+struct Context {
   ucontext_t ctx;
+};
+inline void switch_to(Context& save, const Context& load) { swapcontext(&save.ctx, &load.ctx); }
+#endif
+
+struct Thread {
+  Context ctx;
   unsigned tid = 0;
   bool done = false;
   std::vector<char> stack;
@@ -47,7 +117,7 @@ struct Thread {
 struct BlockState {
   std::vector<Thread> threads;
   Thread* current = nullptr;
-  ucontext_t scheduler;
+  Context scheduler;
   int nthreads = 0;
   uint64_t progress = 0;  // arrivals and exits: a pass without any is a deadlock
   unsigned bar_arrived = 0;
@@ -64,7 +134,7 @@ inline uint64_t blocks_run = 0;  // run_block calls so far: per-block state else
 constexpr int kExchangeSlots = 8;
 
 inline Thread& self() { return *block.current; }
-inline void yield() { swapcontext(&block.current->ctx, &block.scheduler); }
+inline void yield() { switch_to(block.current->ctx, block.scheduler); }
 
 // __syncthreads: every thread of the block.
 inline void block_barrier() {
@@ -101,11 +171,17 @@ inline int lane_id() { return int(self().tid) % kWarpSize; }
 // Checks run when a thread returns (cp_async.h: no copies left pending); null when unused.
 inline void (*thread_exit_check)() = nullptr;
 
+// A fiber's first and only frame: it runs the body, then hands control back for good.
 inline void thread_entry() {
   (*block.body)();
   if (thread_exit_check) thread_exit_check();
   block.current->done = true;
   ++block.progress;
+#if defined(__x86_64__)
+  Context finished;
+  switch_to(finished, block.scheduler);
+  abort();  // a finished fiber is never resumed
+#endif
 }
 
 // Runs body() once per thread of a block of `nthreads` threads (a multiple of 32) until all
@@ -127,11 +203,15 @@ inline void run_block(int nthreads, const std::function<void()>& body) {
     Thread& t = block.threads[i];
     t.tid = unsigned(i);
     t.done = false;
-    getcontext(&t.ctx);
-    t.ctx.uc_stack.ss_sp = t.stack.data();
-    t.ctx.uc_stack.ss_size = t.stack.size();
-    t.ctx.uc_link = &block.scheduler;
-    makecontext(&t.ctx, thread_entry, 0);
+#if defined(__x86_64__)
+    t.ctx.sp = start_stack(t.stack, thread_entry);
+#else
+    getcontext(&t.ctx.ctx);
+    t.ctx.ctx.uc_stack.ss_sp = t.stack.data();
+    t.ctx.ctx.uc_stack.ss_size = t.stack.size();
+    t.ctx.ctx.uc_link = &block.scheduler.ctx;  // where thread_entry's return goes
+    makecontext(&t.ctx.ctx, thread_entry, 0);
+#endif
   }
   std::vector<int> pass(nthreads);
   std::iota(pass.begin(), pass.end(), 0);
@@ -148,7 +228,7 @@ inline void run_block(int nthreads, const std::function<void()>& body) {
       Thread& t = block.threads[i];
       if (t.done) continue;
       block.current = &t;
-      swapcontext(&block.scheduler, &t.ctx);
+      switch_to(block.scheduler, t.ctx);
       if (t.done) --live;
     }
     if (live > 0 && block.progress == before) {
