@@ -449,12 +449,14 @@ template <bool kPack>
 struct QueryRows {
   static constexpr bool kPacked = kPack;
   int64_t h, lq, rows;  // the head (packed: the group's first), LQ, and the rows (packed: group · LQ)
+  // Packed rows divide in 32 bits (a 64-bit division is a long subroutine): LQ <= 16 and
+  // rows <= HQ · LQ (pack_gqa).
   __device__ __forceinline__ int64_t head(int64_t r) const {
-    if constexpr (kPack) return h + min(r, rows - 1) / lq;
+    if constexpr (kPack) return h + int(min(r, rows - 1)) / int(lq);
     else return h;
   }
   __device__ __forceinline__ int64_t query(int64_t r) const {
-    if constexpr (kPack) return r < rows ? r % lq : lq;
+    if constexpr (kPack) return r < rows ? int(r) % int(lq) : lq;
     else return r;
   }
 };
