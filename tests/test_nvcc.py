@@ -30,21 +30,11 @@ import sysconfig
 import pytest
 from torch.utils import cpp_extension
 
+from bench.ptxas_report import count_loop_spills, cuobjdump as _cuobjdump
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CU_FILES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
 NVCC = shutil.which("nvcc") or shutil.which(os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "nvcc"))
-
-
-def _cuobjdump() -> str | None:
-    found = shutil.which("cuobjdump")
-    if found:
-        return found
-    try:
-        import triton
-    except ImportError:
-        return None
-    bundled = pathlib.Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    return str(bundled) if bundled.exists() else None
 
 
 ARCHS = ("80", "90a")
@@ -184,3 +174,24 @@ def test_wgmma_kernels_are_warpgroup_mma_on_sm90a_only(wgmma_sass, cu, kernels):
             assert n > 0, f"{kernel}: no HGMMA in its sm_90a SASS"
         else:
             assert n == 0, f"{kernel}: HGMMA in its {arch} SASS"
+
+
+def test_loop_spills_counts_local_memory_inside_the_longest_loop():
+    """bench/ptxas_report.py's "loop spills" column, on SASS in cuobjdump's format: the loop
+    0x0040-0x00a0 (its backward branch is the longest) holds one LDL and one STL; the spills
+    before it and the short loop's after it do not count."""
+    sass = """
+        /*0000*/                   STL [R1], R2 ;
+        /*0010*/                   MOV R3, R4 ;
+        /*0040*/                   LDL R38, [R1] ;
+        /*0050*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0060*/              @P0  STL [R1+0x4], R5 ;
+        /*0070*/              @!P1 BRA 0x90 ;
+        /*0080*/                   FADD R5, R5, R6 ;
+        /*00a0*/              @!P0 BRA 0x40 ;
+        /*00b0*/                   LDL.LU R0, [R1+0x4] ;
+        /*00c0*/               @P2 BRA 0xb0 ;
+        /*00d0*/                   EXIT ;
+    """
+    assert count_loop_spills(sass) == 2
+    assert count_loop_spills("/*0000*/ STL [R1], R2 ;\n/*0010*/ EXIT ;") == 0
