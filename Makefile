@@ -37,8 +37,10 @@ bench: $(BUILT)
 	$(PY) bench/report.py bench/results/cpu-latest.json --plot bench/results/plots/cpu-latest
 
 # Registers, spills and static shared memory of every CUDA kernel (ptxas, -O3); needs nvcc only.
+# sm_90a (H100/H200: the wgmma kernels) and sm_80 (A100: the mma.sync kernels' own target).
 ptxas-report: $(STAMP)
 	$(PY) bench/ptxas_report.py --arch 90a --out bench/results/ptxas-sm_90a.txt
+	$(PY) bench/ptxas_report.py --arch 80 --out bench/results/ptxas-sm_80.txt
 
 # GPU machine (device time is 15 min a session, machine start included; 10 min a command; 8
 # files back): gpu-check is the one call to make, bench/gpu_run.py's staged run of the build,
