@@ -4,14 +4,15 @@ bindings.cpp's CUDA branches (device guard, current stream, launch checks) only 
 has CUDA; they are syntax-checked here against the c10/cuda headers that the CPU wheel also ships.
 
 The check is for errors (C++, CUDA and inline-PTX through ptxas), not for code quality, so the
-device code compiles unoptimized: -Xcicc -O0 and -Xptxas -O0 (nvcc's own -O0 is the host code's).
-Every template is still instantiated and every line of PTX, inline asm included, still goes
-through ptxas for the arch. Measured on the 2-core AMD dev machine (CUDA 13.0): attention.cu for
-sm_90a 102 s with ptxas -O0 alone (cicc 48 s, ptxas 50 s) vs 22 s with both; ffn.cu 55 s vs 9 s.
-The (file, arch) compiles share a pool of one process per core, attention.cu first. setup.py builds with
--O3, and `make ptxas-report` reads the -O3 registers and spills. One check reads the
-machine code: the sm_90a attention and FFN kernels' products must be warpgroup MMA (HGMMA) in the
-sm_90a cubin and absent from the sm_80 one (cuobjdump, as shipped with CUDA or with the triton wheel).
+device code compiles unoptimized: -Xcicc -O0 and -Xptxas -O0 (nvcc's own -O0 is the host
+code's). Every template is still instantiated and every line of PTX, inline asm included, still
+goes through ptxas for the arch. Measured on the 2-core AMD dev machine (CUDA 13.0):
+attention.cu for sm_90a 102 s with ptxas -O0 alone (cicc 48 s, ptxas 50 s) vs 22 s with both;
+ffn.cu 55 s vs 9 s. The (file, arch) compiles share a pool of one process per core, attention.cu
+first. setup.py builds with -O3, and `make ptxas-report` reads the -O3 registers and spills. One
+check reads the machine code: the sm_90a attention and FFN kernels' products must be warpgroup
+MMA (HGMMA) in the sm_90a cubin and absent from the sm_80 one (cuobjdump, as shipped with CUDA
+or with the triton wheel).
 
 C++ standard: torch 2.13's cpp_extension builds extensions as C++20, but torch up to 2.12 builds
 them as C++17 (the GPU machine has torch 2.11), so every source must be valid C++17: the .cu

@@ -16,9 +16,9 @@
 // a data race between two barriers shows up only when the scheduling orders give different
 // results; the memory model (visibility without a barrier, volatile, fences) is not modelled.
 //
-// The switch between fibers: on x86-64 a few instructions of our own (fiber_switch below), since
-// glibc's swapcontext makes a sigprocmask system call on every switch, which was 40% of the
-// attention driver's run time; elsewhere ucontext.
+// The switch between fibers: on x86-64 a few instructions of our own (emu_fiber_switch below),
+// since glibc's swapcontext makes a sigprocmask system call on every switch, which was 40% of
+// the attention driver's run time; elsewhere ucontext.
 #pragma once
 
 #if !defined(__x86_64__)
@@ -43,10 +43,10 @@ enum class Order { kForward = 0, kReverse = 1, kRandom = 2 };
 inline Order order = Order::kForward;
 
 #if defined(__x86_64__)
-// fiber_switch(save, load): pushes the callee-saved registers and the SSE and x87 control words
-// on the current stack, stores the stack pointer in *save, and resumes the fiber whose stack
-// pointer is `load` by the reverse steps (the System V ABI leaves every other register to the
-// caller). A new fiber's stack is laid out as such a save would leave it (start_stack below).
+// emu_fiber_switch(save, load): pushes the callee-saved registers and the SSE and x87 control
+// words on the current stack, stores the stack pointer in *save, and resumes the fiber whose
+// stack pointer is `load` by the reverse steps (the System V ABI leaves every other register to
+// the caller). A new fiber's stack is laid out as such a save would leave it (start_stack).
 extern "C" void emu_fiber_switch(void** save, void* load);
 asm(R"(
   .text
@@ -82,7 +82,7 @@ struct Context {
 };
 inline void switch_to(Context& save, const Context& load) { emu_fiber_switch(&save.sp, load.sp); }
 
-// The stack pointer of a fiber that starts in entry(): entry's address where fiber_switch's
+// The stack pointer of a fiber that starts in entry(): entry's address where emu_fiber_switch's
 // `ret` finds it (16-byte aligned, so entry starts as if called), below it six zeroed callee-saved
 // registers and the control words in force now.
 inline void* start_stack(std::vector<char>& stack, void (*entry)()) {
