@@ -24,8 +24,8 @@ The attention and ffn drivers run every 16-bit case twice, on an emulated sm_80 
 mma.sync kernels) and an emulated sm_90a one (the wgmma kernels, tests/cuda_emu/wgmma.h).
 Measured on the 2-core AMD dev machine (2026-12-03): the attention driver's four runs (two
 orders, two shards) 156 s of CPU with glibc's swapcontext and libgcc's fp16 conversion, 44 s with
-fibers.h's own switch and cuda_shim.h's fp16 table; the module about 35 s (54 s with
-attention in the random order too).
+fibers.h's own switch and cuda_shim.h's fp16 table; the module about 48 s (attention in the
+random order too would add 20 s).
 """
 import concurrent.futures
 import os

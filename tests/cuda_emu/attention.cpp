@@ -241,14 +241,15 @@ const bool registered = [] {
   // MQA with one query row and with 16 (8 heads: a 128-row group, two blocks where a block
   // holds 64), GQA with a per-head additive mask (each packed row reads its own head's row) and
   // rows whose keys are all masked, causal with LQ < LK (top-left: only the first keys count),
-  // dropout (each row's keep bits by its own head), and split-KV over packed blocks.
-  add(0.f, {2, 8, 1, 1, 100, 64, false, M::kKeyPadding, 0.f});
-  add(bf, {1, 8, 1, 16, 70, 128, false, M::kNone, 0.f});
+  // dropout (each row's keep bits by its own head), and split-KV over packed blocks (the
+  // heuristic's count at 900 keys; 3 ranges forced).
+  add(0.f, {2, 8, 1, 1, 300, 64, false, M::kKeyPadding, 0.f});
+  add(bf, {1, 8, 1, 16, 90, 128, false, M::kNone, 0.f});
   add(f16, {1, 6, 2, 5, 77, 40, false, M::kAdditive, 0.f});
-  add(bf, {1, 4, 2, 3, 70, 64, true, M::kBoolRows, 0.f});
-  add(0.f, {1, 4, 1, 7, 70, 32, true, M::kNone, 0.2f});
-  add(bf, {1, 8, 2, 2, 200, 80, false, M::kKeyPadding, 0.1f, 0, 0, 2});
-  add(f16, {1, 4, 1, 4, 150, 256, false, M::kAdditive, 0.f, 0, 0, 3});
+  add(bf, {2, 4, 2, 3, 70, 64, true, M::kBoolRows, 0.f});
+  add(0.f, {1, 4, 1, 7, 130, 32, true, M::kNone, 0.2f});
+  add(bf, {1, 8, 2, 2, 900, 80, false, M::kKeyPadding, 0.1f, 0, 0, 0});
+  add(f16, {2, 4, 1, 4, 260, 256, false, M::kAdditive, 0.f, 0, 0, 3});
   return true;
 }();
 
