@@ -199,6 +199,14 @@ void for_key_block_tiles(const AttentionBwdParams& p, int64_t bi, int64_t h, int
   }
 }
 
+// body(t) for key block kb's tiles with each query head of kv head hk's group in turn: the
+// split schedules' dK/dV task, which sums the group's heads in the fused schedule's order.
+template <typename F>
+void for_group_key_block_tiles(const AttentionBwdParams& p, int64_t bi, int64_t hk, int64_t kb, F&& body) {
+  const int64_t group = p.hq / p.hkv;
+  for (int64_t h = hk * group; h < (hk + 1) * group; ++h) for_key_block_tiles(p, bi, h, kb, body);
+}
+
 // body(t) for query block qb of head h's tiles: the key blocks up to the causal diagonal.
 template <typename F>
 void for_query_block_tiles(const AttentionBwdParams& p, int64_t bi, int64_t h, int64_t qb, F&& body) {
@@ -1428,13 +1436,11 @@ void bwd_amx_split(const AttentionBwdParams& p, Bf16Unit unit) {
         [&](int64_t bi, int64_t hk, int64_t kb, int64_t j0, int64_t n) {  // dK, dV of one key block
           std::fill(dk_acc.begin(), dk_acc.end(), 0.f);
           std::fill(dv_acc.begin(), dv_acc.end(), 0.f);
-          for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-            const AmxBwdHead hd = head(bi, h);
-            for_key_block_tiles(p, bi, h, kb, [&](const TilePos& t) {
-              bwd_amx_tile(p, t, z, hd, st.data(), dpt.data(), pa.data(), da.data(), db.data());
-              bwd_amx_dkdv(t, z, hd, pa.data(), da.data(), dv_acc.data(), dk_acc.data());
-            });
-          }
+          for_group_key_block_tiles(p, bi, hk, kb, [&](const TilePos& t) {
+            const AmxBwdHead hd = head(bi, t.h);
+            bwd_amx_tile(p, t, z, hd, st.data(), dpt.data(), pa.data(), da.data(), db.data());
+            bwd_amx_dkdv(t, z, hd, pa.data(), da.data(), dv_acc.data(), dk_acc.data());
+          });
           bwd_store_keys<bf16>(p, z.dk, bi, hk, j0, n, dk_acc.data(), dv_acc.data());
         },
         [&](int64_t bi, int64_t h, int64_t qb, int64_t i0, int64_t m) {  // dQ of one query block
@@ -1690,13 +1696,11 @@ void bwd_split(const AttentionBwdParams& p) {
         [&](int64_t bi, int64_t hk, int64_t kb, int64_t j0, int64_t n) {  // dK, dV of one key block
           std::fill(dk.begin(), dk.end(), 0.f);
           std::fill(dv.begin(), dv.end(), 0.f);
-          for (int64_t h = hk * group; h < (hk + 1) * group; ++h) {
-            const BwdHead hd = head(bi, h);
-            for_key_block_tiles(p, bi, h, kb, [&](const TilePos& t) {
-              bwd_tile<T>(p, t, dp, lqp, hd, st.data(), dpt.data());
-              bwd_dkdv(t, dp, hd, st.data(), dpt.data(), dv.data(), dk.data());
-            });
-          }
+          for_group_key_block_tiles(p, bi, hk, kb, [&](const TilePos& t) {
+            const BwdHead hd = head(bi, t.h);
+            bwd_tile<T>(p, t, dp, lqp, hd, st.data(), dpt.data());
+            bwd_dkdv(t, dp, hd, st.data(), dpt.data(), dv.data(), dk.data());
+          });
           bwd_store_keys<T>(p, dp, bi, hk, j0, n, dk.data(), dv.data());
         },
         [&](int64_t bi, int64_t h, int64_t qb, int64_t i0, int64_t m) {  // dQ of one query block
