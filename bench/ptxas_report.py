@@ -71,15 +71,21 @@ def count_loop_spills(sass: str) -> int:
                if start <= address <= end and re.match(r"(?:@!?U?P\w+\s+)?(LDL|STL)\b", text))
 
 
+def nvcc_command(nvcc: str, cu: pathlib.Path, obj: pathlib.Path, arch: str, *flags: str) -> list[str]:
+    """nvcc compiling one csrc/cuda file to obj for sm_{arch} as setup.py's CUDA build does
+    (C++17, csrc/ on the include path), plus flags (optimization levels, -Xptxas -v). Also
+    test_nvcc.py's compile check."""
+    return [nvcc, "-c", str(cu), "-o", str(obj), "-std=c++17", *flags, f"-I{ROOT / 'csrc'}",
+            "--expt-relaxed-constexpr", "-DFUSEDFORMER_WITH_CUDA=1", f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+
+
 def report(cu: pathlib.Path, arch: str, nvcc: str) -> list[tuple[str, int, int, int, int, int | None, int]]:
     """(kernel, registers, spill stores, spill loads, static smem bytes, loop spills (None: not
     counted), injected warpgroup syncs) per entry function."""
     tool = cuobjdump()
     with tempfile.TemporaryDirectory() as tmp:
         obj = pathlib.Path(tmp) / "k.o"
-        cmd = [nvcc, "-c", str(cu), "-o", str(obj), "-std=c++17", "-O3",
-               f"-I{ROOT / 'csrc'}", "--expt-relaxed-constexpr", "-DFUSEDFORMER_WITH_CUDA=1",
-               f"-gencode=arch=compute_{arch},code=sm_{arch}", "-Xptxas", "-v"]
+        cmd = nvcc_command(nvcc, cu, obj, arch, "-O3", "-Xptxas", "-v")
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"{' '.join(cmd)}\n{proc.stderr[-4000:]}")

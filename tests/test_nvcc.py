@@ -31,7 +31,7 @@ import sysconfig
 import pytest
 from torch.utils import cpp_extension
 
-from bench.ptxas_report import count_loop_spills, cuobjdump as _cuobjdump
+from bench.ptxas_report import count_loop_spills, cuobjdump as _cuobjdump, nvcc_command
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 CU_FILES = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
@@ -43,9 +43,7 @@ ARCHS = ("80", "90a")
 
 def _compile(cu: pathlib.Path, out_dir: pathlib.Path, arch: str) -> subprocess.CompletedProcess:
     obj = out_dir / f"{cu.stem}.sm_{arch}.o"
-    cmd = [NVCC, "-c", str(cu), "-o", str(obj), "-std=c++17", "-O0", "-Xcicc", "-O0",
-           "-Xptxas", "-O0", f"-I{ROOT / 'csrc'}", "--expt-relaxed-constexpr",
-           "-DFUSEDFORMER_WITH_CUDA=1", f"-gencode=arch=compute_{arch},code=sm_{arch}"]
+    cmd = nvcc_command(NVCC, cu, obj, arch, "-O0", "-Xcicc", "-O0", "-Xptxas", "-O0")
     proc = subprocess.run(cmd, capture_output=True, text=True)
     proc.args = " ".join(cmd)
     proc.obj = obj
