@@ -196,7 +196,9 @@ def default_stages(python: str, out: str, archs: str, jobs: int, test_workers: i
     pytest = [python, "-m", "pytest", "-p", "no:cacheprovider", "-v", "-rfEs", "-m", "gpu"]
     if test_timeout:
         pytest += ["--timeout=120", "--timeout-method=thread"]
-    xdist = ["-n", str(test_workers), "--max-worker-restart=8"] if test_workers > 1 else []
+    # loadgroup: tests/test_large_offsets.py's tests, which take up to 30 GB each, run in one
+    # worker, one after another.
+    xdist = ["-n", str(test_workers), "--dist", "loadgroup", "--max-worker-restart=8"] if test_workers > 1 else []
     test_env = {"FUSEDFORMER_AUTOTUNE": "0", "PYTHONUNBUFFERED": "1"}
     # On an sm_90 the cuda backend's default is its wgmma kernels; its mma.sync ones must pass
     # there too, so its attention and FFN tests run again with them, alongside the main run.

@@ -25,7 +25,8 @@ mma.sync kernels) and an emulated sm_90a one (the wgmma kernels, tests/cuda_emu/
 Measured on the 2-core AMD dev machine (2026-12-03): the attention driver's four runs (two
 orders, two shards) 156 s of CPU with glibc's swapcontext and libgcc's fp16 conversion, 44 s with
 fibers.h's own switch and cuda_shim.h's fp16 table; the module about 48 s (attention in the
-random order too would add 20 s).
+random order too would add 20 s), 52 s with the attention driver's far cases (its tensors'
+last batch past 2^31 elements, driver::FarRegion; 2026-12-04).
 """
 import concurrent.futures
 import os

@@ -24,6 +24,8 @@ struct Case {
   int64_t kv_pad = 0;  // K and V rows padded to d + kv_pad elements (a strided view)
   int device = 0;      // the emulator's device: 0 runs sm_80 code, 1 sm_90a (the wgmma forward)
   int64_t splits = 1;  // the forward's split-KV ranges; 0: attention_fwd_num_splits_cuda's choice
+  bool far = false;    // every (B, ...) tensor and a batched mask on far copies (driver::FarRegion):
+                       // with B = 3, offsets past 2^31 elements
 };
 
 // Worst errors measured over these cases on both emulated devices (2026-12-03, with the wgmma
@@ -85,7 +87,19 @@ void run(const Case& c) {
   p.o_accum = p.num_splits > 1 ? o_accum.data() : nullptr;
   p.lse_accum = p.num_splits > 1 ? lse_accum.data() : nullptr;
   if (c.splits == 0 && p.num_splits < 2) throw std::logic_error("a case for the split heuristic ran unsplit");
+  // A far case runs the kernels on far copies and copies their outputs back, so the
+  // reference and the checks below see the usual layout.
+  driver::FarRegion<T> far(c.far ? b : 0);
+  driver::FarRegion<unsigned char> far_mask(c.far && mk.batch_stride != 0 ? b : 0);
+  if (c.far) {
+    p.q = far.place(q, p.q_batch_stride);
+    p.k = far.place(k, p.k_batch_stride);
+    p.v = far.place(v, p.v_batch_stride);
+    p.o = far.place(o, p.o_batch_stride);
+    if (mk.batch_stride != 0) p.mask.ptr = far_mask.place(bool_mask, p.mask.batch_stride);
+  }
   attention_fwd_cuda(p, nullptr);
+  if (c.far) far.copy_back(p.o, o);
 
   AttentionBwdParams bp{};
   bp.dtype = p.dtype;
@@ -102,13 +116,26 @@ void run(const Case& c) {
   bp.dv_batch_stride = hkv * lk * d, bp.dv_head_stride = lk * d, bp.dv_row_stride = d;
   bp.mask = mk, bp.scale = scale, bp.is_causal = c.causal, bp.dropout_p = c.dropout, bp.seed = seed;
   bp.lse = lse.data(), bp.delta = delta.data();
+  if (c.far) {
+    bp.q = p.q, bp.k = p.k, bp.v = p.v, bp.o = p.o, bp.mask = p.mask;
+    bp.q_batch_stride = bp.k_batch_stride = bp.v_batch_stride = bp.o_batch_stride = driver::kFarGap;
+    bp.do_ = far.place(dO, bp.do_batch_stride);
+    bp.dq = far.place(dq, bp.dq_batch_stride);
+    bp.dk = far.place(dk, bp.dk_batch_stride);
+    bp.dv = far.place(dv, bp.dv_batch_stride);
+  }
   attention_bwd_cuda(bp, nullptr);
+  if (c.far) {
+    far.copy_back(bp.dq, dq);
+    far.copy_back(bp.dk, dk);
+    far.copy_back(bp.dv, dv);
+  }
 
   // fp64 reference on the same (rounded) inputs. Delta = rowsum(dO ∘ O) is taken from the
   // kernel's stored o (checked above against the exact one), as the backward defines it: with
   // the exact Σ_j P dP instead, dK of a bf16 row with LK = 1 (dS = P (dP - Delta) = 0 exactly)
   // would measure only o's storage rounding, summed over every query row of the group.
-  auto Q = [&](int64_t bi, int64_t h, int64_t i, int64_t e) { return load(q[bi * p.q_batch_stride + h * d + i * hq * d + e]); };
+  auto Q = [&](int64_t bi, int64_t h, int64_t i, int64_t e) { return load(q[((bi * lq + i) * hq + h) * d + e]); };
   auto K = [&](int64_t bi, int64_t h, int64_t j, int64_t e) { return load(k[((bi * hkv + h) * lk + j) * ldk + e]); };
   auto V = [&](int64_t bi, int64_t h, int64_t j, int64_t e) { return load(v[((bi * hkv + h) * lk + j) * ldk + e]); };
   auto G = [&](int64_t bi, int64_t h, int64_t i, int64_t e) { return load(dO[((bi * hq + h) * lq + i) * d + e]); };
@@ -162,9 +189,9 @@ void run(const Case& c) {
       }
 
   char config[192];
-  snprintf(config, sizeof config, "%-4s sm%d b=%ld hq=%ld hkv=%ld lq=%ld lk=%ld d=%ld ldk=%ld causal=%d mask=%d p=%.1f splits=%ld",
+  snprintf(config, sizeof config, "%-4s sm%d b=%ld hq=%ld hkv=%ld lq=%ld lk=%ld d=%ld ldk=%ld causal=%d mask=%d p=%.1f splits=%ld%s",
            driver::dtype_name<T>(), c.device == 1 ? 90 : 80, long(b), long(hq), long(hkv), long(lq), long(lk), long(d), long(ldk),
-           int(c.causal), int(c.mask), c.dropout, long(p.num_splits));
+           int(c.causal), int(c.mask), c.dropout, long(p.num_splits), c.far ? " far" : "");
   const double tol = driver::pick<T>(kFwd), tol_bwd = driver::pick<T>(kBwd);
   driver::report("o", config, driver::rel_error(o, ro), tol);
   double lse_err = 0.0;
@@ -250,6 +277,12 @@ const bool registered = [] {
   add(0.f, {1, 4, 1, 7, 130, 32, true, M::kNone, 0.2f});
   add(bf, {1, 8, 2, 2, 900, 80, false, M::kKeyPadding, 0.1f, 0, 0, 0});
   add(f16, {2, 4, 1, 4, 260, 256, false, M::kAdditive, 0.f, 0, 0, 3});
+  // Offsets past 2^31 elements (far: batch 2 of every tensor and of the mask): the tiled
+  // forward and backward with GQA, a key-padding mask, causal and dropout; D = 128 (the wgmma
+  // kernels on sm_90a) with padded K/V rows; packed GQA decoding over split-KV ranges.
+  add(0.f, {3, 4, 2, 37, 45, 40, true, M::kKeyPadding, 0.2f, 0, 0, 1, true});
+  add(bf, {3, 2, 1, 70, 66, 128, true, M::kBoolRows, 0.f, 8, 0, 1, true});
+  add(f16, {3, 4, 1, 1, 300, 64, false, M::kKeyPadding, 0.f, 0, 0, 0, true});
   return true;
 }();
 

@@ -7,11 +7,17 @@
 // exits non-zero when any check failed.
 #pragma once
 
+#include <sys/mman.h>
+
+#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <map>
 #include <random>
+#include <stdexcept>
 #include <string>
 #include <vector>
 
@@ -51,6 +57,56 @@ template <typename T>
 inline std::vector<T> poisoned(size_t n) {
   return std::vector<T>(n, store<T>(NAN));
 }
+
+// Far copies of a case's tensors: each (B, ...) tensor's batches kFarGap elements apart in one
+// anonymous mapping, whose pages appear only when touched, so that with B = 3 the last batch
+// starts past 2^31 elements (kFarGap itself fits in int32: only a 32-bit batch * stride wraps)
+// while a few KB are real. place() copies a tensor in and gives its batch stride kFarGap;
+// copy_back() copies a placed output out to its vector.
+inline constexpr int64_t kFarGap = (int64_t(1) << 30) + 4096;
+
+template <typename T>
+class FarRegion {
+ public:
+  explicit FarRegion(int64_t batches) : batches_(batches) {
+    if (batches == 0) return;
+    bytes_ = size_t((batches - 1) * kFarGap + kSlots * kSlot) * sizeof(T);
+    void* m = mmap(nullptr, bytes_, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+    if (m == MAP_FAILED) throw std::runtime_error("FarRegion: mmap failed");
+    base_ = static_cast<T*>(m);
+  }
+  FarRegion(const FarRegion&) = delete;
+  FarRegion& operator=(const FarRegion&) = delete;
+  ~FarRegion() {
+    if (base_ != nullptr) munmap(base_, bytes_);
+  }
+
+  // t holds batches_ batches `batch_stride` elements apart; returns the far copy's base and
+  // sets batch_stride to kFarGap.
+  T* place(const std::vector<T>& t, int64_t& batch_stride) {
+    if (next_ == kSlots || batch_stride > kSlot || int64_t(t.size()) != batches_ * batch_stride)
+      throw std::logic_error("FarRegion::place: no slot for this tensor");
+    T* view = base_ + next_++ * kSlot;
+    for (int64_t bi = 0; bi < batches_; ++bi)
+      std::copy_n(t.data() + bi * batch_stride, batch_stride, view + bi * kFarGap);
+    spans_[view] = batch_stride;
+    batch_stride = kFarGap;
+    return view;
+  }
+  void copy_back(const void* view, std::vector<T>& t) const {
+    const T* v = static_cast<const T*>(view);
+    const int64_t span = spans_.at(v);
+    for (int64_t bi = 0; bi < batches_; ++bi) std::copy_n(v + bi * kFarGap, span, t.data() + bi * span);
+  }
+
+ private:
+  static constexpr int64_t kSlots = 8, kSlot = int64_t(1) << 20;
+  int64_t batches_;
+  size_t bytes_ = 0;
+  T* base_ = nullptr;
+  int next_ = 0;
+  std::map<const T*, int64_t> spans_;
+};
 
 // max |got - ref| / max(1, max |ref|); infinity when any element is NaN or an infinity differs.
 template <typename T>
