@@ -15,6 +15,7 @@ struct Case {
   int64_t b, h, lq, lk;
   bool causal;
   SoftmaxMaskKind mask;  // bool (B, 1, LQ, LK), row 0 fully masked; additive (1, H, 1, LK)
+  bool far = false;      // the bool mask's batches 2^30 + 4096 apart (driver::FarRegion)
 };
 
 // Worst errors measured over these cases, y and dx: fp32 4.5e-8, bf16 1.1e-3, fp16 1.4e-5.
@@ -27,6 +28,7 @@ void run(const Case& c) {
   std::vector<T> y = driver::poisoned<T>(n), dx = driver::poisoned<T>(n);
   std::vector<unsigned char> bool_mask;
   std::vector<T> add_mask;
+  driver::FarRegion<unsigned char> far_mask(c.far ? c.b : 0);
   SoftmaxFwdParams p{};
   p.dtype = driver::dtype_of<T>();
   p.b = c.b, p.h = c.h, p.lq = c.lq, p.lk = c.lk, p.scale = 0.7f, p.is_causal = c.causal;
@@ -37,6 +39,7 @@ void run(const Case& c) {
     for (int64_t bi = 0; bi < c.b; ++bi) std::fill_n(bool_mask.begin() + bi * c.lq * c.lk, c.lk, 0);
     p.mask = bool_mask.data();
     p.mask_batch_stride = c.lq * c.lk, p.mask_head_stride = 0, p.mask_row_stride = c.lk, p.mask_col_stride = 1;
+    if (c.far) p.mask = far_mask.place(bool_mask, p.mask_batch_stride);
   } else if (c.mask == SoftmaxMaskKind::kAdditive) {
     add_mask.resize(c.h * c.lk);
     for (auto& m : add_mask) m = driver::store<T>(driver::uniform() < 0.2 ? -INFINITY : float(driver::randn()));
@@ -70,8 +73,8 @@ void run(const Case& c) {
       rdx[r * c.lk + j] = p.scale * load(y[r * c.lk + j]) * (load(dy[r * c.lk + j]) - dot);
   }
   char config[120];
-  snprintf(config, sizeof config, "%-4s b=%ld h=%ld lq=%ld lk=%ld causal=%d mask=%d", driver::dtype_name<T>(),
-           long(c.b), long(c.h), long(c.lq), long(c.lk), int(c.causal), int(c.mask));
+  snprintf(config, sizeof config, "%-4s b=%ld h=%ld lq=%ld lk=%ld causal=%d mask=%d%s", driver::dtype_name<T>(),
+           long(c.b), long(c.h), long(c.lq), long(c.lk), int(c.causal), int(c.mask), c.far ? " far" : "");
   const double tol = driver::pick<T>(kTol);
   driver::report("y", config, driver::rel_error(y, ry), tol);
   driver::report("dx", config, driver::rel_error(dx, rdx), tol);
@@ -94,6 +97,9 @@ const bool registered = [] {
   add(bf, {1, 1, 2, 6144, false, K::kNone});      // block, vectorized, looped
   add(f16, {1, 1, 1, 12288, false, K::kAdditive});
   add(0.f, {1, 1, 1, 12289, false, K::kNone});
+  // The bool mask's batch 2 past 2^31 elements: the warp and the looped block paths.
+  add(bf, {3, 2, 3, 200, true, K::kBool, true});
+  add(f16, {3, 1, 2, 4099, false, K::kBool, true});
   return true;
 }();
 
