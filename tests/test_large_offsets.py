@@ -61,7 +61,7 @@ class FarViews:
 
     def __init__(self, dtype: torch.dtype, device: str, batches: int, slots: int = 8,
                  slot_elems: int = 1 << 20):
-        self.dtype, self.slot_elems, self.next_slot = dtype, slot_elems, 0
+        self.slot_elems, self.next_slot = slot_elems, 0
         size = torch.empty((), dtype=dtype).element_size()
         elems = (batches - 1) * BATCH_GAP + slots * slot_elems
         self.flat = lazy_buffer(elems * size, device).view(dtype)
@@ -201,14 +201,17 @@ def _huge_params(op: str) -> list:
     return params
 
 
-def sparse_rows(rows: int, cols: int, live: list[int], dtype: torch.dtype, device: str,
-                scale: float = 1.0) -> torch.Tensor:
-    """A (rows, cols) tensor of zeros but for random values in the `live` rows; on the CPU its
-    zero pages are never allocated (lazy_buffer)."""
-    t = lazy_buffer(rows * cols * torch.empty((), dtype=dtype).element_size(), device).view(dtype).view(rows, cols)
+def lazy_zeros(rows: int, cols: int, dtype: torch.dtype, device: str) -> torch.Tensor:
+    """(rows, cols) zeros; on the CPU an anonymous mmap (lazy_buffer), zero until touched."""
     if device != "cpu":
-        t.zero_()
-    t[live] = (torch.randn(len(live), cols, device=device) * scale).to(dtype)
+        return torch.zeros(rows, cols, dtype=dtype, device=device)
+    return lazy_buffer(rows * cols * torch.empty((), dtype=dtype).element_size(), device).view(dtype).view(rows, cols)
+
+
+def sparse_rows(rows: int, cols: int, live: list[int], dtype: torch.dtype, device: str) -> torch.Tensor:
+    """A (rows, cols) tensor of zeros but for random values in the `live` rows."""
+    t = lazy_zeros(rows, cols, dtype, device)
+    t[live] = torch.randn(len(live), cols, device=device).to(dtype)
     return t
 
 
@@ -216,21 +219,13 @@ def _live_rows(rows: int) -> list[int]:
     return [0, 1, rows - 3, rows - 2, rows - 1]
 
 
-def _grads(fn, inputs: list[torch.Tensor], dy: torch.Tensor, wide: bool) -> list[torch.Tensor]:
-    """[fn(*inputs), d/d input for each input] with upstream dy; in float64 when wide."""
-    leaves = [t.detach().double() if wide else t.detach().clone() for t in inputs]
-    for t in leaves:
-        t.requires_grad_()
-    out = fn(*leaves)
-    return [out.detach(), *torch.autograd.grad(out, leaves, dy.to(out.dtype))]
-
-
 def _assert_rule_on_rows(names, fused, inputs, dy, pytorch, oracle, rounding_floor: bool = False) -> None:
     """The rule on the rows the test kept alive: PyTorch's same-dtype op and the float64
     oracle run on those rows alone. rounding_floor adds one rounding unit of each tensor's
     largest value to its bound (as tests/test_ffn.py's test_rule_single_row, for the same
     reason)."""
-    same, truth = _grads(pytorch, inputs, dy, False), _grads(oracle, inputs, dy, True)
+    same = testing._run(pytorch, [t.detach().requires_grad_() for t in inputs], dy)
+    truth = testing._run(oracle, [t.detach().double().requires_grad_() for t in inputs], dy.double())
     comparisons = [testing.compare(n, f, p, t) for n, f, p, t in zip(names, fused, same, truth)]
     if rounding_floor:
         for c, t in zip(comparisons, truth):
@@ -279,9 +274,7 @@ def test_softmax_whole_tensor(backend, device, huge):
     rows = INT32_LIMIT // cols + 3 if huge else 67
     live = _live_rows(rows)
     x, dy = (sparse_rows(rows, cols, live, dtype, device) for _ in range(2))
-    keep = lazy_buffer(rows * cols, device).view(torch.bool).view(rows, cols)
-    if device != "cpu":
-        keep.zero_()
+    keep = lazy_zeros(rows, cols, torch.bool, device)
     keep[live] = torch.rand(len(live), cols, device=device) > 0.3
     keep[live, 0] = True
     scale = 0.6

@@ -104,7 +104,7 @@ void run(const Case& c) {
   AttentionBwdParams bp{};
   bp.dtype = p.dtype;
   bp.b = b, bp.hq = hq, bp.hkv = hkv, bp.lq = lq, bp.lk = lk, bp.d = d;
-  bp.q = q.data(), bp.k = k.data(), bp.v = v.data(), bp.o = o.data(), bp.do_ = dO.data();
+  bp.q = p.q, bp.k = p.k, bp.v = p.v, bp.o = p.o, bp.do_ = dO.data();
   bp.dq = dq.data(), bp.dk = dk.data(), bp.dv = dv.data();
   bp.q_batch_stride = p.q_batch_stride, bp.q_head_stride = p.q_head_stride, bp.q_row_stride = p.q_row_stride;
   bp.k_batch_stride = p.k_batch_stride, bp.k_head_stride = p.k_head_stride, bp.k_row_stride = p.k_row_stride;
@@ -114,11 +114,9 @@ void run(const Case& c) {
   bp.dq_batch_stride = hq * lq * d, bp.dq_head_stride = lq * d, bp.dq_row_stride = d;
   bp.dk_batch_stride = hkv * lk * d, bp.dk_head_stride = lk * d, bp.dk_row_stride = d;
   bp.dv_batch_stride = hkv * lk * d, bp.dv_head_stride = lk * d, bp.dv_row_stride = d;
-  bp.mask = mk, bp.scale = scale, bp.is_causal = c.causal, bp.dropout_p = c.dropout, bp.seed = seed;
+  bp.mask = p.mask, bp.scale = scale, bp.is_causal = c.causal, bp.dropout_p = c.dropout, bp.seed = seed;
   bp.lse = lse.data(), bp.delta = delta.data();
-  if (c.far) {
-    bp.q = p.q, bp.k = p.k, bp.v = p.v, bp.o = p.o, bp.mask = p.mask;
-    bp.q_batch_stride = bp.k_batch_stride = bp.v_batch_stride = bp.o_batch_stride = driver::kFarGap;
+  if (c.far) {  // q, k, v, o, the mask and their strides: the forward's far copies
     bp.do_ = far.place(dO, bp.do_batch_stride);
     bp.dq = far.place(dq, bp.dq_batch_stride);
     bp.dk = far.place(dk, bp.dk_batch_stride);

@@ -15,7 +15,6 @@
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
-#include <map>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -89,13 +88,13 @@ class FarRegion {
     T* view = base_ + next_++ * kSlot;
     for (int64_t bi = 0; bi < batches_; ++bi)
       std::copy_n(t.data() + bi * batch_stride, batch_stride, view + bi * kFarGap);
-    spans_[view] = batch_stride;
     batch_stride = kFarGap;
     return view;
   }
+  // t: the vector place() copied from, which holds batches_ spans of t.size() / batches_.
   void copy_back(const void* view, std::vector<T>& t) const {
     const T* v = static_cast<const T*>(view);
-    const int64_t span = spans_.at(v);
+    const int64_t span = int64_t(t.size()) / batches_;
     for (int64_t bi = 0; bi < batches_; ++bi) std::copy_n(v + bi * kFarGap, span, t.data() + bi * span);
   }
 
@@ -105,7 +104,6 @@ class FarRegion {
   size_t bytes_ = 0;
   T* base_ = nullptr;
   int next_ = 0;
-  std::map<const T*, int64_t> spans_;
 };
 
 // max |got - ref| / max(1, max |ref|); infinity when any element is NaN or an infinity differs.
