@@ -534,10 +534,23 @@ void mm_into(Tensor& out, const Tensor& a, const Tensor& b, const OptTensor& bia
   }
 }
 
-// out = the column sums of a, summed in fp32: in place when out is fp32.
-void sum_rows_into(Tensor& out, const Tensor& a) {
-  if (out.scalar_type() == at::kFloat) at::sum_out(out, a, 0, false, at::kFloat);
-  else out.copy_(at::sum(a, 0, false, at::kFloat));
+// out (=, or += where !first) the column sums of a. ATen sums 16-bit inputs in fp32; a dtype
+// argument would first copy all of a to fp32, so it is passed only where out is fp32 and a is
+// not, and a is then one chunk of rows.
+void sum_rows_into(Tensor& out, const Tensor& a, bool first) {
+  const bool same = out.scalar_type() == a.scalar_type();
+  if (first) {
+    if (same) at::sum_out(out, a, 0);
+    else at::sum_out(out, a, 0, false, out.scalar_type());
+  } else {
+    out.add_(same ? at::sum(a, 0) : at::sum(a, 0, false, out.scalar_type()));
+  }
+}
+
+// out (=, or += where !first) a b.
+void mm_accumulate(Tensor& out, const Tensor& a, const Tensor& b, bool first) {
+  if (first) at::mm_out(out, a, b);
+  else out.addmm_(a, b);
 }
 
 // Whether the CPU FFN runs ATen's GEMMs in t's dtype rather than through fp32: bf16, whose
@@ -545,6 +558,102 @@ void sum_rows_into(Tensor& out, const Tensor& a) {
 // it: 1.2 ms against 7.8 through fp32 at 1024 x 512 x 2048 on the dev machine, as torch's own
 // bf16 Linear). fp16 has no such kernel on CPUs without AMX-FP16 (7.4 ms either way).
 bool native_gemm(const Tensor& t) { return t.scalar_type() == at::kBFloat16; }
+
+// The CPU FFN runs in chunks of rows, so that its workspaces (hidden, d_pre, and the fp32
+// GEMM operands and outputs of fp16) are a chunk's, not (M, F)'s: rows for about 32 MiB of
+// fp32 (rows, F1), at least 256 (GEMMs that long still run at full rate here). Only pre
+// (saved for backward) and the outputs are whole. FUSEDFORMER_CPU_FFN_CHUNK_ROWS (read at each
+// call) sets the rows, for tests.
+int64_t ffn_cpu_chunk_rows(int64_t m, int64_t f1) {
+  int64_t rows = std::max<int64_t>(256, (int64_t(32) << 20) / (4 * f1));
+  if (const char* env = std::getenv("FUSEDFORMER_CPU_FFN_CHUNK_ROWS")) {
+    char* end = nullptr;
+    rows = std::strtoll(env, &end, 10);
+    TORCH_CHECK(*env != '\0' && *end == '\0' && rows > 0,
+                "FUSEDFORMER_CPU_FFN_CHUNK_ROWS must be a positive integer, got '", env, "'");
+  }
+  return std::max<int64_t>(1, std::min(rows, m));
+}
+
+// The CPU forward: per chunk of rows, ATen's GEMM x w1ᵀ, the fused epilogue (b1, act,
+// dropout -> pre, hidden) and ATen's GEMM hidden w2ᵀ + b2. p holds the whole problem.
+void ffn_fwd_cpu(const ff::FfnFwdParams& p, const Tensor& x, const Tensor& w1, const OptTensor& b1,
+                 const Tensor& w2, const OptTensor& b2, Tensor& y, Tensor& pre) {
+  // In bf16 (native_gemm) the first GEMM writes pre itself with b1 added before its one
+  // rounding (a bf16 x w1ᵀ rounded first and b1 added after would round twice, and where b1
+  // cancels the product, flip the sign of pre: relu's gradient then picks the wrong elements,
+  // dw1 off by 1.1 against PyTorch's 0.07 at 67 x 40 x 136). Else in fp32: for fp32 straight
+  // into pre, the epilogue adding b1 in place (each element read before it is written).
+  const bool native = native_gemm(x), fp32 = x.scalar_type() == at::kFloat;
+  const Tensor w1_op = native ? w1 : f32(w1), w2_op = native ? w2 : f32(w2);
+  const int64_t rows = ffn_cpu_chunk_rows(p.m, w1.size(0));
+  Tensor hidden = torch::empty({rows, p.f}, x.options());
+  for (int64_t r0 = 0; r0 < p.m; r0 += rows) {
+    const int64_t n = std::min(rows, p.m - r0);
+    const Tensor xs = x.narrow(0, r0, n), h = hidden.narrow(0, 0, n);
+    Tensor pre_s = pre.narrow(0, r0, n), ys = y.narrow(0, r0, n), acc1;
+    if (native) mm_into(pre_s, xs, w1.t(), b1);
+    else acc1 = fp32 ? at::mm_out(pre_s, xs, w1.t()) : at::mm(f32(xs), w1_op.t());
+    ff::FfnFwdParams c = p;
+    c.m = n;
+    c.row0 = r0;
+    c.pre = pre_s.data_ptr();
+    c.hidden = h.data_ptr();
+    c.acc1 = native ? nullptr : acc1.data_ptr<float>();
+    c.pre_from_gemm = native;
+    ff::ffn_fwd_epilogue_cpu(c);
+    mm_into(ys, native ? h : f32(h), w2_op.t(), b2);
+  }
+}
+
+// The CPU backward: per chunk of rows, ATen's GEMM dy w2, the fused epilogue (dropout, act' ->
+// d_pre; hidden recomputed), and ATen's GEMMs for dx and the weight gradients, which sum over
+// the chunks in fp32 (in dw1 and dw2 themselves for fp32) and are rounded once at the end.
+// bf16 runs as one chunk: oneDNN's bf16 GEMM has no fp32 output to carry those sums in, and
+// a bf16 partial per chunk would add a rounding per chunk. Its workspaces are then (M, F1)
+// d_pre and (M, F) hidden, in bf16, as PyTorch's own backward holds.
+void ffn_bwd_cpu(const ff::FfnBwdParams& p, const Tensor& dy, const Tensor& x, const Tensor& w1,
+                 const Tensor& w2, const Tensor& pre, Tensor& dx, Tensor& dw1, Tensor* db1, Tensor& dw2,
+                 Tensor* db2) {
+  const bool native = native_gemm(x), fp32 = x.scalar_type() == at::kFloat;
+  const auto op = [native](const Tensor& t) { return native ? t : f32(t); };
+  const Tensor w1_op = op(w1), w2_op = op(w2);
+  const int64_t f1 = w1.size(0), rows = native ? p.m : ffn_cpu_chunk_rows(p.m, f1);
+  Tensor d_pre = torch::empty({rows, f1}, x.options()), hidden = torch::empty({rows, p.f}, x.options());
+  // The sums over rows: fp32 (or native bf16, one chunk) in place, else into fp32.
+  const auto sums = [&](Tensor& t) { return fp32 || native ? t : torch::empty(t.sizes(), t.options().dtype(at::kFloat)); };
+  Tensor dw1_sum = sums(dw1), dw2_sum = sums(dw2);
+  Tensor db1_sum = db1 ? sums(*db1) : Tensor(), db2_sum = db2 ? sums(*db2) : Tensor();
+  for (int64_t r0 = 0; r0 < p.m; r0 += rows) {
+    const int64_t n = std::min(rows, p.m - r0);
+    const bool first = r0 == 0;
+    const Tensor dys = dy.narrow(0, r0, n), dy_op = op(dys);
+    Tensor dp = d_pre.narrow(0, 0, n), h = hidden.narrow(0, 0, n), dxs = dx.narrow(0, r0, n);
+    // (n, F) dy w2: where the GEMM's output has the storage dtype (fp32, or native bf16) it
+    // goes into hidden, which the epilogue overwrites vector by vector after reading it.
+    const bool in_place = fp32 || native;
+    const Tensor acc_dh = in_place ? at::mm_out(h, dys, w2) : at::mm(dy_op, w2_op);
+    ff::FfnBwdParams c = p;
+    c.m = n;
+    c.row0 = r0;
+    c.pre = pre.narrow(0, r0, n).data_ptr();
+    c.d_pre = dp.data_ptr();
+    c.hidden = h.data_ptr();
+    c.acc_dh = acc_dh.data_ptr();
+    c.acc_in_dtype = in_place;
+    ff::ffn_bwd_epilogue_cpu(c);
+    const Tensor dp_op = op(dp);
+    mm_into(dxs, dp_op, w1_op);
+    mm_accumulate(dw1_sum, dp_op.t(), op(x.narrow(0, r0, n)), first);
+    mm_accumulate(dw2_sum, dy_op.t(), op(h), first);
+    if (db1) sum_rows_into(db1_sum, dp, first);
+    if (db2) sum_rows_into(db2_sum, dys, first);
+  }
+  if (!dw1_sum.is_same(dw1)) dw1.copy_(dw1_sum);
+  if (!dw2_sum.is_same(dw2)) dw2.copy_(dw2_sum);
+  if (db1 && !db1_sum.is_same(*db1)) db1->copy_(db1_sum);
+  if (db2 && !db2_sum.is_same(*db2)) db2->copy_(db2_sum);
+}
 
 std::tuple<Tensor, Tensor> ffn_fwd(const Tensor& x_, const Tensor& w1_, const OptTensor& b1_,
                                    const Tensor& w2_, const OptTensor& b2_, const std::string& activation,
@@ -556,7 +665,6 @@ std::tuple<Tensor, Tensor> ffn_fwd(const Tensor& x_, const Tensor& w1_, const Op
   Tensor y = new_output({d.m, d.c}, x.options());
   Tensor pre = new_output({d.m, d.f1}, x.options());
   if (d.m == 0) return {y, pre};
-  Tensor hidden = torch::empty({d.m, d.f}, x.options());  // workspace, not returned
 
   ff::FfnFwdParams p{};
   p.dtype = to_dtype(x, "x");
@@ -573,30 +681,13 @@ std::tuple<Tensor, Tensor> ffn_fwd(const Tensor& x_, const Tensor& w1_, const Op
   p.b2 = ptr_or_null(b2);
   p.y = y.data_ptr();
   p.pre = pre.data_ptr();
-  p.hidden = hidden.data_ptr();
   if (x.is_cpu()) {
-    // (M, F1) x w1ᵀ. In bf16 (native_gemm) the GEMM writes pre itself with b1 added before its
-    // one rounding (a bf16 x w1ᵀ rounded first and b1 added after would round twice, and where
-    // b1 cancels the product, flip the sign of pre: relu's gradient then picks the wrong
-    // elements, dw1 off by 1.1 against PyTorch's 0.07 at 67 x 40 x 136). Else in fp32, for
-    // fp32 straight into pre, the epilogue adding b1 in place (each element read before it is
-    // written).
-    const bool native = native_gemm(x);
-    Tensor acc1;
-    if (native)
-      mm_into(pre, x, w1.t(), b1);
-    else
-      acc1 = pre.scalar_type() == at::kFloat ? at::mm_out(pre, x, w1.t()) : at::mm(f32(x), f32(w1).t());
-    p.acc1 = native ? nullptr : acc1.data_ptr<float>();
-    p.pre_from_gemm = native;
-    ff::ffn_fwd_epilogue_cpu(p);
-    if (native)
-      mm_into(y, hidden, w2.t(), b2);
-    else
-      mm_into(y, f32(hidden), f32(w2).t(), b2);
+    ffn_fwd_cpu(p, x, w1, b1, w2, b2, y, pre);
   } else {
 #ifdef FUSEDFORMER_WITH_CUDA
     const c10::cuda::CUDAGuard guard(x.device());
+    Tensor hidden = torch::empty({d.m, d.f}, x.options());  // workspace: act(pre), the second GEMM's input
+    p.hidden = hidden.data_ptr();
     ff::ffn_fwd_cuda(p, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 #else
@@ -628,8 +719,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_bwd(
     db2.zero_();
     return {dx, dw1, db1, dw2, db2};
   }
-  Tensor d_pre = torch::empty({m, f1}, x.options());   // workspaces
-  Tensor hidden = torch::empty({m, d.f}, x.options());
 
   ff::FfnBwdParams p{};
   p.dtype = to_dtype(x, "x");
@@ -649,29 +738,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> ffn_bwd(
   p.db1 = b1_ ? db1.data_ptr() : nullptr;
   p.dw2 = dw2.data_ptr();
   p.db2 = b2_ ? db2.data_ptr() : nullptr;
-  p.d_pre = d_pre.data_ptr();
-  p.hidden = hidden.data_ptr();
   if (x.is_cpu()) {
-    // The GEMMs in bf16 (native_gemm), else in fp32: the 16-bit operands converted once.
-    const bool native = native_gemm(x);
-    const auto op = [native](const Tensor& t) { return native ? t : f32(t); };
-    Tensor dy_op = op(dy);
-    // (M, F) dy w2. For fp32 without swiglu (d_pre is then (M, F) too) the GEMM writes into
-    // d_pre and the epilogue scales it in place: no (M, F) temporary.
-    const bool dpre_holds_acc = d_pre.scalar_type() == at::kFloat && f1 == d.f;
-    Tensor acc_dh = dpre_holds_acc ? at::mm_out(d_pre, dy, w2) : at::mm(dy_op, op(w2));
-    p.acc_dh = acc_dh.data_ptr();
-    p.acc_in_dtype = native;
-    ff::ffn_bwd_epilogue_cpu(p);
-    Tensor dp_op = op(d_pre);
-    mm_into(dx, dp_op, op(w1));
-    mm_into(dw1, dp_op.t(), op(x));
-    mm_into(dw2, dy_op.t(), op(hidden));
-    if (b1_) sum_rows_into(db1, d_pre);
-    if (b2_) sum_rows_into(db2, dy);
+    ffn_bwd_cpu(p, dy, x, w1, w2, pre, dx, dw1, b1_ ? &db1 : nullptr, dw2, b2_ ? &db2 : nullptr);
   } else {
 #ifdef FUSEDFORMER_WITH_CUDA
     const c10::cuda::CUDAGuard guard(x.device());
+    Tensor d_pre = torch::empty({m, f1}, x.options()), hidden = torch::empty({m, d.f}, x.options());
+    p.d_pre = d_pre.data_ptr();  // workspaces
+    p.hidden = hidden.data_ptr();
     ff::ffn_bwd_cuda(p, c10::cuda::getCurrentCUDAStream());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
 #else

@@ -44,6 +44,8 @@ struct FfnFwdParams {
   void* hidden;          // (m, f) workspace: act(pre) with dropout, the second GEMM's input
   const float* acc1;     // CPU only: (m, f1) fp32 x w1ᵀ from ATen (the GPU computes it itself),
   bool pre_from_gemm;    // or none: ATen's GEMM ran in dtype (bf16) and wrote pre, b1 added
+  int64_t row0;          // CPU only: the CPU runs the FFN in chunks of rows; the pointers are at
+                         // the chunk's first row, which is row row0 of the whole (for dropout)
 };
 
 struct FfnBwdParams {
@@ -64,8 +66,9 @@ struct FfnBwdParams {
   void* db2;             // (c) or nullptr
   void* d_pre;           // (m, f1) workspace
   void* hidden;          // (m, f) workspace: recomputed act(pre) with dropout
-  const void* acc_dh;    // CPU only: (m, f) dy w2 from ATen, fp32,
-  bool acc_in_dtype;     // or in dtype where ATen's GEMM runs natively in it (bf16)
+  const void* acc_dh;    // CPU only: (m, f) dy w2 from ATen, fp32, or in dtype where that is
+  bool acc_in_dtype;     // ATen's GEMM output (fp32, or bf16 run natively); may alias hidden
+  int64_t row0;          // CPU only: as FfnFwdParams::row0
 };
 
 inline int64_t ffn_f1(FfnActivation act, int64_t f) { return act == FfnActivation::kSwiglu ? 2 * f : f; }

@@ -16,8 +16,7 @@ Two kinds of test:
   end, and the upstream gradient is zero but for the last rows, so the output rows and every
   gradient follow from those rows alone: the oracle runs on them. On the CPU the same bodies
   run at a small size (the harness itself), and at full size with FUSEDFORMER_HUGE_CPU=1
-  (19-24 GB of memory and 20-50 s each on the 2-core dev machine; not the FFN, see
-  _huge_params).
+  (11-24 GB of memory and 15-50 s each on the 2-core dev machine).
 """
 from __future__ import annotations
 
@@ -185,11 +184,8 @@ def _huge_params(op: str) -> list:
     """(backend, device, huge): the harness at a small size on the CPU backends; more than 2^31
     elements on the GPU, and on the CPU with FUSEDFORMER_HUGE_CPU=1. Zero pages that a kernel
     reads count as memory on the dev machine (its kernel maps no shared zero page: reading
-    4 GB of an untouched mapping took 2.5 s and 4.4 GB), so the CPU runs need 19-24 GB, and the
-    FFN's more than the 24 GB there: its backward holds (M, F) workspaces next to pre."""
-    cpu_huge = (pytest.mark.skip(reason="more than the dev machine's 24 GB on the CPU backend")
-                if op == "ffn" else pytest.mark.skipif(
-                    not HUGE_CPU, reason="FUSEDFORMER_HUGE_CPU=1 runs it: 19-24 GB, 20-50 s on 2 cores"))
+    4 GB of an untouched mapping took 2.5 s and 4.4 GB), so the CPU runs need 11-24 GB."""
+    cpu_huge = pytest.mark.skipif(not HUGE_CPU, reason="FUSEDFORMER_HUGE_CPU=1 runs it: 11-24 GB, 15-50 s on 2 cores")
     params = []
     for backend, device in (p.values for p in backend_params(op)):
         if device == "cuda":

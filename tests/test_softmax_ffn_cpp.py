@@ -214,6 +214,27 @@ def test_ffn_dropout_matches_oracle_with_the_same_mask(backend, device, dtype, a
     _ffn_rule(backend, device, dtype, activation, 37, 40, 136, dropout_p=0.3)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+@pytest.mark.parametrize("biases", [True, False], ids=["biases", "no_biases"])
+def test_ffn_cpu_row_chunks(monkeypatch, dtype, activation, biases):
+    """The cpu backend runs the FFN in chunks of rows (bounded workspaces): 67 rows as 16, 16,
+    16, 16 and 3. Dropout must keep each row's own mask (row0 offset), and the weight and bias
+    gradients sum over the chunks (fp32 across chunks; bf16's backward runs as one chunk)."""
+    require_backend("ffn", "cpu", "cpu")
+    monkeypatch.setenv("FUSEDFORMER_CPU_FFN_CHUNK_ROWS", "16")
+    _ffn_rule("cpu", "cpu", dtype, activation, 67, 40, 72, biases=biases, dropout_p=0.3)
+
+
+@pytest.mark.parametrize("rows", ["0", "-3", "abc", "16x", ""])
+def test_ffn_cpu_chunk_rows_env_is_checked(monkeypatch, rows):
+    require_backend("ffn", "cpu", "cpu")
+    monkeypatch.setenv("FUSEDFORMER_CPU_FFN_CHUNK_ROWS", rows)
+    x, w1, b1, w2, b2 = _ffn_inputs(5, 8, 16, "gelu", torch.float32, "cpu")
+    with pytest.raises(RuntimeError, match=f"FUSEDFORMER_CPU_FFN_CHUNK_ROWS must be a positive integer, got '{rows}'"):
+        ops.ffn(x, w1, b1, w2, b2, backend="cpu")
+
+
 def test_ffn_dropout_mask_statistics_and_seeding():
     require_backend("ffn", "cpu", "cpu")
     keep = cpp_backend.ffn_dropout_mask(1234, (300, 500), 0.25)

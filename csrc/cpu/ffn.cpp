@@ -1,7 +1,9 @@
 // FFN on the CPU: the readable twin of csrc/cuda/ffn.cu.
 //
-// The GEMMs run in ATen (bindings.cpp) with fp32 outputs; these kernels are the fused
-// epilogues, one pass each over a GEMM output, as the GPU fuses them into its GEMMs:
+// The GEMMs run in ATen (bindings.cpp's ffn_fwd_cpu and ffn_bwd_cpu, a chunk of rows at a
+// time) with fp32 outputs, or bf16 ones where ATen runs bf16 natively; these kernels are the
+// fused epilogues, one pass each over a chunk of a GEMM output, as the GPU fuses them into its
+// GEMMs:
 //   forward:  acc1 = x w1ᵀ  ->  pre = acc1 + b1 (stored), hidden = act(pre) · keep / (1 - p)
 //   backward: acc_dh = dy w2 ->  d_pre = acc_dh · keep / (1 - p) · act'(pre), and hidden
 //             recomputed from pre for dw2 = dyᵀ hidden
@@ -95,6 +97,7 @@ void fwd_epilogue(const FfnFwdParams& p) {
   T* hidden = static_cast<T*>(p.hidden);
   const uint64_t seed = p.seed;
   const float drop_p = p.dropout_p;
+  const int64_t row0 = p.row0;
   // pre rounded to storage precision before act: backward recomputes act from the stored
   // pre, so both passes see exactly the same numbers (as the GPU's epilogue does).
   const auto pre_at = [b1](const float* acc, T* pre_row, int64_t j, int k) {
@@ -122,13 +125,14 @@ void fwd_epilogue(const FfnFwdParams& p) {
       } else {
         hv = activate<kAct>(a);
       }
-      if (drop_p > 0.f) hv *= dropout(seed, drop_p, i, j, k, f);
+      if (drop_p > 0.f) hv *= dropout(seed, drop_p, row0 + i, j, k, f);
       L::store(h_row + j, hv, k);
     });
   }
 }
 
-// A: the type of the GEMM's output, acc_dh (as fwd_epilogue's).
+// A: the type of the GEMM's output, acc_dh (as fwd_epilogue's). acc_dh may alias hidden: each
+// vector of it is read before the same vector of hidden is written.
 template <typename T, typename A, FfnActivation kAct>
 void bwd_epilogue(const FfnBwdParams& p) {
   const int64_t f = p.f, f1 = ffn_f1(p.act, f);
@@ -138,6 +142,7 @@ void bwd_epilogue(const FfnBwdParams& p) {
   T* hidden = static_cast<T*>(p.hidden);
   const uint64_t seed = p.seed;
   const float drop_p = p.dropout_p;
+  const int64_t row0 = p.row0;
 #pragma omp parallel for schedule(static)
   for (int64_t i = 0; i < p.m; ++i) {
     const A* dh = acc_dh + i * f;
@@ -145,7 +150,7 @@ void bwd_epilogue(const FfnBwdParams& p) {
     T* dpre_row = d_pre + i * f1;
     T* h_row = hidden + i * f;
     for_blocks<L>(f, [&](int64_t j, int k) {
-      const V drop = drop_p > 0.f ? dropout(seed, drop_p, i, j, k, f) : L::splat(1.f);
+      const V drop = drop_p > 0.f ? dropout(seed, drop_p, row0 + i, j, k, f) : L::splat(1.f);
       const V g = L::load(dh + j, k) * drop;  // gradient of act(pre) (before dropout)
       const V a = L::load(pre_row + j, k);
       V hv;
