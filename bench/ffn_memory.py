@@ -5,7 +5,7 @@ The number is the rise of the process's peak RSS over a warm process that alread
 inputs (a small call of the same op first, so that library code and oneDNN's JIT are loaded),
 per element of the (M, F) hidden: what the op's saved tensors and workspaces cost.
 
-    python bench/ffn_memory.py [--shape M C F] > bench/results/<machine>-<date>-ffn-memory.txt
+    python -m bench.ffn_memory [--shape M C F] > bench/results/<machine>-<date>-ffn-memory.txt
 
 torch's fp16 GEMM on CPUs without AMX-FP16 takes minutes at the default shape, so eager fp16 is
 left out unless --eager-fp16 is given.
@@ -29,9 +29,8 @@ def measure(provider: str, dtype_name: str, activation: str, m: int, c: int, f: 
     import resource
     import time
 
-    import torch.nn.functional as F
-
     import fusedformer
+    from bench.bench_ffn import _eager
 
     dtype = getattr(torch, dtype_name)
     f1 = 2 * f if activation == "swiglu" else f
@@ -45,13 +44,7 @@ def measure(provider: str, dtype_name: str, activation: str, m: int, c: int, f: 
     def run(x):
         if provider == "fusedformer-cpu":
             return fusedformer.ffn(x, w1, b1, w2, b2, activation, backend="cpu")
-        h = F.linear(x, w1, b1)
-        if activation == "swiglu":
-            gate, up = h.chunk(2, dim=-1)
-            h = F.silu(gate) * up
-        else:
-            h = F.gelu(h)
-        return F.linear(h, w2, b2)
+        return _eager(x, w1, b1, w2, b2, activation)
 
     small = x.detach()[:8].requires_grad_()
     run(small).sum().backward()
@@ -77,8 +70,9 @@ def main() -> None:
         return
     from fusedformer.kernels import cpp_backend  # noqa: F401  (fails early if unbuilt)
 
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.abspath(__file__))).stdout.strip()
+                         cwd=root).stdout.strip()
     print(f"# FFN fwd+bwd peak RSS rise on the CPU, (M, C, F) = ({m}, {c}, {f}), biases, no dropout;"
           f" torch {torch.__version__}, git {git}, {torch.get_num_threads()} threads")
     print(f"{'dtype':9s} {'activation':10s} {'provider':16s} {'MB':>7s} {'B per (M,F)':>12s} {'seconds':>8s}")
@@ -87,9 +81,9 @@ def main() -> None:
             for provider in ("fusedformer-cpu", "torch"):
                 if provider == "torch" and dtype_name == "float16" and not args.eager_fp16:
                     continue
-                out = subprocess.run([sys.executable, __file__, "--shape", str(m), str(c), str(f),
-                                      "--one", provider, dtype_name, activation],
-                                     capture_output=True, text=True, check=True).stdout
+                out = subprocess.run([sys.executable, "-m", "bench.ffn_memory", "--shape", str(m), str(c),
+                                      str(f), "--one", provider, dtype_name, activation],
+                                     capture_output=True, text=True, check=True, cwd=root).stdout
                 r = json.loads(out.strip().splitlines()[-1])
                 print(f"{dtype_name:9s} {activation:10s} {provider:16s} {r['rise'] / 2**20:7.0f} "
                       f"{r['rise'] / (m * f):12.1f} {r['seconds']:8.2f}")
