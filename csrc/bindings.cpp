@@ -576,7 +576,8 @@ int64_t ffn_cpu_chunk_rows(int64_t m, int64_t f1) {
 }
 
 // The CPU forward: per chunk of rows, ATen's GEMM x w1ᵀ, the fused epilogue (b1, act,
-// dropout -> pre, hidden) and ATen's GEMM hidden w2ᵀ + b2. p holds the whole problem.
+// dropout -> pre, hidden) and ATen's GEMM hidden w2ᵀ + b2. p holds the whole problem. Where
+// pre is not saved (p.pre nullptr), a chunk's pre lives in a workspace.
 void ffn_fwd_cpu(const ff::FfnFwdParams& p, const Tensor& x, const Tensor& w1, const OptTensor& b1,
                  const Tensor& w2, const OptTensor& b2, Tensor& y, Tensor& pre) {
   // In bf16 (native_gemm) the first GEMM writes pre itself with b1 added before its one
@@ -588,10 +589,12 @@ void ffn_fwd_cpu(const ff::FfnFwdParams& p, const Tensor& x, const Tensor& w1, c
   const Tensor w1_op = native ? w1 : f32(w1), w2_op = native ? w2 : f32(w2);
   const int64_t rows = ffn_cpu_chunk_rows(p.m, w1.size(0));
   Tensor hidden = torch::empty({rows, p.f}, x.options());
+  const bool save_pre = p.pre != nullptr;
+  const Tensor pre_ws = save_pre ? Tensor() : torch::empty({rows, w1.size(0)}, x.options());
   for (int64_t r0 = 0; r0 < p.m; r0 += rows) {
     const int64_t n = std::min(rows, p.m - r0);
     const Tensor xs = x.narrow(0, r0, n), h = hidden.narrow(0, 0, n);
-    Tensor pre_s = pre.narrow(0, r0, n), ys = y.narrow(0, r0, n), acc1;
+    Tensor pre_s = save_pre ? pre.narrow(0, r0, n) : pre_ws.narrow(0, 0, n), ys = y.narrow(0, r0, n), acc1;
     if (native) mm_into(pre_s, xs, w1.t(), b1);
     else acc1 = fp32 ? at::mm_out(pre_s, xs, w1.t()) : at::mm(f32(xs), w1_op.t());
     ff::FfnFwdParams c = p;
@@ -655,15 +658,16 @@ void ffn_bwd_cpu(const ff::FfnBwdParams& p, const Tensor& dy, const Tensor& x, c
   if (db2 && !db2_sum.is_same(*db2)) db2->copy_(db2_sum);
 }
 
+// save_pre false (no backward will run): pre comes back (0, F1) and no kernel stores it.
 std::tuple<Tensor, Tensor> ffn_fwd(const Tensor& x_, const Tensor& w1_, const OptTensor& b1_,
                                    const Tensor& w2_, const OptTensor& b2_, const std::string& activation,
-                                   double dropout_p, int64_t seed) {
+                                   double dropout_p, int64_t seed, bool save_pre) {
   const ff::FfnActivation act = to_activation(activation, "ffn_fwd");
   const FfnDims d = check_ffn("ffn_fwd", x_, w1_, b1_, w2_, b2_, act, dropout_p);
   Tensor x = x_.contiguous(), w1 = w1_.contiguous(), w2 = w2_.contiguous();
   OptTensor b1 = contiguous(b1_), b2 = contiguous(b2_);
   Tensor y = new_output({d.m, d.c}, x.options());
-  Tensor pre = new_output({d.m, d.f1}, x.options());
+  Tensor pre = new_output({save_pre ? d.m : 0, d.f1}, x.options());
   if (d.m == 0) return {y, pre};
 
   ff::FfnFwdParams p{};
@@ -680,7 +684,7 @@ std::tuple<Tensor, Tensor> ffn_fwd(const Tensor& x_, const Tensor& w1_, const Op
   p.w2 = w2.data_ptr();
   p.b2 = ptr_or_null(b2);
   p.y = y.data_ptr();
-  p.pre = pre.data_ptr();
+  p.pre = save_pre ? pre.data_ptr() : nullptr;
   if (x.is_cpu()) {
     ffn_fwd_cpu(p, x, w1, b1, w2, b2, y, pre);
   } else {
@@ -893,9 +897,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("softmax_bwd", &softmax_bwd, "Scaled + masked softmax backward -> dx", pybind11::arg("dy"),
         pybind11::arg("y"), pybind11::arg("scale"));
   // FFN
-  m.def("ffn_fwd", &ffn_fwd, "FFN forward -> (y, pre)", pybind11::arg("x"), pybind11::arg("w1"),
-        pybind11::arg("b1"), pybind11::arg("w2"), pybind11::arg("b2"), pybind11::arg("activation"),
-        pybind11::arg("dropout_p"), pybind11::arg("seed"));
+  m.def("ffn_fwd", &ffn_fwd, "FFN forward -> (y, pre); pre is (0, F1) where save_pre is false",
+        pybind11::arg("x"), pybind11::arg("w1"), pybind11::arg("b1"), pybind11::arg("w2"), pybind11::arg("b2"),
+        pybind11::arg("activation"), pybind11::arg("dropout_p"), pybind11::arg("seed"),
+        pybind11::arg("save_pre") = true);
   m.def("ffn_bwd", &ffn_bwd, "FFN backward -> (dx, dw1, db1, dw2, db2)", pybind11::arg("dy"),
         pybind11::arg("x"), pybind11::arg("w1"), pybind11::arg("b1"), pybind11::arg("w2"),
         pybind11::arg("b2"), pybind11::arg("pre"), pybind11::arg("activation"),

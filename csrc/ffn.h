@@ -40,7 +40,7 @@ struct FfnFwdParams {
   const void* w2;
   const void* b2;        // (c) or nullptr
   void* y;               // (m, c)
-  void* pre;             // (m, f1): saved for backward
+  void* pre;             // (m, f1): saved for backward; nullptr: not stored (no backward will run)
   void* hidden;          // (m, f) workspace: act(pre) with dropout, the second GEMM's input
   const float* acc1;     // CPU only: (m, f1) fp32 x w1ᵀ from ATen (the GPU computes it itself),
   bool pre_from_gemm;    // or none: ATen's GEMM ran in dtype (bf16) and wrote pre, b1 added

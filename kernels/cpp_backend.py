@@ -68,8 +68,8 @@ def softmax_bwd(dy: Tensor, y: Tensor, scale: float) -> Tensor:
 
 
 def ffn_fwd(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
-            activation: str, dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
-    return tuple(_C().ffn_fwd(x, w1, b1, w2, b2, activation, dropout_p, seed))
+            activation: str, dropout_p: float, seed: int, save_pre: bool = True) -> tuple[Tensor, Tensor]:
+    return tuple(_C().ffn_fwd(x, w1, b1, w2, b2, activation, dropout_p, seed, save_pre))
 
 
 def ffn_bwd(dy: Tensor, x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor,

@@ -30,8 +30,8 @@ Dropout: keep = tl.rand(seed, m * F + f) >= p on the hidden (M, F), kept values 
 Napkin math: each GEMM is 2·M·C·F FLOPs (the first forward one 2·M·C·2F for swiglu); forward
 2 GEMMs, backward 4 (+ the epilogue's recompute): ~6·M·C·F·(1 + swiglu) FLOPs per step. At
 M = 16K, C = 4096, F = 16384 that is 4.4 TFLOP per forward+backward, ~6 ms at 800 TFLOP/s.
-Extra bytes over plain GEMMs: forward writes pre (M·F1) next to hidden, backward writes hidden
-once more (M·F).
+Extra bytes over plain GEMMs: forward writes pre (M·F1) next to hidden where a backward will
+run (save_pre), backward writes hidden once more (M·F).
 
 Dtypes: fp16 / bf16 / fp32 storage, fp32 accumulation. fp32 dots use TF32 only when
 torch.backends.cuda.matmul.allow_tf32 is set (PyTorch's own rule), otherwise IEEE fp32.
@@ -123,11 +123,12 @@ def _ffn_gemm_kernel(
     s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
     seed, p_drop, drop_scale,
     EPILOGUE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-    ROWSUM: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, RNE: tl.constexpr,
+    STORE_PRE: tl.constexpr, ROWSUM: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, RNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C (M, N) = A (M, K) · B (K, N) with the EPILOGUE described in the module docstring.
-    _EPI_ACT_FWD: N = F, C = hidden (M, F), PRE = pre (M, F1) written, BIAS = b1 (F1,).
+    _EPI_ACT_FWD: N = F, C = hidden (M, F), PRE = pre (M, F1) written where STORE_PRE, BIAS =
+    b1 (F1,).
     _EPI_ACT_BWD: N = F, C = d_pre (M, F1), PRE = pre read, HID = hidden (M, F) written.
     ROWSUM: ROWSUM_OUT (M,) = row sums of A, written by the programs of column tile 0."""
     # Grouped launch order: GROUP_M tile-rows walk the tile-columns together.
@@ -169,14 +170,16 @@ def _ffn_gemm_kernel(
             if HAS_BIAS:
                 acc += tl.load(BIAS + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
             pre = rne_bf16(acc, RNE).to(PRE.dtype.element_ty)
-            tl.store(pre_ptrs, pre, mask=mask)
+            if STORE_PRE:
+                tl.store(pre_ptrs, pre, mask=mask)
             a = pre.to(tl.float32)
             up = a
             if ACT == 3:
                 if HAS_BIAS:
                     acc_up += tl.load(BIAS + F + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
                 pre_up = rne_bf16(acc_up, RNE).to(PRE.dtype.element_ty)
-                tl.store(pre_ptrs + F, pre_up, mask=mask)
+                if STORE_PRE:
+                    tl.store(pre_ptrs + F, pre_up, mask=mask)
                 up = pre_up.to(tl.float32)
             h = _act_fwd(a, up, ACT)
             if DROPOUT:
@@ -314,7 +317,7 @@ def _gemm(a: Tensor, b: Tensor, c: Tensor, *, a_strides: tuple[int, int],
             m, n, k, f, *a_strides, *b_strides, *c.stride(),
             seed, float(dropout_p), 1.0 / (1.0 - dropout_p))
     flags = dict(EPILOGUE=epilogue, ACT=act, HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0,
-                 ROWSUM=rowsum is not None, DOT_F32=interp and dtype == torch.bfloat16,
+                 STORE_PRE=pre is not None, ROWSUM=rowsum is not None, DOT_F32=interp and dtype == torch.bfloat16,
                  PRECISION=precision, RNE=interpreter_rounds_bf16(dtype))
     if interp or os.environ.get("FUSEDFORMER_AUTOTUNE", "1") == "0":
         cfg = _INTERPRETER_CONFIG if interp else _FIXED_GPU_CONFIG
@@ -357,20 +360,21 @@ def _check_args(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Opt
 
 
 def ffn_fwd(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
-            activation: str, dropout_p: float, seed: int) -> tuple[Tensor, Tensor]:
+            activation: str, dropout_p: float, seed: int, save_pre: bool = True) -> tuple[Tensor, Tensor]:
     """y = dropout(act(x w1ᵀ + b1)) w2ᵀ + b2. x: (M, C); w1: (F1, C); w2: (C, F); biases or
-    None. Returns y (M, C) and pre = x w1ᵀ + b1 (M, F1), saved for backward."""
+    None. Returns y (M, C) and pre = x w1ᵀ + b1 (M, F1), saved for backward; with save_pre
+    False, (0, F1) and never stored."""
     m, c, f, f1 = _check_args(x, w1, b1, w2, b2, activation, dropout_p)
     b1 = None if b1 is None else b1.contiguous()
     b2 = None if b2 is None else b2.contiguous()
     y = alloc.empty((m, c), x.dtype, x.device)                     # (M, C)
-    pre = alloc.empty((m, f1), x.dtype, x.device)                  # (M, F1)
+    pre = alloc.empty((m if save_pre else 0, f1), x.dtype, x.device)  # (M, F1)
     hidden = alloc.empty((m, f), x.dtype, x.device)                # (M, F) scratch
     act = ACTIVATIONS[activation]
     # hidden = dropout(act(x · w1ᵀ + b1)), pre written on the way: B = w1ᵀ (C, F1).
     _gemm(x, w1, hidden, a_strides=x.stride(), b_strides=(w1.stride(1), w1.stride(0)),
-          m=m, n=f, k=c, epilogue=_EPI_ACT_FWD, bias=b1, pre=pre, f=f, act=act,
-          dropout_p=dropout_p, seed=seed)
+          m=m, n=f, k=c, epilogue=_EPI_ACT_FWD, bias=b1, pre=pre if save_pre else None, f=f,
+          act=act, dropout_p=dropout_p, seed=seed)
     # y = hidden · w2ᵀ + b2: B = w2ᵀ (F, C).
     _gemm(hidden, w2, y, a_strides=hidden.stride(), b_strides=(w2.stride(1), w2.stride(0)),
           m=m, n=c, k=f, bias=b2)

@@ -26,9 +26,10 @@ Launcher contract (every backend implements the same signatures, same saved tens
     attention_bwd(do, q, k, v, o, lse, mask, scale, is_causal, dropout_p, seed) -> (dq, dk, dv)
     softmax_fwd(x, mask, scale, is_causal) -> y          x: (B, H, LQ, LK); mask as attention
     softmax_bwd(dy, y, scale) -> dx
-    ffn_fwd(x, w1, b1, w2, b2, activation, dropout_p, seed) -> (y, pre)
+    ffn_fwd(x, w1, b1, w2, b2, activation, dropout_p, seed, save_pre=True) -> (y, pre)
         x: (M, C); w1: (F1, C) with F1 = F (or 2F for swiglu); w2: (C, F); pre: (M, F1) the
-        pre-activation, saved for backward
+        pre-activation, saved for backward; with save_pre False (no backward will run) pre is
+        (0, F1) and the kernels do not store it
     ffn_bwd(dy, x, w1, b1, w2, b2, pre, activation, dropout_p, seed) -> (dx, dw1, db1, dw2, db2)
         db1 / db2: (0,) when the bias is None
 Every output is a new contiguous tensor (the fake implementations promise exactly that to
@@ -463,15 +464,15 @@ def scaled_masked_softmax(scores: Tensor, scale: float = 1.0, mask: Optional[Ten
 
 @_fused_op("ffn_fwd")
 def _ffn_fwd(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Tensor],
-             activation: int, dropout_p: float, seed: Optional[Tensor], backend: int
-             ) -> tuple[Tensor, Tensor]:
+             activation: int, dropout_p: float, seed: Optional[Tensor], backend: int,
+             save_pre: bool) -> tuple[Tensor, Tensor]:
     return launchers(backend).ffn_fwd(x, w1, b1, w2, b2, reference.ACTIVATIONS[activation],
-                                      dropout_p, _seed(seed))
+                                      dropout_p, _seed(seed), save_pre)
 
 
 @_ffn_fwd.register_fake
-def _(x, w1, b1, w2, b2, activation, dropout_p, seed, backend):
-    return x.new_empty((x.shape[0], w2.shape[0])), x.new_empty((x.shape[0], w1.shape[0]))
+def _(x, w1, b1, w2, b2, activation, dropout_p, seed, backend, save_pre):
+    return x.new_empty((x.shape[0], w2.shape[0])), x.new_empty((x.shape[0] if save_pre else 0, w1.shape[0]))
 
 
 @_fused_op("ffn_bwd")
@@ -491,7 +492,7 @@ def _(dy, x, w1, b1, w2, b2, pre, activation, dropout_p, seed, backend):
 
 
 def _ffn_setup(ctx, inputs, output):
-    x, w1, b1, w2, b2, activation, dropout_p, seed, backend = inputs
+    x, w1, b1, w2, b2, activation, dropout_p, seed, backend, _ = inputs
     ctx.save_for_backward(x, w1, b1, w2, b2, output[1], seed)
     ctx.args = (activation, dropout_p, backend)
     ctx.mark_non_differentiable(output[1])
@@ -502,7 +503,7 @@ def _ffn_backward(ctx, dy, _dpre):
     activation, dropout_p, backend = ctx.args
     dx, dw1, db1, dw2, db2 = _ffn_bwd(dy, x, w1, b1, w2, b2, pre, activation, dropout_p, seed, backend)
     return (dx, dw1, db1 if b1 is not None else None, dw2, db2 if b2 is not None else None,
-            None, None, None, None)
+            None, None, None, None, None)
 
 
 _ffn_fwd.register_autograd(_ffn_backward, setup_context=_ffn_setup)
@@ -555,6 +556,10 @@ def ffn(x: Tensor, w1: Tensor, b1: Optional[Tensor], w2: Tensor, b2: Optional[Te
     if backend == "reference":
         return reference.ffn_ref(x, w1, b1, w2, b2, activation, dropout_p, upcast=True)
     check.kernel_dtype("ffn", backend, "x", x)
+    # pre is saved for a backward only: under no_grad, or with nothing requiring grad, the
+    # kernels skip its (M, F1) store and the CPU its (M, F1) buffer.
+    save_pre = torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in (x, w1, b1, w2, b2))
     y, _ = _ffn_fwd(x.reshape(-1, c), w1, b1, w2, b2, reference.ACTIVATIONS.index(activation),
-                    dropout_p, _new_seed(dropout_p), _backend_id(backend))
+                    dropout_p, _new_seed(dropout_p), _backend_id(backend), save_pre)
     return y.view(*x.shape[:-1], c)

@@ -209,7 +209,7 @@ def _fused_op_cases() -> dict:
         "attention": (ops._attention_fwd, (r(2, 4, 7, 16), r(2, 2, 9, 16), r(2, 2, 9, 16), keep,
                                            0.25, False, 0.0, None, cpu)),
         "softmax": (ops._softmax_fwd, (r(2, 3, 7, 9), keep, 0.5, True, cpu)),
-        "ffn": (ops._ffn_fwd, (r(6, 8), r(32, 8), r(32), r(8, 16), r(8), 3, 0.0, None, cpu)),
+        "ffn": (ops._ffn_fwd, (r(6, 8), r(32, 8), r(32), r(8, 16), r(8), 3, 0.0, None, cpu, True)),
     }
 
 

@@ -187,6 +187,47 @@ def test_strided_inputs_and_expanded_grads(backend, device, activation):
 
 
 @pytest.mark.parametrize("backend,device", backend_params("ffn"))
+@pytest.mark.parametrize("activation", ["gelu", "swiglu"])
+def test_no_pre_without_a_backward(backend, device, activation, monkeypatch):
+    """pre is saved for a backward only. Under no_grad, or with nothing requiring grad, ffn asks
+    the launcher for no pre (save_pre=False: pre comes back (0, F1) and is never stored, the
+    cpu backend's a chunk's workspace) and y keeps its bits, dropout included. The cpu backend
+    runs 67 rows in chunks of 16 here."""
+    require_backend("ffn", backend, device)
+    monkeypatch.setenv("FUSEDFORMER_CPU_FFN_CHUNK_ROWS", "16")
+    m, c, f = 67, 24, 40
+    f1 = 2 * f if activation == "swiglu" else f
+    mk = lambda *s, scale=1.0: (torch.randn(*s, device=device) * scale).requires_grad_()  # noqa: E731
+    args = (mk(m, c), mk(f1, c, scale=c ** -0.5), mk(f1), mk(c, f, scale=f ** -0.5), mk(c))
+    launch = ops.launchers(backend)
+    asked = []
+    real_fwd = launch.ffn_fwd
+
+    def spy(*a):
+        asked.append(a[-1])
+        return real_fwd(*a)
+
+    monkeypatch.setattr(launch, "ffn_fwd", spy)
+    torch.manual_seed(5)
+    y = fusedformer.ffn(*args, activation, 0.3, backend=backend)
+    with torch.no_grad():
+        torch.manual_seed(5)
+        y_no_grad = fusedformer.ffn(*args, activation, 0.3, backend=backend)
+    frozen = [t.detach() for t in args]
+    torch.manual_seed(5)
+    y_frozen = fusedformer.ffn(*frozen, activation, 0.3, backend=backend)
+    assert asked == [True, False, False]
+    assert torch.equal(y.detach(), y_no_grad) and torch.equal(y_no_grad, y_frozen)
+
+    y_saved, pre = real_fwd(*frozen, activation, 0.3, 11, True)
+    y_bare, no_pre = real_fwd(*frozen, activation, 0.3, 11, False)
+    assert pre.shape == (m, f1) and no_pre.shape == (0, f1)
+    assert torch.equal(y_saved, y_bare)
+    torch.library.opcheck(ops._ffn_fwd.op, (*frozen, ACTIVATIONS.index(activation), 0.0, None,
+                                            ops._backend_id(backend), False))
+
+
+@pytest.mark.parametrize("backend,device", backend_params("ffn"))
 def test_torch_compile_fullgraph(backend, device):
     """Registered custom ops with fake implementations: no graph break, forward and backward."""
     require_backend("ffn", backend, device)

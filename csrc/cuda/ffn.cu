@@ -1,7 +1,8 @@
 // FFN on the GPU (the CPU twin is csrc/cpu/ffn.cpp, which runs its GEMMs in ATen): our own
 // GEMMs, C[i, n] = Σ_k A(i, k) · B(n, k), with the elementwise work fused in their epilogues.
 //
-//   forward   G1: pre = x w1ᵀ; epilogue: + b1, store pre, hidden = act(pre) · keep / (1 - p)
+//   forward   G1: pre = x w1ᵀ; epilogue: + b1, store pre (unless p.pre is nullptr: no backward),
+//                 hidden = act(pre) · keep / (1 - p)
 //             G2: y = hidden w2ᵀ; epilogue: + b2
 //   backward  G3: d_hidden = dy w2; epilogue: d_pre = d_hidden · keep / (1 - p) · act'(pre),
 //                 and hidden recomputed from pre (for G6)
@@ -88,7 +89,8 @@ struct StoreEpi {
   __device__ __forceinline__ void pair(int64_t, int64_t, float, float) const {}
 };
 
-// G1: pre = acc + b1 (stored), hidden = act(pre) · keep / (1 - p).
+// G1: pre = acc + b1 (stored, unless pre is nullptr: no backward to save it for), hidden =
+// act(pre) · keep / (1 - p), from pre rounded to T either way.
 template <typename T>
 struct FwdHiddenEpi {
   const T* b1;
@@ -100,14 +102,16 @@ struct FwdHiddenEpi {
   uint64_t seed;
   __device__ __forceinline__ void operator()(int64_t i, int64_t j, float v) const {  // relu, gelu*
     const float a = round_t<T>(v + (b1 ? to_f(b1[j]) : 0.f));
-    pre[i * f + j] = from_f<T>(a);
+    if (pre) pre[i * f + j] = from_f<T>(a);
     hidden[i * f + j] = from_f<T>(ffn_act(act, a) * ffn_dropout_scale(seed, i, j, f, p));
   }
   __device__ __forceinline__ void pair(int64_t i, int64_t j, float g, float u) const {  // swiglu
     const float a = round_t<T>(g + (b1 ? to_f(b1[j]) : 0.f));
     const float up = round_t<T>(u + (b1 ? to_f(b1[f + j]) : 0.f));
-    pre[i * 2 * f + j] = from_f<T>(a);
-    pre[i * 2 * f + f + j] = from_f<T>(up);
+    if (pre) {
+      pre[i * 2 * f + j] = from_f<T>(a);
+      pre[i * 2 * f + f + j] = from_f<T>(up);
+    }
     hidden[i * f + j] = from_f<T>(a * ffn_sigmoid(a) * up * ffn_dropout_scale(seed, i, j, f, p));
   }
 };
