@@ -123,7 +123,8 @@ def _ffn_gemm_kernel(
     s_am, s_ak, s_bk, s_bn, s_cm, s_cn,
     seed, p_drop, drop_scale,
     EPILOGUE: tl.constexpr, ACT: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr,
-    STORE_PRE: tl.constexpr, ROWSUM: tl.constexpr, DOT_F32: tl.constexpr, PRECISION: tl.constexpr, RNE: tl.constexpr,
+    STORE_PRE: tl.constexpr, ROWSUM: tl.constexpr, DOT_F32: tl.constexpr,
+    PRECISION: tl.constexpr, RNE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """C (M, N) = A (M, K) · B (K, N) with the EPILOGUE described in the module docstring.
@@ -317,8 +318,9 @@ def _gemm(a: Tensor, b: Tensor, c: Tensor, *, a_strides: tuple[int, int],
             m, n, k, f, *a_strides, *b_strides, *c.stride(),
             seed, float(dropout_p), 1.0 / (1.0 - dropout_p))
     flags = dict(EPILOGUE=epilogue, ACT=act, HAS_BIAS=bias is not None, DROPOUT=dropout_p > 0.0,
-                 STORE_PRE=pre is not None, ROWSUM=rowsum is not None, DOT_F32=interp and dtype == torch.bfloat16,
-                 PRECISION=precision, RNE=interpreter_rounds_bf16(dtype))
+                 STORE_PRE=pre is not None, ROWSUM=rowsum is not None,
+                 DOT_F32=interp and dtype == torch.bfloat16, PRECISION=precision,
+                 RNE=interpreter_rounds_bf16(dtype))
     if interp or os.environ.get("FUSEDFORMER_AUTOTUNE", "1") == "0":
         cfg = _INTERPRETER_CONFIG if interp else _FIXED_GPU_CONFIG
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
