@@ -303,8 +303,58 @@ def _attention_setup(ctx, inputs, output):
 def _attention_backward(ctx, do, _dlse):
     q, k, v, o, lse, mask, seed = ctx.saved_tensors
     scale, is_causal, dropout_p, backend = ctx.args
-    dq, dk, dv = _attention_bwd(do, q, k, v, o, lse, mask, scale, is_causal, dropout_p, seed, backend)
-    return dq, dk, dv, None, None, None, None, None, None
+    dq = dk = dv = dmask = None
+    if any(ctx.needs_input_grad[:3]):
+        dq, dk, dv = _attention_bwd(do, q, k, v, o, lse, mask, scale, is_causal, dropout_p, seed, backend)
+    if ctx.needs_input_grad[3]:
+        dmask = _attention_mask_grad(do, q, k, v, lse, mask, scale, is_causal, dropout_p, seed, backend)
+    return dq, dk, dv, dmask, None, None, None, None, None
+
+
+def _attention_mask_grad(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tensor, mask: Tensor,
+                         scale: float, is_causal: bool, dropout_p: float, seed: Optional[Tensor],
+                         backend: int) -> Tensor:
+    """The gradient of an additive mask (T5's relative position bias, a learned ALiBi):
+    dS = P ∘ (dP - Delta), summed over the dims the mask broadcasts over. It is as large as the
+    mask (up to B·HQ·LQ·LK), so torch ops form it here, in fp32, a block of query rows at a
+    time: P from the forward's log-sum-exp (no second softmax), dP from dO vᵀ and the backend's
+    own dropout keep-mask. Whole rows are at hand, so Delta = rowsum(P ∘ dP) from the same
+    numbers rather than the kernels' rowsum(dO ∘ O) from the rounded O: where a row sees one
+    key, dS is then exactly 0, as it is in exact arithmetic. The fused kernels still give dq,
+    dk and dv."""
+    b, hq, lq, d = q.shape
+    hkv, lk = k.shape[1], k.shape[2]
+    g = hq // hkv
+    f32 = torch.float32
+    kt = k.to(f32).unsqueeze(2).transpose(-1, -2)     # (B, HKV, 1, D, LK): query head h reads kv head h // g
+    vt = v.to(f32).unsqueeze(2).transpose(-1, -2)
+    keep = None
+    if dropout_p > 0.0:
+        keep = launchers(backend).attention_dropout_mask(_seed(seed), (b, hq, lq, lk), dropout_p, q.device)
+    sum_dims = [i for i in (0, 1, 3) if mask.shape[i] == 1]
+    per_row = mask.shape[2] != 1
+    dmask = torch.zeros(mask.shape, dtype=f32, device=q.device)
+    rows = max(1, (1 << 24) // max(1, b * hq * lk))   # about 64 MiB of fp32 scores a block
+    for r0 in range(0, lq, rows):
+        n = min(rows, lq - r0)
+        q_blk = q[:, :, r0:r0 + n].to(f32).reshape(b, hkv, g, n, d)
+        s = (q_blk @ kt).reshape(b, hq, n, lk) * scale + (mask[:, :, r0:r0 + n] if per_row else mask).to(f32)
+        if is_causal:  # top-left: query i sees keys j <= i
+            i = torch.arange(r0, r0 + n, device=q.device)
+            s = s.masked_fill(torch.arange(lk, device=q.device) > i[:, None], float("-inf"))
+        lse_blk = lse[:, :, r0:r0 + n, None]
+        p = torch.where(torch.isfinite(lse_blk), torch.exp(s - lse_blk), 0.0)  # a fully masked row: 0
+        dp = (do[:, :, r0:r0 + n].to(f32).reshape(b, hkv, g, n, d) @ vt).reshape(b, hq, n, lk)
+        if keep is not None:
+            dp = dp * keep[:, :, r0:r0 + n] / (1.0 - dropout_p)
+        ds = p * (dp - (p * dp).sum(-1, keepdim=True))
+        if sum_dims:
+            ds = ds.sum(dim=sum_dims, keepdim=True)
+        if per_row:
+            dmask[:, :, r0:r0 + n] = ds
+        else:
+            dmask += ds.sum(dim=2, keepdim=True)
+    return dmask.to(mask.dtype)
 
 
 _attention_fwd.register_autograd(_attention_backward, setup_context=_attention_setup)
@@ -360,9 +410,6 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Optional[Tensor] = Non
     if dv != d:
         raise ValueError(f"attention: backend '{backend}' needs value head dim == query head dim "
                          f"({d}), got {dv}")
-    if attn_mask is not None and attn_mask.requires_grad:
-        raise ValueError(f"attention: backend '{backend}' does not differentiate attn_mask; "
-                         "pass attn_mask.detach() or use backend 'reference'")
     scale = 1.0 / math.sqrt(d) if scale is None else float(scale)
     mask = None if attn_mask is None else attn_mask.reshape((1,) * (4 - attn_mask.dim()) + attn_mask.shape)
     o, lse = _attention_fwd(q, k, v, mask, scale, bool(is_causal), dropout_p,
