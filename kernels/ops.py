@@ -426,8 +426,8 @@ def scaled_dot_product_attention(query: Tensor, key: Tensor, value: Tensor,
 
     Args:
         query: (B, HQ, LQ, D) or (HQ, LQ, D); key, value: (B, HKV, LK, D), same dtype/device.
-        attn_mask: bool (True = attend) or query.dtype (added to the scores), broadcastable to
-            (B, HQ, LQ, LK). Unlike SDPA it may be combined with is_causal.
+        attn_mask: bool (True = attend) or query.dtype (added to the scores; differentiable),
+            broadcastable to (B, HQ, LQ, LK). Unlike SDPA it may be combined with is_causal.
         dropout_p: dropout on the attention probabilities, in [0, 1).
         is_causal: query i attends to keys j <= i (top-left aligned when LQ != LK).
         scale: defaults to 1/sqrt(D).
