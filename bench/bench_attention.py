@@ -134,3 +134,31 @@ def test_attention_decode(benchmark, provider, dtype, shape):
         pytest.skip(f"{provider}: {e}")
     measure(benchmark, run, provider=provider, dtype=str(dtype), shape=shape, mode="decode",
             bytes=2 * k.numel() * k.element_size())
+
+
+# A learned additive bias (T5's relative position bias: one (T, T) table per head, broadcast
+# over the batch) trained with the model: fwd+bwd with the gradients of q, k, v and the bias.
+# SDPA differentiates the bias itself; the fused backends take dq, dk, dv from their kernels
+# and the bias's gradient from torch ops over blocks of query rows (ops._attention_mask_grad).
+BIAS_SHAPES = [(4, 16, 2048, 128)] if ON_GPU else [(2, 8, 1024, 64)]
+
+
+@pytest.mark.parametrize("provider", fused_providers("attention") + ["sdpa"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", BIAS_SHAPES, ids=str)
+def test_attention_bias_grad(benchmark, provider, dtype, shape):
+    b, h, t, d = shape
+    q, k, v = (torch.randn(b, h, t, d, device=DEVICE, dtype=dtype, requires_grad=True) for _ in range(3))
+    bias = torch.randn(1, h, t, t, device=DEVICE, dtype=dtype, requires_grad=True)
+    do = torch.randn_like(q)
+    flops = 4 * b * h * t * t * d * 3.5
+
+    def run():
+        if provider == "sdpa":
+            o = F.scaled_dot_product_attention(q, k, v, bias)
+        else:
+            o = fusedformer.attention(q, k, v, bias, backend=backend_of(provider))
+        grads(o, (q, k, v, bias), do)
+
+    measure(benchmark, run, provider=provider, dtype=str(dtype), shape=shape, mode="fwd+bwd",
+            flops=flops)
