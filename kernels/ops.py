@@ -340,7 +340,7 @@ def _attention_mask_grad(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tenso
     # launches (not measured: no GPU yet).
     budget = 1 << (22 if q.device.type == "cpu" else 26)
     rows = max(1, budget // max(1, b * hq * lk))
-    for r0 in range(0, lq, rows):  # in place where it can: each pass over a block is memory-bound
+    for r0 in range(0, lq, rows):  # in place where it can
         n = min(rows, lq - r0)
         q_blk = q[:, :, r0:r0 + n].to(f32).reshape(b, hkv, g, n, d)
         s = (q_blk @ kt).reshape(b, hq, n, lk).mul_(scale)
