@@ -534,17 +534,12 @@ void mm_into(Tensor& out, const Tensor& a, const Tensor& b, const OptTensor& bia
   }
 }
 
-// out (=, or += where !first) the column sums of a. ATen sums 16-bit inputs in fp32; a dtype
-// argument would first copy all of a to fp32, so it is passed only where out is fp32 and a is
-// not, and a is then one chunk of rows.
+// out (=, or += where !first) the column sums of a, in out's dtype. ATen sums 16-bit inputs in
+// fp32 either way; a dtype other than a's first copies all of a to it, so where out is fp32
+// and a 16-bit, a is one chunk of rows.
 void sum_rows_into(Tensor& out, const Tensor& a, bool first) {
-  const bool same = out.scalar_type() == a.scalar_type();
-  if (first) {
-    if (same) at::sum_out(out, a, 0);
-    else at::sum_out(out, a, 0, false, out.scalar_type());
-  } else {
-    out.add_(same ? at::sum(a, 0) : at::sum(a, 0, false, out.scalar_type()));
-  }
+  if (first) at::sum_out(out, a, 0, false, out.scalar_type());
+  else out.add_(at::sum(a, 0, false, out.scalar_type()));
 }
 
 // out (=, or += where !first) a b.
@@ -618,13 +613,15 @@ void ffn_fwd_cpu(const ff::FfnFwdParams& p, const Tensor& x, const Tensor& w1, c
 void ffn_bwd_cpu(const ff::FfnBwdParams& p, const Tensor& dy, const Tensor& x, const Tensor& w1,
                  const Tensor& w2, const Tensor& pre, Tensor& dx, Tensor& dw1, Tensor* db1, Tensor& dw2,
                  Tensor* db2) {
-  const bool native = native_gemm(x), fp32 = x.scalar_type() == at::kFloat;
+  const bool native = native_gemm(x);
+  // in_dtype: the GEMMs' operands and outputs have x's dtype (fp32, or native bf16), else fp32.
+  const bool in_dtype = native || x.scalar_type() == at::kFloat;
   const auto op = [native](const Tensor& t) { return native ? t : f32(t); };
   const Tensor w1_op = op(w1), w2_op = op(w2);
   const int64_t f1 = w1.size(0), rows = native ? p.m : ffn_cpu_chunk_rows(p.m, f1);
   Tensor d_pre = torch::empty({rows, f1}, x.options()), hidden = torch::empty({rows, p.f}, x.options());
-  // The sums over rows: fp32 (or native bf16, one chunk) in place, else into fp32.
-  const auto sums = [&](Tensor& t) { return fp32 || native ? t : torch::empty(t.sizes(), t.options().dtype(at::kFloat)); };
+  // The sums over rows: in place where in_dtype (bf16 is one chunk), else into fp32.
+  const auto sums = [&](Tensor& t) { return in_dtype ? t : torch::empty(t.sizes(), t.options().dtype(at::kFloat)); };
   Tensor dw1_sum = sums(dw1), dw2_sum = sums(dw2);
   Tensor db1_sum = db1 ? sums(*db1) : Tensor(), db2_sum = db2 ? sums(*db2) : Tensor();
   for (int64_t r0 = 0; r0 < p.m; r0 += rows) {
@@ -632,10 +629,9 @@ void ffn_bwd_cpu(const ff::FfnBwdParams& p, const Tensor& dy, const Tensor& x, c
     const bool first = r0 == 0;
     const Tensor dys = dy.narrow(0, r0, n), dy_op = op(dys);
     Tensor dp = d_pre.narrow(0, 0, n), h = hidden.narrow(0, 0, n), dxs = dx.narrow(0, r0, n);
-    // (n, F) dy w2: where the GEMM's output has the storage dtype (fp32, or native bf16) it
-    // goes into hidden, which the epilogue overwrites vector by vector after reading it.
-    const bool in_place = fp32 || native;
-    const Tensor acc_dh = in_place ? at::mm_out(h, dys, w2) : at::mm(dy_op, w2_op);
+    // (n, F) dy w2: in_dtype, it goes into hidden, which the epilogue overwrites vector by
+    // vector after reading it.
+    const Tensor acc_dh = in_dtype ? at::mm_out(h, dys, w2) : at::mm(dy_op, w2_op);
     ff::FfnBwdParams c = p;
     c.m = n;
     c.row0 = r0;
@@ -643,7 +639,7 @@ void ffn_bwd_cpu(const ff::FfnBwdParams& p, const Tensor& dy, const Tensor& x, c
     c.d_pre = dp.data_ptr();
     c.hidden = h.data_ptr();
     c.acc_dh = acc_dh.data_ptr();
-    c.acc_in_dtype = in_place;
+    c.acc_in_dtype = in_dtype;
     ff::ffn_bwd_epilogue_cpu(c);
     const Tensor dp_op = op(dp);
     mm_into(dxs, dp_op, w1_op);
@@ -652,10 +648,12 @@ void ffn_bwd_cpu(const ff::FfnBwdParams& p, const Tensor& dy, const Tensor& x, c
     if (db1) sum_rows_into(db1_sum, dp, first);
     if (db2) sum_rows_into(db2_sum, dys, first);
   }
-  if (!dw1_sum.is_same(dw1)) dw1.copy_(dw1_sum);
-  if (!dw2_sum.is_same(dw2)) dw2.copy_(dw2_sum);
-  if (db1 && !db1_sum.is_same(*db1)) db1->copy_(db1_sum);
-  if (db2 && !db2_sum.is_same(*db2)) db2->copy_(db2_sum);
+  if (!in_dtype) {  // rounded once, from the fp32 sums
+    dw1.copy_(dw1_sum);
+    dw2.copy_(dw2_sum);
+    if (db1) db1->copy_(db1_sum);
+    if (db2) db2->copy_(db2_sum);
+  }
 }
 
 // save_pre false (no backward will run): pre comes back (0, F1) and no kernel stores it.

@@ -331,7 +331,7 @@ def _attention_mask_grad(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tenso
     keep = None
     if dropout_p > 0.0:
         keep = launchers(backend).attention_dropout_mask(_seed(seed), (b, hq, lq, lk), dropout_p, q.device)
-    sum_dims = [i for i in (0, 1, 3) if mask.shape[i] == 1]
+    sum_dims = [i for i in range(4) if mask.shape[i] == 1]   # rows too, over the blocks
     per_row = mask.shape[2] != 1
     dmask = torch.zeros(mask.shape, dtype=f32, device=q.device)
     # Blocks of 16 MiB of fp32 scores on the CPU, where each pass over a block is memory-bound
@@ -360,7 +360,7 @@ def _attention_mask_grad(do: Tensor, q: Tensor, k: Tensor, v: Tensor, lse: Tenso
         if per_row:
             dmask[:, :, r0:r0 + n] = ds
         else:
-            dmask += ds.sum(dim=2, keepdim=True)
+            dmask += ds
     return dmask.to(mask.dtype)
 
 

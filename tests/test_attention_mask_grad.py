@@ -53,9 +53,8 @@ def test_mask_gradient_rule(backend, device, dtype, case):
     seed = 20261204
     keep = None
     if p:
-        torch.manual_seed(seed)  # ops draws its dropout seed from torch's generator
-        kseed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
-        keep = ops.launchers(backend).attention_dropout_mask(kseed, (B, HQ, LQ, LK), p, device)
+        torch.manual_seed(seed)  # the seed the fused call below draws from torch's generator
+        keep = ops.launchers(backend).attention_dropout_mask(int(ops._new_seed(p)), (B, HQ, LQ, LK), p, device)
 
     def fused(q, k, v, mask):
         torch.manual_seed(seed)
@@ -72,7 +71,7 @@ def test_mask_gradient_rule(backend, device, dtype, case):
 @pytest.mark.parametrize("backend,device", backend_params("attention"))
 def test_mask_gradient_alone_and_compiled(backend, device):
     """Only the mask learns (q, k, v frozen): dmask as with q, k, v learning too; the drop-in
-    SDPA and torch.compile(fullgraph=True) give the same gradient; a bool mask has none."""
+    SDPA and torch.compile(fullgraph=True) give the same gradient, bit for bit."""
     require_backend("attention", backend, device)
     torch._dynamo.reset()
     q = torch.randn(B, HQ, LQ, D, device=device)
@@ -93,9 +92,4 @@ def test_mask_gradient_alone_and_compiled(backend, device):
     assert torch.equal(alone, sdpa)
     compiled = torch.compile(attend, fullgraph=True, backend="aot_eager")
     (traced,) = torch.autograd.grad(compiled(q, k, v, bias), bias, do)
-    torch.testing.assert_close(traced, alone, atol=1e-6, rtol=1e-6)
-    keep = torch.rand(LQ, LK, device=device) > 0.2
-    keep[:, 0] = True
-    qg = q.clone().requires_grad_()
-    (dq,) = torch.autograd.grad(attend(qg, k, v, keep), qg, do)
-    assert torch.isfinite(dq).all()
+    assert torch.equal(traced, alone)
